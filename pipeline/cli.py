@@ -1,0 +1,99 @@
+"""The `pipeline` command line. Errors a user can cause print as one message, without a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+
+CONFIG_OPTION = click.option("-c", "--config", "config_file", type=click.Path(), default=None,
+                             help="YAML config file (default: the embedded CPU demo).")
+OVERRIDES = click.argument("overrides", nargs=-1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """The lifecycle of LoRA adapters: stage a base model, train with RL, publish, serve."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+@main.command()
+@click.argument("pipeline_name", metavar="PIPELINE")
+@CONFIG_OPTION
+@OVERRIDES
+@click.option("--run-dir", type=click.Path(), default=None, help="Run directory (default: ./runs/<pipeline>-<time>).")
+@click.option("--resume", "resume_dir", type=click.Path(), default=None, help="Continue the run in this directory.")
+def run(pipeline_name, config_file, overrides, run_dir, resume_dir):
+    """Run PIPELINE (see `pipeline stages`) with a config and key=value overrides."""
+    from pipeline.pipelines import PIPELINES
+    from pipeline.runner import Run
+
+    if pipeline_name not in PIPELINES:
+        raise PipelineError(f"Unknown pipeline `{pipeline_name}`; known: {', '.join(PIPELINES)}.")
+    if resume_dir:
+        if config_file or overrides:
+            raise PipelineError("--resume reuses the run's saved config; drop -c and the overrides.")
+        the_run = Run.resume(PIPELINES, resume_dir)
+        if the_run.pipeline.name != pipeline_name:
+            raise PipelineError(f"Run `{resume_dir}` is a `{the_run.pipeline.name}` run, not `{pipeline_name}`.")
+    else:
+        cfg = load_config(config_file, list(overrides))
+        the_run = Run.create(PIPELINES[pipeline_name], cfg, run_dir)
+    click.echo(f"run directory: {the_run.run_dir}")
+    outputs = the_run.execute()
+    click.echo(f"pipeline {pipeline_name}: succeeded ({the_run.run_dir})")
+    for stage, out in outputs.items():
+        click.echo(f"  {stage}: " + ", ".join(f"{k}={v}" for k, v in out.items() if not isinstance(v, (dict, list))))
+
+
+@main.command()
+def stages():
+    """List the known pipelines and their stages."""
+    from pipeline.pipelines import PIPELINES
+
+    for p in PIPELINES.values():
+        click.echo(f"{p.name}: {p.description}")
+        for i, s in enumerate(p.stages, 1):
+            click.echo(f"  {i}. {s.name}: {s.description}")
+
+
+@main.group()
+def config():
+    """Inspect configs."""
+
+
+@config.command("show")
+@CONFIG_OPTION
+@OVERRIDES
+def config_show(config_file, overrides):
+    """Print the resolved config as YAML."""
+    click.echo(load_config(config_file, list(overrides)).to_yaml(), nl=False)
+
+
+def cli_entry(args: list[str] | None = None) -> int:
+    """Run the CLI; a PipelineError prints its message and exits 2, Ctrl-C exits 130."""
+    try:
+        main.main(args=args, standalone_mode=False)
+    except PipelineError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted; continue with --resume RUN_DIR", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
+
+
+def main_entry() -> None:
+    sys.exit(cli_entry())

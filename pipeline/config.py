@@ -1,0 +1,476 @@
+"""The typed config schema, with verl's key names.
+
+A config is built from three layers, later ones winning: the schema's defaults, a YAML file (`-c FILE`) and
+`a.b.c=value` overrides from the command line (verl/Hydra style; a leading `+` is accepted and ignored).
+Unknown keys are errors that suggest the nearest valid key; cross-field rules live in `validate()`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError
+
+
+class Section(BaseModel):
+    # forbid: a typo is an error, never a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- model / actor
+class ModelConfig(Section):
+    path: str = "smollm2-135m-instruct"
+    lora_rank: int = 16
+    lora_alpha: float = 32
+    target_modules: Union[str, list[str]] = "all-linear"
+    exclude_modules: Optional[Union[str, list[str]]] = None
+    use_shm: bool = False
+    shm_root: str = "/dev/shm"  # where use_shm copies the base; tests point it at a temp dir
+    keep_shm_copy: bool = False  # keep the /dev/shm copy after the pipeline ends
+    lora_adapter_path: Optional[str] = None  # continue training from this PEFT adapter
+    enable_gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class OptimConfig(Section):
+    lr: float = 1e-5
+    lr_warmup_steps: int = -1  # <0: use lr_warmup_steps_ratio
+    lr_warmup_steps_ratio: float = 0.0
+    weight_decay: float = 0.01
+    betas: list[float] = [0.9, 0.999]
+
+
+class PolicyLossConfig(Section):
+    loss_mode: str = "vanilla"  # a registered policy loss: vanilla (clipped PPO), gspo, ...
+
+
+class CheckpointConfig(Section):
+    save_contents: list[str] = ["model", "optimizer", "extra"]
+
+
+class ActorConfig(Section):
+    strategy: str = "fsdp"
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    grad_clip: float = 1.0
+    ppo_mini_batch_size: int = 8  # in prompts, as in verl
+    ppo_micro_batch_size_per_gpu: int = 8  # in sequences
+    ppo_epochs: int = 1
+    shuffle: bool = False
+    clip_ratio: float = 0.2
+    clip_ratio_low: Optional[float] = None  # None: clip_ratio
+    clip_ratio_high: Optional[float] = None  # None: clip_ratio
+    clip_ratio_c: float = 3.0  # dual-clip constant
+    loss_agg_mode: str = "token-mean"
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"
+    policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    fsdp_config: dict[str, Any] = Field(default_factory=dict)  # accepted for verl command lines
+
+
+class ValKwargs(Section):
+    do_sample: bool = False  # greedy validation
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    n: int = 1
+
+
+class RolloutConfig(Section):
+    name: str = "vllm"
+    mode: str = "sync"
+    load_format: str = "safetensors"
+    layered_summon: bool = False
+    lora_sync: Literal["auto", "adapter", "merged"] = "auto"
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    response_length: Optional[int] = None  # None: data.max_response_length
+    gpu_memory_utilization: float = 0.5
+    tensor_model_parallel_size: int = 1
+    max_num_seqs: int = 256
+    max_model_len: Optional[int] = None
+    max_lora_rank: Optional[int] = None  # None: lora_rank rounded up to a value vLLM accepts
+    enforce_eager: bool = True
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    log_prob_micro_batch_size_per_gpu: int = 16
+    val_kwargs: ValKwargs = Field(default_factory=ValKwargs)
+
+
+class RefConfig(Section):
+    log_prob_micro_batch_size_per_gpu: int = 16
+    fsdp_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class ActorRolloutRefConfig(Section):
+    hybrid_engine: bool = True
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    ref: RefConfig = Field(default_factory=RefConfig)
+
+
+# ------------------------------------------------------------------------------------------------------ critic
+class CriticConfig(Section):
+    """PPO's critic: a second LoRA adapter plus a value head on the actor's base model."""
+
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4))
+    cliprange_value: float = 0.5
+    ppo_micro_batch_size_per_gpu: int = 8
+    ppo_epochs: Optional[int] = None  # None: actor.ppo_epochs
+    grad_clip: float = 1.0
+    loss_agg_mode: str = "token-mean"
+
+
+# --------------------------------------------------------------------------------------------------- algorithm
+class KLControlConfig(Section):
+    type: Literal["fixed", "adaptive"] = "fixed"
+    kl_coef: float = 0.001
+    horizon: int = 10000
+    target_kl: float = 0.1
+
+
+class FilterGroupsConfig(Section):
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal, resample to fill the batch."""
+
+    enable: bool = False
+    metric: str = "acc"
+    max_num_gen_batches: int = 10
+
+
+class AlgorithmConfig(Section):
+    adv_estimator: str = "grpo"
+    gamma: float = 1.0
+    lam: float = 1.0
+    norm_adv_by_std_in_grpo: bool = True
+    use_kl_in_reward: bool = False
+    kl_penalty: str = "kl"  # KL estimator used in the reward: kl (k1), abs, mse (k2), low_var_kl (k3), k3+
+    kl_ctrl: KLControlConfig = Field(default_factory=KLControlConfig)
+    filter_groups: FilterGroupsConfig = Field(default_factory=FilterGroupsConfig)
+
+
+# -------------------------------------------------------------------------------------------------------- data
+class DataConfig(Section):
+    train_files: Union[str, list[str]] = "~/data/arithmetic/train.parquet"
+    val_files: Union[str, list[str]] = "~/data/arithmetic/test.parquet"
+    prompt_key: str = "prompt"
+    train_batch_size: int = 8  # prompts per step
+    val_batch_size: Optional[int] = None
+    max_prompt_length: int = 256
+    max_response_length: int = 64
+    filter_overlong_prompts: bool = True
+    truncation: Literal["error", "left", "right"] = "error"
+    shuffle: bool = True
+    seed: int = 1
+    val_max_samples: Optional[int] = None
+
+
+class OverlongBufferConfig(Section):
+    """DAPO's overlong reward shaping: a linear penalty over the last `len` tokens of the budget."""
+
+    enable: bool = False
+    len: int = 16
+    penalty_factor: float = 1.0
+    log: bool = False
+
+
+class RewardModelConfig(Section):
+    enable: bool = False  # model-based rewards are not supported; rule-based and custom scorers are
+    reward_manager: str = "naive"
+    overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
+
+
+class CustomRewardFunctionConfig(Section):
+    path: Optional[str] = None
+    name: str = "compute_score"
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
+class TrainerConfig(Section):
+    project_name: str = "lora-pipeline"
+    experiment_name: str = "default"
+    logger: Union[str, list[str]] = ["console", "mlflow"]
+    nnodes: int = 1
+    n_gpus_per_node: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_workers: int = 1  # actor workers on a CPU-only machine
+    total_epochs: int = 1
+    total_training_steps: Optional[int] = None
+    save_freq: int = -1
+    test_freq: int = -1
+    val_before_train: bool = True
+    default_local_dir: str = "checkpoints/${trainer.project_name}/${trainer.experiment_name}"
+    resume_mode: Literal["auto", "disable", "resume_path"] = "auto"
+    resume_from_path: Optional[str] = None
+    seed: int = 1
+    critic_warmup: int = 0
+    mlflow_tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else a local sqlite store
+
+
+class RayInitConfig(Section):
+    address: Optional[str] = None  # None: start a local Ray; "auto" or host:port joins a cluster
+    num_cpus: Optional[int] = None
+
+
+# -------------------------------------------------------------------------------------------- publish / serve
+class RegistryConfig(Section):
+    uri: Optional[str] = None  # None: $PIPELINE_REGISTRY, else ./registry-store
+
+
+class PublishConfig(Section):
+    name: str = "arithmetic-grpo"
+    alias: Optional[str] = "latest-good"
+    tags: dict[str, str] = Field(default_factory=dict)
+    min_improvement: float = 0.0  # publish only if adapter reward - base reward > this
+    force: bool = False
+
+
+class ServeConfig(Section):
+    enable: bool = False  # end the pipeline by serving what it published
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    max_loras: int = 4
+    max_cpu_loras: Optional[int] = None
+    gpu_memory_utilization: float = 0.2
+    detach: bool = False  # leave the server running after the pipeline ends
+
+
+class Config(Section):
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    actor_rollout_ref: ActorRolloutRefConfig = Field(default_factory=ActorRolloutRefConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    custom_reward_function: CustomRewardFunctionConfig = Field(default_factory=CustomRewardFunctionConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    ray_init: RayInitConfig = Field(default_factory=RayInitConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf as `a.b.c -> value` (MLflow params, diffs)."""
+        return dict(_flatten(self.to_dict()))
+
+    def digest(self) -> str:
+        """A stable sha256 of the resolved config (lineage)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def _flatten(d: dict[str, Any], prefix: str = ""):
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every valid dotted key of the schema, sections included."""
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(all_keys(ann, path + "."))
+    return keys
+
+
+def _unknown_key_error(path: str, source: str) -> ConfigError:
+    keys = all_keys()
+    close = difflib.get_close_matches(path, keys, n=1, cutoff=0.6)
+    if not close:  # a right leaf under a wrong section, e.g. model.lora_rank
+        leaf = path.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.endswith("." + leaf) or k == leaf][:1]
+    hint = f" Did you mean `{close[0]}`?" if close else " Run `pipeline config show` to list the valid keys."
+    return ConfigError(f"Unknown config key `{path}` (from {source}).{hint}")
+
+
+def _check_keys(raw: dict[str, Any], model: type[BaseModel], source: str, prefix: str = "") -> None:
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        field = model.model_fields.get(key)
+        if field is None:
+            raise _unknown_key_error(path, source)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(f"`{path}` (from {source}) is a section; give its keys, e.g. `{path}.<key>=...`.")
+            _check_keys(value, ann, source, path + ".")
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], parsed value). Values are parsed as YAML: True, 3, 1e-5, [a,b]."""
+    if "=" not in arg:
+        raise ConfigError(f"Override `{arg}` is not of the form key=value, e.g. `actor_rollout_ref.model.lora_rank=64`.")
+    key, _, text = arg.partition("=")
+    key = key.strip().lstrip("+~")
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"Override `{arg}` has an empty key part.")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for arg in overrides:
+        parts, value = parse_override(arg)
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override `{arg}` sets a key under `{part}`, which an earlier override set to a value.")
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"Config file `{path}` does not exist. Pass an existing YAML file with -c, or none for the default demo.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file `{path}` is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file `{path}` must hold a mapping of sections at the top level.")
+    return data
+
+
+def _interpolate(d: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    """Resolve `${a.b}` references in string values (verl's checkpoint dir uses them)."""
+    import re
+
+    def lookup(match: re.Match) -> str:
+        node: Any = root
+        for part in match.group(1).split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"Config reference `${{{match.group(1)}}}` names no key.")
+            node = node[part]
+        return str(node)
+
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out[key] = _interpolate(value, root)
+        elif isinstance(value, str) and "${" in value:
+            out[key] = re.sub(r"\$\{([^}]+)\}", lookup, value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, then type checks and cross-field validation."""
+    raw: dict[str, Any] = {}
+    if config_file is not None:
+        file_raw = read_yaml(config_file)
+        _check_keys(file_raw, Config, f"config file {config_file}")
+        raw = _deep_merge(raw, file_raw)
+    if overrides:
+        over = overrides_to_dict(overrides)
+        _check_keys(over, Config, "the command line")
+        raw = _deep_merge(raw, over)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
+        raise ConfigError(f"Config key `{loc}` has a bad value {err.get('input')!r}: {err['msg']}.") from None
+    cfg = Config.model_validate(_interpolate(cfg.to_dict(), cfg.to_dict()))
+    validate(cfg)
+    return cfg
+
+
+# -------------------------------------------------------------------------------------------------- validation
+SUPPORTED_STRATEGIES = ("fsdp", "fsdp2")
+SUPPORTED_ROLLOUTS = ("vllm",)
+SUPPORTED_LOAD_FORMATS = ("safetensors", "auto")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules. Each error names the key, the value and the fix."""
+    m = cfg.actor_rollout_ref.model
+    actor = cfg.actor_rollout_ref.actor
+    rollout = cfg.actor_rollout_ref.rollout
+    if m.lora_rank <= 0:
+        raise ConfigError(
+            f"actor_rollout_ref.model.lora_rank={m.lora_rank}: this project trains LoRA adapters only, so the rank "
+            "must be > 0 (typical: 8-64). Set e.g. actor_rollout_ref.model.lora_rank=16."
+        )
+    if m.lora_alpha <= 0:
+        raise ConfigError(
+            f"actor_rollout_ref.model.lora_alpha={m.lora_alpha}: LoRA scales its update by alpha/rank, so alpha must be "
+            "> 0 (commonly the rank or twice it). Set e.g. actor_rollout_ref.model.lora_alpha=32."
+        )
+    if actor.strategy not in SUPPORTED_STRATEGIES:
+        raise ConfigError(
+            f"actor_rollout_ref.actor.strategy={actor.strategy!r} is not supported; supported: fsdp (FSDP2). "
+            "Set actor_rollout_ref.actor.strategy=fsdp."
+        )
+    if rollout.name not in SUPPORTED_ROLLOUTS:
+        raise ConfigError(
+            f"actor_rollout_ref.rollout.name={rollout.name!r} is not supported; supported: vllm. "
+            "Set actor_rollout_ref.rollout.name=vllm."
+        )
+    if rollout.load_format not in SUPPORTED_LOAD_FORMATS:
+        raise ConfigError(
+            f"actor_rollout_ref.rollout.load_format={rollout.load_format!r} cannot be used with LoRA: the vLLM engine "
+            "must hold the real base weights, because after each step it receives only the LoRA tensors (never the "
+            "base). With 'dummy' the adapter would be applied to random weights. "
+            "Set actor_rollout_ref.rollout.load_format=safetensors."
+        )
+    if not 0 < rollout.gpu_memory_utilization <= 1:
+        raise ConfigError(
+            f"actor_rollout_ref.rollout.gpu_memory_utilization={rollout.gpu_memory_utilization} must be in (0, 1]; on "
+            "CPU it is the share of host RAM vLLM reserves (0.2-0.3 fits 24 GiB)."
+        )
+    if rollout.n < 1:
+        raise ConfigError(f"actor_rollout_ref.rollout.n={rollout.n} must be >= 1 (responses per prompt).")
+    for key in ("train_batch_size", "max_prompt_length", "max_response_length"):
+        if getattr(cfg.data, key) <= 0:
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} must be > 0.")
+    if actor.ppo_mini_batch_size <= 0 or actor.ppo_micro_batch_size_per_gpu <= 0:
+        raise ConfigError("actor_rollout_ref.actor.ppo_mini_batch_size and ppo_micro_batch_size_per_gpu must be > 0.")
+    if cfg.reward_model.enable:
+        raise ConfigError(
+            "reward_model.enable=True: model-based reward models are not supported; rewards come from the rule-based "
+            "scorers (by data_source) or custom_reward_function.path. Set reward_model.enable=False."
+        )
+    # Registry-backed names in the algorithm sections are checked where the registries live (stages.train),
+    # so this module does not import torch.

@@ -1,0 +1,197 @@
+"""Runs a pipeline's stages in order inside a run directory, with a manifest written after every stage.
+
+The manifest (`manifest.json`) holds, per stage: status (pending, running, succeeded, failed, interrupted),
+start and end times, outputs and error. `--resume RUN_DIR` re-reads the run's saved config and skips the
+stages that succeeded; a stage marked `rerun_on_resume` (cheap, and its outputs may not survive the
+process, like a /dev/shm copy) runs again. Cleanups registered by stages run when the pipeline ends,
+whether it succeeded, failed or was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from pipeline.config import Config, load_config
+from pipeline.errors import PipelineError, StageError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: the config, its own folder, and the outputs of the stages before it."""
+
+    config: Config
+    run_dir: Path
+    stage_name: str
+    outputs: dict[str, dict[str, Any]]
+    tracking: Any = None  # the pipeline's tracking handle (MLflow parent run), when tracking is on
+
+    @property
+    def stage_dir(self) -> Path:
+        d = self.run_dir / self.stage_name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[StageContext], dict[str, Any]]
+    description: str = ""
+    cleanup: Optional[Callable[[dict[str, Any]], None]] = None
+    rerun_on_resume: bool = False
+
+
+@dataclass
+class Pipeline:
+    name: str
+    stages: list[Stage]
+    description: str = ""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)  # a reader (or a crash) sees the old manifest or the new one, never half of one
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise PipelineError(f"`{run_dir}` is not a run directory: it has no {MANIFEST}. Pass a folder under ./runs/.")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class Run:
+    pipeline: Pipeline
+    config: Config
+    run_dir: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, pipeline: Pipeline, config: Config, run_dir: Path | None = None) -> "Run":
+        if run_dir is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = Path("runs") / f"{pipeline.name}-{stamp}-{os.getpid()}"
+        run_dir = Path(run_dir)
+        if (run_dir / MANIFEST).exists():
+            raise PipelineError(f"`{run_dir}` already holds a run. Use --resume {run_dir} to continue it, or another --run-dir.")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(config.to_yaml())
+        manifest = {
+            "run_id": run_dir.name,
+            "pipeline": pipeline.name,
+            "created": _now(),
+            "config_digest": config.digest(),
+            "status": "pending",
+            "stages": [{"name": s.name, "status": "pending"} for s in pipeline.stages],
+        }
+        run = cls(pipeline, config, run_dir, manifest)
+        run.save()
+        return run
+
+    @classmethod
+    def resume(cls, pipelines: dict[str, Pipeline], run_dir: str | Path) -> "Run":
+        run_dir = Path(run_dir)
+        manifest = read_manifest(run_dir)
+        pipeline = pipelines.get(manifest["pipeline"])
+        if pipeline is None:
+            raise PipelineError(f"Run `{run_dir}` is of unknown pipeline `{manifest['pipeline']}`.")
+        config = load_config(run_dir / CONFIG_FILE)
+        known = {s["name"] for s in manifest["stages"]}
+        for stage in pipeline.stages:  # stages added to the pipeline since the run started
+            if stage.name not in known:
+                manifest["stages"].append({"name": stage.name, "status": "pending"})
+        return cls(pipeline, config, run_dir, manifest)
+
+    def save(self) -> None:
+        write_json_atomic(self.run_dir / MANIFEST, self.manifest)
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        return next(e for e in self.manifest["stages"] if e["name"] == name)
+
+    def outputs(self) -> dict[str, dict[str, Any]]:
+        return {e["name"]: e.get("outputs", {}) for e in self.manifest["stages"] if e["status"] == "succeeded"}
+
+    def execute(self, tracking_factory: Callable[["Run"], Any] | None = None) -> dict[str, Any]:
+        """Run every unfinished stage in order. Raises on failure after recording it."""
+        self.manifest["status"] = "running"
+        self.manifest.setdefault("attempts", []).append(_now())
+        self.save()
+        cleanups: list[tuple[Stage, dict[str, Any]]] = []
+        tracking = tracking_factory(self) if tracking_factory else None
+        status = "failed"
+        try:
+            for stage in self.pipeline.stages:
+                entry = self._entry(stage.name)
+                if entry["status"] == "succeeded" and not stage.rerun_on_resume:
+                    log.info("stage %s: already succeeded, skipped", stage.name)
+                    continue
+                self._run_stage(stage, entry, tracking)
+                if stage.cleanup:
+                    cleanups.append((stage, entry["outputs"]))
+            status = "succeeded"
+            return self.outputs()
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            for stage, outputs in reversed(cleanups):
+                try:
+                    stage.cleanup(outputs)
+                except Exception:  # a failed cleanup must not hide the stage's own error
+                    log.exception("cleanup of stage %s failed", stage.name)
+            self.manifest["status"] = status
+            self.manifest["ended"] = _now()
+            self.save()
+            if tracking is not None and hasattr(tracking, "close"):
+                tracking.close(status)
+
+    def _run_stage(self, stage: Stage, entry: dict[str, Any], tracking: Any) -> None:
+        entry.update(status="running", started=_now(), ended=None, error=None)
+        entry.pop("outputs", None)
+        self.save()
+        t0 = time.monotonic()
+        ctx = StageContext(self.config, self.run_dir, stage.name, self.outputs(), tracking)
+        log.info("stage %s: started", stage.name)
+        try:
+            outputs = stage.run(ctx) or {}
+        except KeyboardInterrupt:
+            entry.update(status="interrupted", ended=_now(), error="interrupted (Ctrl-C or SIGINT)")
+            self.save()
+            raise
+        except PipelineError as exc:
+            entry.update(status="failed", ended=_now(), error=str(exc))
+            self.save()
+            raise
+        except Exception as exc:
+            entry.update(status="failed", ended=_now(), error=f"{type(exc).__name__}: {exc}",
+                         traceback=traceback.format_exc(limit=20))
+            self.save()
+            raise StageError(f"stage {stage.name} failed: {type(exc).__name__}: {exc} (details in {self.run_dir / MANIFEST})") from exc
+        entry.update(status="succeeded", ended=_now(), seconds=round(time.monotonic() - t0, 2), outputs=outputs)
+        self.save()
+        log.info("stage %s: succeeded in %.1f s", stage.name, time.monotonic() - t0)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,117 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipeline.cli import cli_entry
+from pipeline.config import load_config
+from pipeline.errors import StageError
+from pipeline.runner import Pipeline, Run, Stage, read_manifest
+
+
+def _pipeline(calls, fail_at=None):
+    def make(name):
+        def run(ctx):
+            calls.append(name)
+            if name == fail_at:
+                raise StageError(f"{name} broke")
+            (ctx.stage_dir / "out.txt").write_text(name)
+            return {"seen": sorted(ctx.outputs), "file": str(ctx.stage_dir / "out.txt")}
+
+        return Stage(name, run)
+
+    return Pipeline("toy", [make("a"), make("b"), make("c")])
+
+
+def test_manifest_records_each_stage(tmp_path):
+    calls = []
+    run = Run.create(_pipeline(calls), load_config(), tmp_path / "r")
+    outputs = run.execute()
+    m = read_manifest(tmp_path / "r")
+    assert calls == ["a", "b", "c"]
+    assert m["status"] == "succeeded"
+    assert [s["status"] for s in m["stages"]] == ["succeeded"] * 3
+    assert outputs["c"]["seen"] == ["a", "b"]  # each stage sees the outputs before it
+    assert all(s["started"] and s["ended"] for s in m["stages"])
+    assert (tmp_path / "r" / "config.yaml").is_file()
+
+
+def test_failure_is_recorded_and_resume_skips_finished(tmp_path):
+    calls = []
+    run = Run.create(_pipeline(calls, fail_at="b"), load_config(), tmp_path / "r")
+    with pytest.raises(StageError, match="b broke"):
+        run.execute()
+    m = read_manifest(tmp_path / "r")
+    assert [s["status"] for s in m["stages"]] == ["succeeded", "failed", "pending"]
+    assert m["stages"][1]["error"] == "b broke"
+    assert (tmp_path / "r" / "a" / "out.txt").read_text() == "a"  # finished outputs intact
+
+    calls.clear()
+    resumed = Run.resume({"toy": _pipeline(calls)}, tmp_path / "r")
+    resumed.execute()
+    assert calls == ["b", "c"]
+    assert read_manifest(tmp_path / "r")["status"] == "succeeded"
+
+
+def test_cleanup_runs_on_failure(tmp_path):
+    cleaned = []
+    ok = Stage("a", lambda ctx: {"x": 1}, cleanup=lambda out: cleaned.append(out))
+    bad = Stage("b", lambda ctx: (_ for _ in ()).throw(RuntimeError("boom")))
+    run = Run.create(Pipeline("toy", [ok, bad]), load_config(), tmp_path / "r")
+    with pytest.raises(StageError, match="RuntimeError: boom"):
+        run.execute()
+    assert cleaned == [{"x": 1}]
+    assert "traceback" in read_manifest(tmp_path / "r")["stages"][1]
+
+
+def test_existing_run_dir_is_refused(tmp_path):
+    Run.create(_pipeline([]), load_config(), tmp_path / "r")
+    assert cli_entry(["run", "stage-model", "--run-dir", str(tmp_path / "r")]) == 2
+
+
+def test_ctrl_c_leaves_a_resumable_manifest(tmp_path, tiny_model_dir):
+    """SIGINT during a slow stage: manifest says interrupted, exit 130, and --resume finishes the run."""
+    script = textwrap.dedent(f"""
+        import time, sys
+        from pipeline.runner import Pipeline, Run, Stage
+        from pipeline.config import load_config
+        def slow(ctx):
+            print("ready", flush=True)
+            time.sleep(60)
+        p = Pipeline("toy", [Stage("a", lambda ctx: {{"a": 1}}), Stage("slow", slow)])
+        try:
+            Run.create(p, load_config(), {str(tmp_path / "r")!r}).execute()
+        except KeyboardInterrupt:
+            sys.exit(130)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=os.getcwd())
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert m["status"] == "interrupted"
+    assert [s["status"] for s in m["stages"]] == ["succeeded", "interrupted"]
+    calls = []
+    p = Pipeline("toy", [Stage("a", lambda ctx: calls.append("a")), Stage("slow", lambda ctx: calls.append("slow"))])
+    Run.resume({"toy": p}, tmp_path / "r").execute()
+    assert calls == ["slow"]
+
+
+def test_cli_stage_model_pipeline_on_local_dir(tmp_path, tiny_model_dir, capsys):
+    rc = cli_entry(["run", "stage-model", f"actor_rollout_ref.model.path={tiny_model_dir}",
+                    "--run-dir", str(tmp_path / "r")])
+    assert rc == 0
+    m = read_manifest(tmp_path / "r")
+    assert m["stages"][0]["outputs"]["model_dir"] == str(tiny_model_dir)
+    assert len(m["stages"][0]["outputs"]["fingerprint"]) == 64
+
+
+def test_cli_prints_message_not_traceback(capsys):
+    assert cli_entry(["config", "show", "actor_rollout_ref.actor.strategy=megatron"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
