@@ -395,8 +395,20 @@ def _interpolate(d: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Choosing one of these algorithm names sets the recipe's defaults beneath the user's own keys: each stays
+# overridable. (`ppo` and `dapo` are recipes; their advantage estimators are `gae` and `grpo`.)
+ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
+    # DAPO (https://arxiv.org/abs/2503.14476): clip-higher, token-mean loss, dynamic sampling, overlong shaping.
+    "dapo": {
+        "actor_rollout_ref": {"actor": {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "loss_agg_mode": "token-mean"}},
+        "algorithm": {"filter_groups": {"enable": True}},
+        "reward_model": {"overlong_buffer": {"enable": True}},
+    },
+}
+
+
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- overrides, then type checks and cross-field validation."""
+    """Defaults <- algorithm preset <- YAML file <- overrides, then type checks and cross-field validation."""
     raw: dict[str, Any] = {}
     if config_file is not None:
         file_raw = read_yaml(config_file)
@@ -406,6 +418,9 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
         over = overrides_to_dict(overrides)
         _check_keys(over, Config, "the command line")
         raw = _deep_merge(raw, over)
+    preset = ALGORITHM_PRESETS.get(str(raw.get("algorithm", {}).get("adv_estimator", "")))
+    if preset:
+        raw = _deep_merge(preset, raw)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:

@@ -80,3 +80,13 @@ def test_interpolation_and_digest_stable():
     assert a.digest() == load_config(None, ["trainer.experiment_name=x"]).digest()
     assert a.digest() != load_config(None, ["trainer.experiment_name=y"]).digest()
     assert "actor_rollout_ref.model.lora_rank" in all_keys()
+
+
+def test_dapo_preset_sets_defaults_that_stay_overridable():
+    cfg = load_config(None, ["algorithm.adv_estimator=dapo"])
+    a = cfg.actor_rollout_ref.actor
+    assert (a.clip_ratio_low, a.clip_ratio_high, a.loss_agg_mode) == (0.2, 0.28, "token-mean")
+    assert cfg.algorithm.filter_groups.enable and cfg.reward_model.overlong_buffer.enable
+    cfg = load_config(None, ["algorithm.adv_estimator=dapo", "actor_rollout_ref.actor.clip_ratio_high=0.3",
+                             "algorithm.filter_groups.enable=False"])
+    assert cfg.actor_rollout_ref.actor.clip_ratio_high == 0.3 and not cfg.algorithm.filter_groups.enable
