@@ -45,8 +45,10 @@ def run(pipeline_name, config_file, overrides, run_dir, resume_dir):
     else:
         cfg = load_config(config_file, list(overrides))
         the_run = Run.create(PIPELINES[pipeline_name], cfg, run_dir)
+    from pipeline.tracking import make_tracking
+
     click.echo(f"run directory: {the_run.run_dir}")
-    outputs = the_run.execute()
+    outputs = the_run.execute(tracking_factory=make_tracking)
     click.echo(f"pipeline {pipeline_name}: succeeded ({the_run.run_dir})")
     for stage, out in outputs.items():
         click.echo(f"  {stage}: " + ", ".join(f"{k}={v}" for k, v in out.items() if not isinstance(v, (dict, list))))

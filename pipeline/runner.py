@@ -54,6 +54,9 @@ class Stage:
     description: str = ""
     cleanup: Optional[Callable[[dict[str, Any]], None]] = None
     rerun_on_resume: bool = False
+    # A stage that opens its own MLflow run under the pipeline's parent run (training logs per-step metrics
+    # from its own process) gets no nested run from the runner.
+    own_tracking: bool = False
 
 
 @dataclass
@@ -172,24 +175,32 @@ class Run:
         self.save()
         t0 = time.monotonic()
         ctx = StageContext(self.config, self.run_dir, stage.name, self.outputs(), tracking)
+        stage_run_id = tracking.start_stage(stage.name) if tracking is not None and not stage.own_tracking else None
+        if stage_run_id:
+            entry["mlflow_run_id"] = stage_run_id
         log.info("stage %s: started", stage.name)
         try:
             outputs = stage.run(ctx) or {}
-        except KeyboardInterrupt:
-            entry.update(status="interrupted", ended=_now(), error="interrupted (Ctrl-C or SIGINT)")
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            if isinstance(exc, KeyboardInterrupt):
+                error = "interrupted (Ctrl-C or SIGINT)"
+            elif isinstance(exc, PipelineError):
+                error = str(exc)
+            else:
+                error = f"{type(exc).__name__}: {exc}"
+                entry["traceback"] = traceback.format_exc(limit=20)
+            entry.update(status=status, ended=_now(), error=error)
             self.save()
-            raise
-        except PipelineError as exc:
-            entry.update(status="failed", ended=_now(), error=str(exc))
-            self.save()
-            raise
-        except Exception as exc:
-            entry.update(status="failed", ended=_now(), error=f"{type(exc).__name__}: {exc}",
-                         traceback=traceback.format_exc(limit=20))
-            self.save()
-            raise StageError(f"stage {stage.name} failed: {type(exc).__name__}: {exc} (details in {self.run_dir / MANIFEST})") from exc
+            if tracking is not None:
+                tracking.end_stage(stage_run_id, status)
+            if isinstance(exc, (KeyboardInterrupt, PipelineError)) or not isinstance(exc, Exception):
+                raise
+            raise StageError(f"stage {stage.name} failed: {error} (details in {self.run_dir / MANIFEST})") from exc
         entry.update(status="succeeded", ended=_now(), seconds=round(time.monotonic() - t0, 2), outputs=outputs)
         self.save()
+        if tracking is not None:
+            tracking.end_stage(stage_run_id, "succeeded", outputs)
         log.info("stage %s: succeeded in %.1f s", stage.name, time.monotonic() - t0)
 
 

@@ -32,6 +32,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_stores(tmp_path_factory):
+    """MLflow and the registry default to folders under the current directory; tests never write into the
+    checkout."""
+    root = tmp_path_factory.mktemp("stores")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["PIPELINE_REGISTRY"] = str(root / "registry")
+    yield root
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Relative defaults (./runs, ./checkpoints) land in the test's own temp dir."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama model folder (float32 safetensors + tokenizer + chat template). Read-only for tests."""

@@ -115,3 +115,23 @@ def test_cli_prints_message_not_traceback(capsys):
     assert cli_entry(["config", "show", "actor_rollout_ref.actor.strategy=megatron"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_mlflow_parent_and_nested_stage_runs(tmp_path, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import PARENT_TAG, tracking_uri
+
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    rc = cli_entry(["run", "stage-model", f"actor_rollout_ref.model.path={tiny_model_dir}",
+                    f"trainer.mlflow_tracking_uri={uri}", "trainer.project_name=t", "--run-dir", str(tmp_path / "r")])
+    assert rc == 0
+    m = read_manifest(tmp_path / "r")
+    client = MlflowClient(uri)
+    parent = client.get_run(m["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["actor_rollout_ref.model.path"] == str(tiny_model_dir)
+    child = client.get_run(m["stages"][0]["mlflow_run_id"])
+    assert child.data.tags[PARENT_TAG] == parent.info.run_id
+    assert child.data.tags["output.fingerprint"] == m["stages"][0]["outputs"]["fingerprint"]
+    assert tracking_uri(uri) == uri
