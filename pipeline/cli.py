@@ -78,6 +78,38 @@ def config_show(config_file, overrides):
     click.echo(load_config(config_file, list(overrides)).to_yaml(), nl=False)
 
 
+@main.group()
+def runs():
+    """Inspect pipeline runs (from their manifests)."""
+
+
+@runs.command("list")
+@click.option("--root", default="runs", show_default=True, help="Folder holding the run directories.")
+def runs_list(root):
+    """One line per run: id, pipeline, status, base -> adapter reward, published reference."""
+    from pipeline.report import list_runs
+
+    rows = list_runs(root)
+    if not rows:
+        click.echo(f"no runs under {root}/")
+    for r in rows:
+        rewards = f"{r['base_reward']:.3f} -> {r['adapter_reward']:.3f}" if r["adapter_reward"] is not None else "-"
+        click.echo(f"{r['run_id']:<48} {r['pipeline']:<18} {r['status']:<12} reward {rewards:<16} {r['published_ref'] or '-'}")
+
+
+@runs.command("show")
+@click.argument("run")
+@click.option("--root", default="runs", show_default=True)
+def runs_show(run, root):
+    """Show RUN (a run directory or a run id under --root): stages, before/after, timings, published ref."""
+    from pathlib import Path
+
+    from pipeline.report import render_text, summary
+
+    run_dir = Path(run) if Path(run).is_dir() else Path(root) / run
+    click.echo("\n".join(render_text(summary(run_dir))))
+
+
 def cli_entry(args: list[str] | None = None) -> int:
     """Run the CLI; a PipelineError prints its message and exits 2, Ctrl-C exits 130."""
     try:

@@ -1,0 +1,161 @@
+"""The run report: reward and validation curves as pictures, the before/after table, per-phase timings and
+the registry reference a run published. Built from the run's manifest alone, so `pipeline runs show` and the
+Markdown report always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.runner import MANIFEST, read_manifest
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.md"
+
+
+def _outputs(manifest: dict[str, Any], stage: str) -> dict[str, Any]:
+    for entry in manifest["stages"]:
+        if entry["name"] == stage:
+            return entry.get("outputs") or {}
+    return {}
+
+
+def read_history(path: str | Path | None) -> list[dict[str, Any]]:
+    if not path or not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def summary(run_dir: str | Path) -> dict[str, Any]:
+    """The facts a report shows, as plain data."""
+    m = read_manifest(run_dir)
+    train = _outputs(m, "train")
+    evaluation = _outputs(m, "evaluate")
+    publish = _outputs(m, "publish")
+    return {
+        "run_id": m["run_id"],
+        "pipeline": m["pipeline"],
+        "status": m["status"],
+        "created": m.get("created"),
+        "stages": [
+            {"name": e["name"], "status": e["status"], "seconds": e.get("seconds"), "error": e.get("error")}
+            for e in m["stages"]
+        ],
+        "base_reward": evaluation.get("base_reward", train.get("val_reward_before")),
+        "adapter_reward": evaluation.get("adapter_reward", train.get("val_reward_after")),
+        "base_acc": evaluation.get("base_acc", train.get("val_acc_before")),
+        "adapter_acc": evaluation.get("adapter_acc", train.get("val_acc_after")),
+        "decision": evaluation.get("decision"),
+        "published_ref": publish.get("ref"),
+        "phase_seconds": train.get("phase_seconds") or {},
+        "steps": train.get("steps"),
+        "history_path": train.get("history_path"),
+        "mlflow_parent_run_id": m.get("mlflow_parent_run_id"),
+    }
+
+
+def plot_curves(history: list[dict[str, Any]], out: Path) -> list[str]:
+    """Training reward per step and validation reward over steps, one PNG each. Returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    train_rows = [r for r in history if "reward/mean" in r]
+    val_rows = [r for r in history if "val/reward" in r]
+    if train_rows:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        steps = [r["step"] for r in train_rows]
+        mean = [r["reward/mean"] for r in train_rows]
+        ax.plot(steps, mean, marker="o", ms=3, label="batch reward (mean)")
+        if all("reward/std" in r for r in train_rows):
+            std = [r["reward/std"] for r in train_rows]
+            ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward")
+        ax.set_title("Training reward")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "reward_curve.png", dpi=110)
+        plt.close(fig)
+        written.append("reward_curve.png")
+    if val_rows:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.plot([r["step"] for r in val_rows], [r["val/reward"] for r in val_rows], marker="s", color="tab:green",
+                label="validation reward (greedy)")
+        if all("val/acc" in r and r["val/acc"] is not None for r in val_rows):
+            ax.plot([r["step"] for r in val_rows], [r["val/acc"] for r in val_rows], ls="--", color="tab:olive",
+                    label="validation accuracy")
+        ax.set_xlabel("step")
+        ax.set_title("Validation")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "validation_curve.png", dpi=110)
+        plt.close(fig)
+        written.append("validation_curve.png")
+    return written
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_text(s: dict[str, Any]) -> list[str]:
+    """The report body as Markdown lines (also what `pipeline runs show` prints)."""
+    lines = [f"# Run {s['run_id']}", "", f"Pipeline `{s['pipeline']}`, status **{s['status']}**, created {s['created']}.", ""]
+    lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    for st in s["stages"]:
+        err = f" ({st['error']})" if st.get("error") else ""
+        lines.append(f"| {st['name']} | {st['status']}{err} | {_fmt(st['seconds'], 1)} |")
+    lines += ["", "## Before / after (validation, greedy)", "", "| model | reward | accuracy |", "|---|---|---|"]
+    lines.append(f"| base | {_fmt(s['base_reward'])} | {_fmt(s['base_acc'])} |")
+    lines.append(f"| adapter | {_fmt(s['adapter_reward'])} | {_fmt(s['adapter_acc'])} |")
+    if s["decision"]:
+        lines += ["", f"Publish decision: {s['decision']}"]
+    lines += ["", f"Published: `{s['published_ref']}`" if s["published_ref"] else "Published: nothing"]
+    if s["phase_seconds"]:
+        lines += ["", "## Time per training step, by phase (mean seconds)", "", "| phase | seconds |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v, 2)} |" for k, v in s["phase_seconds"].items()]
+    if s["mlflow_parent_run_id"]:
+        lines += ["", f"MLflow parent run: `{s['mlflow_parent_run_id']}`"]
+    return lines
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `report.md` (and its PNG curves) into the run directory."""
+    run_dir = Path(run_dir)
+    s = summary(run_dir)
+    pictures = plot_curves(read_history(s["history_path"]), run_dir)
+    lines = render_text(s)
+    if pictures:
+        lines += ["", "## Curves", ""] + [f"![{p}]({p})" for p in pictures]
+    path = run_dir / REPORT
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
+    rows = []
+    for manifest in sorted(Path(root).glob(f"*/{MANIFEST}")):
+        try:
+            s = summary(manifest.parent)
+        except (ValueError, KeyError) as exc:
+            log.warning("skipping %s: %s", manifest, exc)
+            continue
+        rows.append(s)
+    return rows
