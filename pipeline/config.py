@@ -37,6 +37,9 @@ class ModelConfig(Section):
     lora_adapter_path: Optional[str] = None  # continue training from this PEFT adapter
     enable_gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # Accepted so verl command lines run unchanged; padding never enters our losses (they are masked), so
+    # it changes nothing here.
+    use_remove_padding: bool = True
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
@@ -175,6 +178,9 @@ class DataConfig(Section):
     shuffle: bool = True
     seed: int = 1
     val_max_samples: Optional[int] = None
+    # When the train/val files are missing, write them first with the named generator (the demo's
+    # `arithmetic`, the same as `pipeline data make-arithmetic`). None: a missing file is an error.
+    generate_if_missing: Optional[Literal["arithmetic"]] = None
 
 
 class OverlongBufferConfig(Section):
@@ -189,6 +195,7 @@ class OverlongBufferConfig(Section):
 class RewardModelConfig(Section):
     enable: bool = False  # model-based rewards are not supported; rule-based and custom scorers are
     reward_manager: str = "naive"
+    scorer: Optional[str] = None  # one registered scorer for every row (e.g. gsm8k_flexible); None: by data_source
     overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
 
 
@@ -407,9 +414,15 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "cpu_quickstart.yaml"
+
+
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- algorithm preset <- YAML file <- overrides, then type checks and cross-field validation."""
+    """Defaults <- algorithm preset <- YAML file <- overrides, then type checks and cross-field validation.
+
+    Without a file, the embedded CPU demo (`pipeline/configs/cpu_quickstart.yaml`) is the file."""
     raw: dict[str, Any] = {}
+    config_file = DEFAULT_CONFIG if config_file is None else config_file
     if config_file is not None:
         file_raw = read_yaml(config_file)
         _check_keys(file_raw, Config, f"config file {config_file}")
@@ -436,6 +449,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 SUPPORTED_STRATEGIES = ("fsdp", "fsdp2")
 SUPPORTED_ROLLOUTS = ("vllm",)
 SUPPORTED_LOAD_FORMATS = ("safetensors", "auto")
+SUPPORTED_LOGGERS = ("console", "mlflow")
 
 
 def validate(cfg: Config) -> None:
@@ -482,6 +496,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)} must be > 0.")
     if actor.ppo_mini_batch_size <= 0 or actor.ppo_micro_batch_size_per_gpu <= 0:
         raise ConfigError("actor_rollout_ref.actor.ppo_mini_batch_size and ppo_micro_batch_size_per_gpu must be > 0.")
+    loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else cfg.trainer.logger
+    unknown = sorted(set(loggers) - set(SUPPORTED_LOGGERS))
+    if unknown:
+        raise ConfigError(
+            f"trainer.logger={loggers}: {', '.join(unknown)} is not supported; supported: {', '.join(SUPPORTED_LOGGERS)}. "
+            "Every run is tracked in MLflow; set e.g. trainer.logger=[console,mlflow]."
+        )
     if cfg.reward_model.enable:
         raise ConfigError(
             "reward_model.enable=True: model-based reward models are not supported; rewards come from the rule-based "
