@@ -1,0 +1,47 @@
+"""The reward scorer registry: scorers by name, and which `data_source` values each one scores.
+
+A scorer is `fn(solution_str: str, ground_truth: str, extra_info: dict) -> dict` with at least `score` (float)
+and `acc` (1.0/0.0 where the scorer defines correctness, else None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    fn: Callable[[str, str, dict], dict]
+    data_sources: tuple[str, ...]
+
+    @property
+    def description(self) -> str:
+        doc = (self.fn.__doc__ or "").strip().splitlines()
+        return doc[0].strip() if doc else ""
+
+
+REWARD_SCORERS: dict[str, Scorer] = {}
+DATA_SOURCE_SCORERS: dict[str, str] = {}  # data_source -> scorer name
+
+
+def register_scorer(name: str, data_sources: tuple[str, ...] = ()):
+    """Register a scorer under `name`, dispatched for rows whose data_source is `name` or one of `data_sources`."""
+
+    def wrap(fn):
+        if name in REWARD_SCORERS:
+            raise ValueError(f"reward scorer {name!r} is registered twice")
+        REWARD_SCORERS[name] = Scorer(name, fn, tuple(data_sources))
+        for source in (name, *data_sources):
+            if source in DATA_SOURCE_SCORERS:
+                raise ValueError(f"data_source {source!r} already dispatches to {DATA_SOURCE_SCORERS[source]!r}")
+            DATA_SOURCE_SCORERS[source] = name
+        return fn
+
+    return wrap
+
+
+def scorer_for_data_source(data_source: str) -> Optional[Scorer]:
+    name = DATA_SOURCE_SCORERS.get(data_source)
+    return REWARD_SCORERS[name] if name else None
