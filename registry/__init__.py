@@ -1,0 +1,57 @@
+"""Versioned adapter registry: adapters, immutable adapter versions, aliases, lineage and integrity.
+
+    from registry import open_registry
+    reg = open_registry()                      # --registry / registry.uri > $PIPELINE_REGISTRY > ./registry-store
+    v = reg.publish("out/adapter", "arithmetic-grpo", base_dir="models/base", alias="prod",
+                    lineage={"run_id": "...", "algorithm": "grpo"})
+    reg.resolve("arithmetic-grpo@prod").path   # a folder PEFT and vLLM load as is
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from pipeline.errors import RegistryError
+from registry.core import DEFAULT_URI, AdapterVersion, Registry, VerifyReport
+from registry.refs import parse_ref
+from registry.store import Store
+
+__all__ = ["open_registry", "resolve_uri", "Registry", "AdapterVersion", "VerifyReport", "Store", "parse_ref"]
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The registry location: the explicit `uri` (--registry or registry.uri) > $PIPELINE_REGISTRY > default."""
+    return uri or os.environ.get("PIPELINE_REGISTRY") or DEFAULT_URI
+
+
+def open_registry(uri: str | None = None, *, mlflow_tracking_uri: str | None = None,
+                  mirror_mlflow: bool | None = None) -> Registry:
+    """Open (lazily create) the registry at `uri` (see resolve_uri); a `file://` URI or a path is a local store.
+
+    MLflow mirroring is on when `mlflow_tracking_uri` is given (e.g. from trainer.mlflow_tracking_uri) or
+    $MLFLOW_TRACKING_URI is set; `mirror_mlflow=False` turns it off.
+    """
+    from registry.local import LocalStore
+
+    location = resolve_uri(uri)
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise RegistryError(f"Registry URI `{location}` names host `{parsed.netloc}`; file URIs must be local "
+                                "(file:///abs/path).")
+        store = LocalStore(Path(unquote(parsed.path)))
+    elif parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, i.e. a path
+        raise RegistryError(f"Registry URI `{location}` uses scheme `{parsed.scheme}://`, which has no backend yet; use "
+                            "a local folder or file:///path (an object-store backend implements registry.store.Store).")
+    else:
+        store = LocalStore(Path(location))
+
+    mirror = None
+    tracking = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking and mirror_mlflow is not False:
+        from registry.mlflow_mirror import MlflowMirror
+
+        mirror = MlflowMirror(tracking)
+    return Registry(store, mirror)

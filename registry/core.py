@@ -1,0 +1,401 @@
+"""The adapter registry: adapters (names), immutable adapter versions (1, 2, 3, ...) and movable aliases.
+
+MLflow's vocabulary: an *adapter* is a registered name, an *adapter version* is one published adapter that never
+changes, an *alias* (`prod`) points at a version and moves. References: `NAME`, `NAME@7`, `NAME@prod`.
+
+A version folder holds exactly what PEFT's `PeftModel.from_pretrained` and vLLM's `LoRARequest` load:
+
+    adapter_model.safetensors   the LoRA tensors, byte for byte as published
+    adapter_config.json         PEFT's config, byte for byte (lora_alpha preserved)
+    metadata.json               base model id + fingerprint, rank, alpha, target modules, lineage, metrics, tags, ...
+    manifest.json               sha256 and size of the three files above (what `verify` recomputes)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.errors import NotFoundError, RegistryError
+from registry.refs import check_alias, check_name, check_version, format_versions, parse_ref
+from registry.store import Store
+from registry.validate import CONFIG, WEIGHTS, validate_adapter
+
+log = logging.getLogger(__name__)
+
+METADATA = "metadata.json"
+MANIFEST = "manifest.json"
+PAYLOAD = (WEIGHTS, CONFIG)
+CHUNK = 8 << 20
+DEFAULT_URI = "./registry-store"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One immutable adapter version. `path` is a folder PEFT and vLLM load directly."""
+
+    name: str
+    version: int
+    path: Path
+    metadata: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        return self.metadata.get("base_fingerprint")
+
+    @property
+    def rank(self) -> int:
+        return int(self.metadata.get("max_rank") or self.metadata.get("rank") or 0)
+
+    @property
+    def lineage(self) -> dict:
+        return self.metadata.get("lineage", {})
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found: versions checked and one line per problem (empty when all is well)."""
+
+    checked: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "checked": self.checked, "problems": self.problems}
+
+
+def _copy_hashed(src: Path, dst: Path) -> dict:
+    """Copy one file, hashing what is written, and fsync it. Returns its manifest entry."""
+    h, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(CHUNK):
+            h.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return {"sha256": h.hexdigest(), "size": size}
+
+
+def _write_json(path: Path, obj) -> dict:
+    data = (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def _check_tags(tags) -> dict[str, str]:
+    tags = dict(tags or {})
+    for k, v in tags.items():
+        if not isinstance(k, str) or not k or len(k) > 250:
+            raise RegistryError(f"Invalid tag key {k!r}: tag keys are non-empty strings of at most 250 characters.")
+        if len(str(v)) > 5000:
+            raise RegistryError(f"Tag `{k}` is {len(str(v))} characters long; tag values hold at most 5000.")
+    return {k: str(v) for k, v in tags.items()}
+
+
+class Registry:
+    """The Python API behind `pipeline registry ...`. Open one with `open_registry(uri)`."""
+
+    def __init__(self, store: Store, mirror=None):
+        self.store = store
+        self.mirror = mirror  # registry.mlflow_mirror.MlflowMirror or None
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def __repr__(self) -> str:
+        return f"Registry({self.uri!r})"
+
+    # ------------------------------------------------------------------------------------------- reading
+    def list_adapters(self) -> list[str]:
+        return self.store.list_adapters()
+
+    def _no_adapter(self, name: str) -> NotFoundError:
+        names = self.list_adapters()
+        known = ", ".join(names[:50]) + (" ..." if len(names) > 50 else "") if names else "no adapters yet"
+        return NotFoundError(f"Adapter `{name}` does not exist in registry {self.uri} (it holds: {known}). "
+                             "Publish it with `pipeline registry publish DIR --name NAME`.")
+
+    def get_version(self, name: str, version: int) -> AdapterVersion:
+        check_name(name)
+        version = check_version(version)
+        path = self.store.version_dir(name, version)
+        if path is None:
+            versions = self.store.version_numbers(name)
+            if not versions:
+                raise self._no_adapter(name)
+            raise NotFoundError(f"`{name}@{version}` does not exist; versions of `{name}`: "
+                                f"{format_versions(versions)}; aliases: {self._alias_text(name)}.")
+        try:
+            metadata = json.loads((path / METADATA).read_text())
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"`{name}@{version}` has an unreadable {METADATA} ({exc}); run "
+                                f"`pipeline registry verify {name}@{version}`.") from None
+        return AdapterVersion(name, version, path, metadata)
+
+    def _alias_text(self, name: str) -> str:
+        aliases = self.store.read_aliases(name)
+        return ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
+
+    def resolve(self, ref: str) -> AdapterVersion:
+        """`NAME` (latest), `NAME@7` or `NAME@prod` -> the version. Raises NotFoundError listing what exists."""
+        name, version, alias = parse_ref(ref)
+        if alias is not None:
+            aliases = self.store.read_aliases(name)
+            if alias not in aliases:
+                if not self.store.latest_version(name):
+                    raise self._no_adapter(name)
+                raise NotFoundError(f"Alias `{alias}` of adapter `{name}` does not exist (aliases: "
+                                    f"{self._alias_text(name)}; versions: "
+                                    f"{format_versions(self.store.version_numbers(name))}).")
+            version = aliases[alias]
+        elif version is None:
+            version = self.store.latest_version(name)
+            if version is None:
+                raise self._no_adapter(name)
+        return self.get_version(name, version)
+
+    def list_versions(self, name: str) -> list[AdapterVersion]:
+        check_name(name)
+        versions = self.store.version_numbers(name)
+        if not versions:
+            raise self._no_adapter(name)
+        out = []
+        for v in versions:
+            try:
+                out.append(self.get_version(name, v))
+            except NotFoundError:  # deleted between listing and reading
+                continue
+        return out
+
+    def aliases(self, name: str) -> dict[str, int]:
+        return dict(self.store.read_aliases(check_name(name)))
+
+    def max_rank(self) -> int:
+        """Largest LoRA rank over every version (vLLM's max_lora_rank must cover it); 0 for an empty registry."""
+        return max((v.rank for n in self.list_adapters() for v in self.list_versions(n)), default=0)
+
+    # ------------------------------------------------------------------------------------------- publishing
+    def publish(self, adapter_dir, name: str, *, base_dir=None, base_fingerprint: str | None = None,
+                alias: str | None = None, tags: dict | None = None, lineage: dict | None = None,
+                metrics: dict | None = None, parent_version=None) -> AdapterVersion:
+        """Validate a PEFT LoRA folder and store it as the next version of `name` (atomically)."""
+        check_name(name)
+        if alias is not None:
+            check_alias(alias)
+        tags, lineage, metrics = _check_tags(tags), dict(lineage or {}), dict(metrics or {})
+        if parent_version is not None and not isinstance(parent_version, int):
+            parse_ref(str(parent_version))  # a reference to another adapter's version, e.g. `base-sft@3`
+        adapter_dir = Path(adapter_dir).expanduser()
+        if not adapter_dir.is_dir():
+            raise RegistryError(f"Adapter folder `{adapter_dir}` does not exist or is not a folder.")
+
+        base_path = self._base_dir(adapter_dir, base_dir)
+        with self.store.staging() as staged:
+            # validate the staged copy, not the source, so what is stored is exactly what was checked
+            entries = {}
+            validate_adapter(adapter_dir, base_path)  # fail fast (and refuse .bin) before copying anything
+            for fname in PAYLOAD:
+                entries[fname] = _copy_hashed(adapter_dir / fname, staged / fname)
+            info = validate_adapter(staged, base_path)
+            if base_path is not None and base_fingerprint is None:
+                from stages.model_files import fingerprint
+
+                base_fingerprint = fingerprint(base_path)
+            now = time.time()
+            metadata = {
+                "format": 1,
+                "name": name,
+                "created": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+                "created_unix": now,
+                "base_model": lineage.get("base_model") or info.config.get("base_model_name_or_path")
+                or (str(base_path) if base_path else None),
+                "base_path": str(base_path.absolute()) if base_path else None,
+                "base_fingerprint": base_fingerprint,
+                "peft_type": "LORA",
+                "rank": info.rank,
+                "max_rank": info.max_rank,
+                "alpha": info.alpha,
+                "target_modules": info.target_modules,
+                "num_modules": len(info.modules),
+                "num_parameters": info.num_parameters,
+                "lineage": lineage,
+                "metrics": metrics,
+                "parent_version": parent_version,
+                "tags": tags,
+                "source": str(adapter_dir.absolute()),
+                "publisher": {"host": socket.gethostname(), "pid": os.getpid()},
+            }
+
+            def finish(folder: Path, version: int) -> None:
+                metadata["version"] = version
+                entries[METADATA] = _write_json(folder / METADATA, metadata)
+                _write_json(folder / MANIFEST, {"algorithm": "sha256", "files": entries})
+
+            def after(version: int) -> None:  # still under the adapter's lock
+                if alias is not None:
+                    self.store.update_aliases(name, lambda a: {**a, alias: version})
+                if self.mirror is not None:
+                    self.mirror.sync(self, name)
+
+            version = self.store.commit(name, staged, finish, after)
+        log.info("published %s@%d%s", name, version, f" (alias {alias})" if alias else "")
+        return self.get_version(name, version)
+
+    @staticmethod
+    def _base_dir(adapter_dir: Path, base_dir) -> Path | None:
+        if base_dir is not None:
+            base = Path(base_dir).expanduser()
+            if not base.is_dir():
+                raise RegistryError(f"Base model folder `{base}` (--base) does not exist.")
+            return base
+        try:  # default: the adapter config's base_model_name_or_path, when that is a local folder
+            declared = json.loads((adapter_dir / CONFIG).read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            return None  # validation reports the missing/bad config
+        if declared and Path(declared).is_dir() and (Path(declared) / "config.json").is_file():
+            return Path(declared)
+        return None
+
+    # ------------------------------------------------------------------------------------------- aliases
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        check_alias(alias)
+        target = self.get_version(name, version).version
+
+        def change(aliases):
+            # re-check under the lock: the version could have been deleted since
+            if self.store.version_dir(name, target) is None:
+                raise NotFoundError(f"`{name}@{target}` was deleted; cannot point alias `{alias}` at it.")
+            return {**aliases, alias: target}
+
+        with self.store.locked(name):
+            self.store.update_aliases(name, change)
+            if self.mirror is not None:
+                self.mirror.set_alias(name, alias, target)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        check_name(name)
+        check_alias(alias)
+
+        def change(aliases):
+            if alias not in aliases:
+                raise NotFoundError(f"Alias `{alias}` of `{name}` does not exist (aliases: {self._alias_text(name)}).")
+            return {a: v for a, v in aliases.items() if a != alias}
+
+        with self.store.locked(name):
+            self.store.update_aliases(name, change)
+            if self.mirror is not None:
+                self.mirror.delete_alias(name, alias)
+
+    # ------------------------------------------------------------------------------------------- removing
+    def delete_version(self, name: str, version: int, force: bool = False) -> None:
+        """Delete one version; refused while an alias points at it unless `force` (which drops those aliases)."""
+        version = self.get_version(name, version).version
+
+        def check(aliases):
+            pointing = sorted(a for a, v in aliases.items() if v == version)
+            if pointing and not force:
+                raise RegistryError(f"`{name}@{version}` is what alias(es) {', '.join(pointing)} point at; move them "
+                                    "first (`pipeline registry alias set ...`) or delete with --force, which also "
+                                    "deletes those aliases.")
+            return {a: v for a, v in aliases.items() if v != version}
+
+        with self.store.locked(name):
+            self.store.remove_version(name, version, check)
+            if self.mirror is not None:
+                self.mirror.delete_version(name, version)
+        log.info("deleted %s@%d", name, version)
+
+    # ------------------------------------------------------------------------------------------- integrity
+    def verify(self, ref: str | None = None) -> VerifyReport:
+        """Recompute every hash of one version (`ref`) or of the whole registry; report what is wrong."""
+        report = VerifyReport()
+        if ref is not None:
+            targets = [self.resolve(ref)]
+        else:
+            targets = [v for n in self.list_adapters() for v in self._versions_for_verify(n, report)]
+        for av in targets:
+            report.checked.append(av.ref)
+            report.problems.extend(_verify_folder(av.ref, av.path))
+        if ref is None:
+            for name in self.list_adapters():
+                for alias, v in self.store.read_aliases(name).items():
+                    if self.store.version_dir(name, v) is None:
+                        report.problems.append(f"alias {name}@{alias} points at missing version {v}")
+        return report
+
+    def _versions_for_verify(self, name: str, report: VerifyReport) -> list[AdapterVersion]:
+        out = []
+        for v in self.store.version_numbers(name):
+            try:
+                out.append(self.get_version(name, v))
+            except RegistryError as exc:
+                path = self.store.version_dir(name, v)
+                report.checked.append(f"{name}@{v}")
+                report.problems.extend(_verify_folder(f"{name}@{v}", path) if path else [str(exc)])
+        return out
+
+    # ------------------------------------------------------------------------------------------- transfer
+    def import_adapter(self, src: str, name: str, **publish_kwargs) -> AdapterVersion:
+        """Publish an existing PEFT adapter from a local folder or a Hugging Face repo id (`owner/repo[@rev]`)."""
+        from registry.hub import import_source
+
+        return import_source(self, src, name, **publish_kwargs)
+
+    def export(self, ref: str, out_dir, merge: bool = False, base_dir=None) -> Path:
+        """Copy a version's PEFT files to `out_dir`, or (merge=True) write base + adapter as one full model."""
+        from registry.export import export_adapter, export_merged
+
+        av = self.resolve(ref)
+        return export_merged(av, Path(out_dir), base_dir) if merge else export_adapter(av, Path(out_dir))
+
+    def push(self, ref: str, repo_id: str, **kwargs) -> str:
+        """Upload a version's PEFT files (+ metadata) to a Hugging Face Hub repo; returns the commit URL."""
+        from registry.hub import push_version
+
+        return push_version(self.resolve(ref), repo_id, **kwargs)
+
+
+def _verify_folder(ref: str, path: Path) -> list[str]:
+    problems = []
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{ref}: {MANIFEST} is missing or unreadable ({exc.__class__.__name__}: {exc})"]
+    for fname, entry in sorted(files.items()):
+        fpath = path / fname
+        if not fpath.is_file():
+            problems.append(f"{ref}: {fname} is missing")
+            continue
+        h = hashlib.sha256()
+        with open(fpath, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        if h.hexdigest() != entry.get("sha256"):
+            problems.append(f"{ref}: {fname} is corrupted (sha256 {h.hexdigest()[:16]}..., manifest says "
+                            f"{str(entry.get('sha256'))[:16]}...)")
+    for extra in sorted(set(os.listdir(path)) - set(files) - {MANIFEST}):
+        problems.append(f"{ref}: unexpected file {extra} (not in the manifest)")
+    for required in (*PAYLOAD, METADATA):
+        if required not in files:
+            problems.append(f"{ref}: the manifest does not list {required}")
+    return problems

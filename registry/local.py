@@ -1,0 +1,248 @@
+"""The local filesystem store (the embedded default).
+
+Layout under the root (see docs/registry.md):
+
+    ROOT/registry.json                      {"format": 1}
+    ROOT/.tmp/                              private work folders: stage-*, file-*, deleted-*
+    ROOT/adapters/NAME/.lock                the adapter's file lock (numbering, aliases)
+    ROOT/adapters/NAME/last_version         highest number ever given, so deleted numbers are never reused
+    ROOT/adapters/NAME/aliases.json         {"prod": 7, ...}, replaced atomically
+    ROOT/adapters/NAME/versions/N/          one immutable version
+
+Why it is safe:
+- A version is built in ROOT/.tmp (same filesystem), fsynced, and renamed into versions/ in one step, so a
+  reader or a crash sees it whole or not at all.
+- Numbers are handed out under a `filelock` lock (fcntl: released by the kernel when the holder dies, even
+  by SIGKILL), from max(last_version, newest folder) + 1, so concurrent publishers get consecutive numbers and
+  a publisher killed between the rename and writing last_version leaves no gap.
+- Aliases live in one small JSON file replaced with os.replace: a reader opens the old or the new file.
+- Work folders carry host and pid in their name; the next writer removes those whose process is gone
+  (or that are older than a day, in case a pid was reused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from filelock import FileLock
+
+from pipeline.errors import RegistryError
+from registry.store import Store
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+STALE_AFTER_S = 24 * 3600  # leftovers of live-looking pids older than this are removed (pid reuse)
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child that nobody reaped yet is a zombie: alive to kill(0), dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().absolute()
+        self.uri = self.root.as_uri()
+        self._root_resolved = None
+        self._locks: dict[str, FileLock] = {}
+        self._locks_guard = threading.Lock()
+        fmt = self.root / "registry.json"
+        if fmt.is_file():
+            found = json.loads(fmt.read_text()).get("format")
+            if found != FORMAT:
+                raise RegistryError(f"Registry `{self.root}` has format {found}; this version reads format {FORMAT}.")
+
+    # ------------------------------------------------------------------------------------------- paths
+    def _init_root(self) -> None:
+        if not (self.root / "registry.json").is_file():
+            (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
+            (self.root / "adapters").mkdir(exist_ok=True)
+            self._atomic_write(self.root / "registry.json", json.dumps({"format": FORMAT}) + "\n")
+
+    def _inside(self, path: Path) -> Path:
+        """Refuse a path that resolves outside the root (a symlink planted in the store, for instance)."""
+        if self._root_resolved is None:
+            self._root_resolved = self.root.resolve()
+        real = path.resolve()
+        if real != self._root_resolved and self._root_resolved not in real.parents:
+            raise RegistryError(f"`{path}` resolves to `{real}`, outside the registry root `{self.root}`; refusing.")
+        return path
+
+    def _adapter_dir(self, name: str) -> Path:
+        return self._inside(self.root / "adapters" / name)
+
+    def _tmp_path(self, kind: str) -> Path:
+        return self.root / ".tmp" / f"{kind}-{HOST}-{os.getpid()}-{secrets.token_hex(6)}"
+
+    # ------------------------------------------------------------------------------------------- reading
+    def list_adapters(self) -> list[str]:
+        base = self.root / "adapters"
+        if not base.is_dir():
+            return []
+        return sorted(d.name for d in base.iterdir() if self.version_numbers(d.name))
+
+    def version_numbers(self, name: str) -> list[int]:
+        try:
+            entries = os.listdir(self._adapter_dir(name) / "versions")
+        except FileNotFoundError:
+            return []
+        return sorted(int(e) for e in entries if e.isdigit())
+
+    def latest_version(self, name: str) -> int | None:
+        """Faster than sorting: one listdir and a max (the resolver calls this per request)."""
+        try:
+            entries = os.listdir(self._adapter_dir(name) / "versions")
+        except FileNotFoundError:
+            return None
+        return max((int(e) for e in entries if e.isdigit()), default=None)
+
+    def version_dir(self, name: str, version: int) -> Path | None:
+        path = self._adapter_dir(name) / "versions" / str(int(version))
+        return path if path.is_dir() else None
+
+    def read_aliases(self, name: str) -> dict[str, int]:
+        path = self._adapter_dir(name) / "aliases.json"
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return {}
+        try:
+            return {str(k): int(v) for k, v in json.loads(text).items()}
+        except (ValueError, AttributeError):
+            raise RegistryError(f"Alias table `{path}` is corrupted; fix or delete it and set the aliases again.") from None
+
+    def _read_counter(self, name: str) -> int:
+        try:
+            return int((self._adapter_dir(name) / "last_version").read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+    # ------------------------------------------------------------------------------------------- writing
+    def _atomic_write(self, target: Path, text: str) -> None:
+        tmp = self._tmp_path("file")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        adir = self._adapter_dir(name)
+        with self._locks_guard:
+            lock = self._locks.get(name)
+            if lock is None:
+                self._init_root()
+                adir.mkdir(parents=True, exist_ok=True)
+                # short poll: under contention (8 publishers) the default 50 ms poll would dominate
+                lock = self._locks[name] = FileLock(adir / ".lock", poll_interval=0.002, preserve_lock_file=True)
+        with lock:
+            yield
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        self._init_root()
+        self.cleanup()
+        path = self._tmp_path("stage")
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def commit(self, name: str, staged: Path, finish: Callable[[Path, int], None],
+               after: Callable[[int], None] | None = None) -> int:
+        with self.locked(name):
+            versions_dir = self._adapter_dir(name) / "versions"
+            versions_dir.mkdir(exist_ok=True)
+            version = max(self._read_counter(name), self.latest_version(name) or 0) + 1
+            finish(staged, version)
+            fsync_dir(staged)
+            os.rename(staged, versions_dir / str(version))  # atomic; refuses to replace a non-empty folder
+            fsync_dir(versions_dir)
+            self._atomic_write(self._adapter_dir(name) / "last_version", f"{version}\n")
+            if after is not None:
+                after(version)
+        return version
+
+    def update_aliases(self, name: str, change: Callable[[dict[str, int]], dict[str, int]]) -> dict[str, int]:
+        with self.locked(name):
+            new = change(self.read_aliases(name))
+            self._atomic_write(self._adapter_dir(name) / "aliases.json", json.dumps(new, indent=1, sort_keys=True) + "\n")
+            return new
+
+    def remove_version(self, name: str, version: int, check: Callable[[dict[str, int]], dict[str, int]]) -> None:
+        with self.locked(name):
+            path = self.version_dir(name, version)
+            if path is None:
+                raise RegistryError(f"{name}@{version} does not exist.")
+            old = self.read_aliases(name)
+            new = check(old)
+            if new != old:
+                self.update_aliases(name, lambda _: new)
+            # keep the number used forever, then move the folder out of sight in one step before deleting it
+            self._atomic_write(self._adapter_dir(name) / "last_version",
+                               f"{max(self._read_counter(name), self.latest_version(name) or 0)}\n")
+            gone = self._tmp_path("deleted")
+            os.rename(path, gone)
+            fsync_dir(path.parent)
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def cleanup(self) -> int:
+        tmp = self.root / ".tmp"
+        try:
+            entries = os.listdir(tmp)
+        except FileNotFoundError:
+            return 0
+        removed, now = 0, time.time()
+        for entry in entries:
+            parts = entry.split("-")
+            if len(parts) != 4 or not parts[2].isdigit():
+                continue
+            _, host, pid, _ = parts
+            path = tmp / entry
+            try:
+                age = now - path.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            dead = host == HOST and int(pid) != os.getpid() and not _pid_alive(int(pid))
+            if dead or age > STALE_AFTER_S:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed += 1
+                log.debug("removed leftover %s (age %.0f s)", path, age)
+        return removed
