@@ -196,7 +196,6 @@ class RewardModelConfig(Section):
     enable: bool = False  # model-based rewards are not supported; rule-based and custom scorers are
     reward_manager: str = "naive"
     scorer: Optional[str] = None  # one registered scorer for every row (e.g. gsm8k_flexible); None: by data_source
-    scorer: Optional[str] = None  # one registered scorer for every row (e.g. gsm8k_flexible); None: by data_source
     overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
 
 
