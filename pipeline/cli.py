@@ -131,3 +131,10 @@ def cli_entry(args: list[str] | None = None) -> int:
 
 def main_entry() -> None:
     sys.exit(cli_entry())
+
+
+# Commands defined in their own modules (kept light: heavy imports happen inside each command).
+from stages.train.cli_algos import algorithms_cmd, data_group  # noqa: E402
+
+main.add_command(data_group)
+main.add_command(algorithms_cmd)
