@@ -274,6 +274,8 @@ def dynamic_sampling_keep(index: Sequence[Hashable], metric_values) -> torch.Ten
     nothing to compare it with, and with rollout.n=1 the filter would otherwise drop everything).
     metric_values: [B] numbers (e.g. each response's `acc` or score), aligned with `index`.
     """
+    if any(v is None for v in metric_values):
+        raise ValueError("dynamic_sampling_keep got None metric values (a scorer without `acc`?); pass scores instead")
     values = torch.as_tensor(metric_values, dtype=torch.float64).flatten()
     if values.shape[0] != len(index):
         raise ValueError(f"{values.shape[0]} metric values for {len(index)} group ids")

@@ -207,6 +207,8 @@ def test_dynamic_sampling_drops_exactly_uniform_groups():
     keep = ca.dynamic_sampling_keep(index, acc)
     # a: all 1 -> drop; b: mixed -> keep; c: all 0 -> drop; d: a lone response -> keep
     assert keep.tolist() == [False, False, True, True, True, False, False, True]
+    with pytest.raises(ValueError, match="None"):
+        ca.dynamic_sampling_keep(["a", "a"], [None, 1.0])
 
 
 def test_overlong_penalty_linear_inside_buffer():
