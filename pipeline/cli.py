@@ -138,3 +138,7 @@ from stages.train.cli_algos import algorithms_cmd, data_group  # noqa: E402
 
 main.add_command(data_group)
 main.add_command(algorithms_cmd)
+
+from registry.cli import registry_cli  # noqa: E402
+
+main.add_command(registry_cli)

@@ -1,0 +1,90 @@
+"""Export a version: its PEFT files as they are, or merged into its base as one full safetensors model.
+
+Merging computes W' = W + (alpha / r) * B @ A for every adapted module (PEFT's `merge_and_unload`, which also
+applies rsLoRA's alpha / sqrt(r) and rank/alpha patterns), so the exported model's outputs equal base plus
+adapter. The base is the folder recorded at publish time unless `base_dir` overrides it; when the version
+recorded a base fingerprint, the base given must have the same one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.errors import RegistryError
+from registry.core import METADATA, PAYLOAD, AdapterVersion
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "chat_template.jinja", "generation_config.json", "added_tokens.json")
+
+
+def _fresh_out(out_dir: Path) -> Path:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise RegistryError(f"Export folder `{out_dir}` already exists and is not empty; choose a new --out folder.")
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finish(tmp: Path, out_dir: Path) -> Path:
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked above
+    os.rename(tmp, out_dir)
+    return out_dir
+
+
+def export_adapter(av: AdapterVersion, out_dir: Path) -> Path:
+    """Copy the PEFT files (and the registry metadata) of `av` to `out_dir`."""
+    tmp = _fresh_out(out_dir)
+    for fname in (*PAYLOAD, METADATA):
+        shutil.copy2(av.path / fname, tmp / fname)
+    log.info("exported %s to %s", av.ref, out_dir)
+    return _finish(tmp, out_dir)
+
+
+def _base_for(av: AdapterVersion, base_dir) -> Path:
+    base = Path(base_dir) if base_dir else (Path(av.metadata["base_path"]) if av.metadata.get("base_path") else None)
+    if base is None or not (base / "config.json").is_file():
+        raise RegistryError(f"Cannot merge {av.ref}: its base model folder "
+                            f"`{base or av.metadata.get('base_model')}` is not available here. Pass it with --base PATH.")
+    want = av.base_fingerprint
+    if want:
+        from stages.model_files import fingerprint
+
+        got = fingerprint(base)
+        if got != want:
+            raise RegistryError(f"Cannot merge {av.ref} into `{base}`: that base has fingerprint {got[:16]}..., but "
+                                f"the adapter was published against {want[:16]}... Pass the right base with --base PATH.")
+    return base
+
+
+def export_merged(av: AdapterVersion, out_dir: Path, base_dir=None) -> Path:
+    """Write base + adapter as one Hugging Face model folder (safetensors, with the base's tokenizer files)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = _base_for(av, base_dir)
+    tmp = _fresh_out(out_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        with torch.no_grad():
+            merged = PeftModel.from_pretrained(model, av.path).merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        for fname in TOKENIZER_FILES:
+            if (base / fname).is_file():
+                shutil.copy2(base / fname, tmp / fname)
+        (tmp / "merged_from.json").write_text(json.dumps({
+            "adapter": av.ref, "base_path": str(base), "base_fingerprint": av.base_fingerprint,
+            "rank": av.metadata.get("rank"), "alpha": av.metadata.get("alpha")}, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("merged %s into %s -> %s", av.ref, base, out_dir)
+    return _finish(tmp, out_dir)
