@@ -38,6 +38,7 @@ from typing import Callable, Iterator
 from filelock import FileLock
 
 from pipeline.errors import RegistryError
+from registry.refs import NAME_RE
 from registry.store import Store
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class LocalStore(Store):
         base = self.root / "adapters"
         if not base.is_dir():
             return []
-        return sorted(d.name for d in base.iterdir() if self.version_numbers(d.name))
+        return sorted(d.name for d in base.iterdir() if NAME_RE.fullmatch(d.name) and self.version_numbers(d.name))
 
     def version_numbers(self, name: str) -> list[int]:
         try:

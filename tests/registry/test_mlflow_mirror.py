@@ -15,12 +15,13 @@ from registry.synthetic import write_lora
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def mlflow_uri(tmp_path):
-    return f"sqlite:///{tmp_path}/mlflow.db"
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """One real MLflow sqlite store per module (creating its schema takes seconds); tests use distinct names."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(mlflow_uri):
     from mlflow import MlflowClient
 
