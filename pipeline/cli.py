@@ -142,3 +142,7 @@ main.add_command(algorithms_cmd)
 from registry.cli import registry_cli  # noqa: E402
 
 main.add_command(registry_cli)
+
+from serve.cli import serve_cmd  # noqa: E402
+
+main.add_command(serve_cmd)

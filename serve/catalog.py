@@ -1,0 +1,143 @@
+"""The server's view of the registry: which adapter version a request's `model` means, and may it be served.
+
+Shared by the vLLM resolver plugin and the ASGI middleware inside the server process (`get_catalog()` returns
+one instance per process, configured from the environment that `serve.server.start_server` sets).
+
+Why a short-lived cache: a pinned reference (`NAME@7`) names an immutable version, so its answer never changes;
+`NAME` (latest) and `NAME@prod` move, so their answers are reused for at most `ttl_s` seconds. That bounds how
+long an alias move takes to reach requests, while a burst of requests costs one registry lookup per second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pipeline.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+PINNED_CACHE_SIZE = 4096
+
+
+class BaseMismatchError(RegistryError):
+    """The adapter was trained on another base model than the one this server serves."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One servable adapter version: `ref` is the canonical `NAME@V` that vLLM sees as the LoRA name."""
+
+    ref: str
+    name: str
+    version: int
+    path: str
+    base_fingerprint: str | None
+
+
+def stable_lora_id(ref: str) -> int:
+    """A positive int from sha256 of `NAME@V`: the same in every process and run (never Python's hash())."""
+    return int.from_bytes(hashlib.sha256(ref.encode()).digest()[:7], "big") or 1
+
+
+class AdapterCatalog:
+    def __init__(self, registry, base_fingerprint: str | None, base_name: str, ttl_s: float = 1.0):
+        self.registry = registry
+        self.base_fingerprint = base_fingerprint
+        self.base_name = base_name
+        self.ttl_s = ttl_s
+        self._moving: dict[str, tuple[float, Resolved]] = {}  # NAME / NAME@alias -> (expires, answer)
+        self._pinned: OrderedDict[str, Resolved] = OrderedDict()  # NAME@V -> answer (immutable)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------ resolution
+    def lookup(self, ref: str) -> Resolved:
+        """`NAME`, `NAME@7`, `NAME@prod` -> the version it means now. Raises RegistryError (invalid name),
+        NotFoundError (lists what exists) or BaseMismatchError (names both fingerprints)."""
+        from registry import parse_ref
+
+        name, version, alias = parse_ref(ref)  # validates: a name never reaches the filesystem unchecked
+        pinned = version is not None
+        key = f"{name}@{version}" if pinned else ref
+        now = time.monotonic()
+        with self._lock:
+            if pinned and key in self._pinned:
+                self._pinned.move_to_end(key)
+                return self._pinned[key]
+            if not pinned and key in self._moving and self._moving[key][0] > now:
+                return self._moving[key][1]
+        found = self.registry.resolve(ref)
+        resolved = Resolved(ref=f"{found.name}@{found.version}", name=found.name, version=int(found.version),
+                            path=str(found.path), base_fingerprint=getattr(found, "base_fingerprint", None))
+        self.check_base(resolved)
+        with self._lock:
+            if not pinned:
+                self._moving[key] = (now + self.ttl_s, resolved)
+            self._pinned[resolved.ref] = resolved
+            while len(self._pinned) > PINNED_CACHE_SIZE:
+                self._pinned.popitem(last=False)
+        return resolved
+
+    def check_base(self, resolved: Resolved) -> None:
+        if self.base_fingerprint and resolved.base_fingerprint and resolved.base_fingerprint != self.base_fingerprint:
+            raise BaseMismatchError(
+                f"Adapter {resolved.ref} was trained on base model {resolved.base_fingerprint[:16]}..., but this "
+                f"server serves `{self.base_name}` (base {self.base_fingerprint[:16]}...). Serve it with its own "
+                "base model (pipeline serve --base ...), or publish an adapter trained on this base."
+            )
+
+    def is_base(self, model: str) -> bool:
+        return model == self.base_name
+
+    # ------------------------------------------------------------------------------------ listing
+    def servable(self) -> list[dict]:
+        """Model cards for every reference this server can serve: each version `NAME@V`, plus `NAME` (latest)
+        and `NAME@ALIAS`, for adapters whose base fingerprint matches the served base."""
+        cards = []
+        for name in self.registry.list_adapters():
+            versions = self.registry.list_versions(name)
+            fitting = {}
+            for av in versions:
+                fp = getattr(av, "base_fingerprint", None)
+                if not (self.base_fingerprint and fp and fp != self.base_fingerprint):
+                    fitting[int(av.version)] = av
+            if not fitting:
+                continue
+            refs = [(f"{name}@{v}", v) for v in sorted(fitting)]
+            refs.append((name, max(fitting)))
+            refs += [(f"{name}@{alias}", v) for alias, v in sorted(self.registry.aliases(name).items()) if v in fitting]
+            for ref, v in refs:
+                created = fitting[v].metadata.get("created_unix") or 0
+                cards.append({"id": ref, "object": "model", "created": int(created), "owned_by": "lora-pipeline",
+                              "root": f"{name}@{v}", "parent": self.base_name})
+        return cards
+
+
+_catalog: AdapterCatalog | None = None
+_catalog_lock = threading.Lock()
+
+
+def get_catalog() -> AdapterCatalog | None:
+    """The process's catalog, built from PIPELINE_SERVE_* variables; None when not inside `pipeline serve`."""
+    global _catalog
+    from serve.server import ENV_ALIAS_TTL, ENV_BASE_FINGERPRINT, ENV_BASE_NAME, ENV_REGISTRY
+
+    if not os.environ.get(ENV_REGISTRY):
+        return None
+    with _catalog_lock:
+        if _catalog is None:
+            from registry import open_registry
+
+            _catalog = AdapterCatalog(
+                open_registry(os.environ[ENV_REGISTRY]),
+                base_fingerprint=os.environ.get(ENV_BASE_FINGERPRINT) or None,
+                base_name=os.environ.get(ENV_BASE_NAME, ""),
+                ttl_s=float(os.environ.get(ENV_ALIAS_TTL, "1.0")),
+            )
+            log.info("lora-pipeline catalog: registry %s, base %s", os.environ[ENV_REGISTRY], _catalog.base_name)
+        return _catalog

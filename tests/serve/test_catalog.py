@@ -1,0 +1,98 @@
+"""The server's registry view without a server: references, caching of moving refs, base checks, listing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.errors import NotFoundError, RegistryError, StageError
+from registry import open_registry
+from registry.synthetic import write_lora
+from serve.catalog import AdapterCatalog, BaseMismatchError, stable_lora_id
+from serve.server import round_lora_rank
+from stages.model_files import fingerprint
+
+
+@pytest.fixture
+def reg(tmp_path, tiny_model_dir):
+    registry = open_registry(str(tmp_path / "reg"))
+    for seed, name in enumerate(["alpha", "alpha", "beta"]):
+        registry.publish(write_lora(tmp_path / f"src{seed}", seed=seed), name, base_dir=tiny_model_dir)
+    registry.set_alias("alpha", "prod", 1)
+    registry.publish(write_lora(tmp_path / "other"), "foreign", base_fingerprint="ab" * 32)
+    return registry
+
+
+@pytest.fixture
+def catalog(reg, tiny_model_dir):
+    return AdapterCatalog(reg, fingerprint(tiny_model_dir), "tiny", ttl_s=0.3)
+
+
+def test_refs_resolve_to_pinned_versions(catalog):
+    assert catalog.lookup("alpha").ref == "alpha@2"
+    assert catalog.lookup("alpha@1").ref == "alpha@1"
+    assert catalog.lookup("alpha@prod").ref == "alpha@1"
+    assert catalog.lookup("alpha@prod").path.endswith(os.path.join("alpha", "versions", "1"))
+
+
+def test_alias_move_is_seen_after_ttl(catalog, reg):
+    assert catalog.lookup("alpha@prod").version == 1
+    reg.set_alias("alpha", "prod", 2)
+    assert catalog.lookup("alpha@prod").version == 1  # cached: bounded staleness, not a lookup per request
+    time.sleep(0.35)
+    assert catalog.lookup("alpha@prod").version == 2
+
+
+def test_errors_name_what_is_wrong(catalog):
+    with pytest.raises(NotFoundError, match="alpha, beta"):
+        catalog.lookup("nope")
+    with pytest.raises(NotFoundError, match="versions of `alpha`: 1-2"):
+        catalog.lookup("alpha@9")
+    for bad in ("../etc", "a/b", "/abs", ".hidden", "x@../y"):
+        with pytest.raises(RegistryError, match="Invalid"):
+            catalog.lookup(bad)
+    with pytest.raises(BaseMismatchError) as info:
+        catalog.lookup("foreign")
+    assert "abababababababab" in str(info.value) and catalog.base_fingerprint[:16] in str(info.value)
+
+
+def test_servable_lists_matching_versions_names_and_aliases(catalog):
+    ids = [card["id"] for card in catalog.servable()]
+    assert ids == ["alpha@1", "alpha@2", "alpha", "alpha@prod", "beta@1", "beta"]
+
+
+def test_ids_and_ranks():
+    assert stable_lora_id("alpha@1") == stable_lora_id("alpha@1") > 0
+    assert stable_lora_id("alpha@1") != stable_lora_id("alpha@2")
+    # stable across processes (Python's hash() is salted per process)
+    code = "from serve.catalog import stable_lora_id; print(stable_lora_id('alpha@1'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == stable_lora_id("alpha@1")
+    assert [round_lora_rank(r) for r in (0, 1, 4, 8, 9, 16, 33, 300, 512)] == [1, 1, 8, 8, 16, 16, 64, 320, 512]
+    with pytest.raises(StageError, match="at most rank 512"):
+        round_lora_rank(1024)
+
+
+def test_plugin_is_inert_outside_pipeline_serve(monkeypatch):
+    """vLLM loads our plugin in every vLLM process: without PIPELINE_SERVE_REGISTRY it registers nothing."""
+    from importlib.metadata import entry_points
+
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from serve.resolver import RESOLVER_NAME, register
+
+    plugins = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert "serve.resolver:register" in plugins  # run `pip install -e . --no-deps` if this fails
+    monkeypatch.delenv("PIPELINE_SERVE_REGISTRY", raising=False)
+    register()
+    assert RESOLVER_NAME not in LoRAResolverRegistry.get_supported_resolvers()
+    monkeypatch.setenv("PIPELINE_SERVE_REGISTRY", "/not-opened-until-the-first-request")
+    try:
+        register()
+        assert RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers()
+    finally:
+        LoRAResolverRegistry.resolvers.pop(RESOLVER_NAME, None)
