@@ -14,7 +14,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from pipeline.errors import RegistryError
-from registry.core import DEFAULT_URI, AdapterVersion, Registry, VerifyReport
+from registry.core import DEFAULT_URI, AdapterVersion, Registry
+from registry.integrity import VerifyReport
 from registry.refs import parse_ref
 from registry.store import Store
 

@@ -24,15 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.errors import NotFoundError, RegistryError
+from registry.integrity import MANIFEST, METADATA, PAYLOAD, VerifyReport, verify_folder
 from registry.refs import check_alias, check_name, check_version, format_versions, parse_ref
 from registry.store import Store
-from registry.validate import CONFIG, WEIGHTS, validate_adapter
+from registry.validate import CONFIG, validate_adapter
 
 log = logging.getLogger(__name__)
 
-METADATA = "metadata.json"
-MANIFEST = "manifest.json"
-PAYLOAD = (WEIGHTS, CONFIG)
 CHUNK = 8 << 20
 DEFAULT_URI = "./registry-store"
 
@@ -61,21 +59,6 @@ class AdapterVersion:
     @property
     def lineage(self) -> dict:
         return self.metadata.get("lineage", {})
-
-
-@dataclass
-class VerifyReport:
-    """What `verify` found: versions checked and one line per problem (empty when all is well)."""
-
-    checked: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict:
-        return {"ok": self.ok, "checked": self.checked, "problems": self.problems}
 
 
 def _copy_hashed(src: Path, dst: Path) -> dict:
@@ -334,7 +317,7 @@ class Registry:
             targets = [v for n in self.list_adapters() for v in self._versions_for_verify(n, report)]
         for av in targets:
             report.checked.append(av.ref)
-            report.problems.extend(_verify_folder(av.ref, av.path))
+            report.problems.extend(verify_folder(av.ref, av.path))
         if ref is None:
             for name in self.list_adapters():
                 for alias, v in self.store.read_aliases(name).items():
@@ -350,7 +333,7 @@ class Registry:
             except RegistryError as exc:
                 path = self.store.version_dir(name, v)
                 report.checked.append(f"{name}@{v}")
-                report.problems.extend(_verify_folder(f"{name}@{v}", path) if path else [str(exc)])
+                report.problems.extend(verify_folder(f"{name}@{v}", path) if path else [str(exc)])
         return out
 
     # ------------------------------------------------------------------------------------------- transfer
@@ -373,29 +356,3 @@ class Registry:
 
         return push_version(self.resolve(ref), repo_id, **kwargs)
 
-
-def _verify_folder(ref: str, path: Path) -> list[str]:
-    problems = []
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [f"{ref}: {MANIFEST} is missing or unreadable ({exc.__class__.__name__}: {exc})"]
-    for fname, entry in sorted(files.items()):
-        fpath = path / fname
-        if not fpath.is_file():
-            problems.append(f"{ref}: {fname} is missing")
-            continue
-        h = hashlib.sha256()
-        with open(fpath, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        if h.hexdigest() != entry.get("sha256"):
-            problems.append(f"{ref}: {fname} is corrupted (sha256 {h.hexdigest()[:16]}..., manifest says "
-                            f"{str(entry.get('sha256'))[:16]}...)")
-    for extra in sorted(set(os.listdir(path)) - set(files) - {MANIFEST}):
-        problems.append(f"{ref}: unexpected file {extra} (not in the manifest)")
-    for required in (*PAYLOAD, METADATA):
-        if required not in files:
-            problems.append(f"{ref}: the manifest does not list {required}")
-    return problems

@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 
 from pipeline.errors import RegistryError
-from registry.core import METADATA, PAYLOAD, AdapterVersion
+from registry.core import AdapterVersion
+from registry.integrity import METADATA, PAYLOAD
 
 log = logging.getLogger(__name__)
 

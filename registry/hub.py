@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import NotFoundError, RegistryError
-from registry.core import METADATA, PAYLOAD, AdapterVersion
+from registry.core import AdapterVersion
+from registry.integrity import METADATA, PAYLOAD
 
 log = logging.getLogger(__name__)
 
