@@ -41,11 +41,16 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
     from stages.stage_model import resolve_model_path
 
     base_dir = resolve_model_path(base)
-    handle = start_server(base_dir, registry_uri, host=host, port=port, api_key=api_key, max_loras=max_loras,
-                          max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
-                          kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl)
-    # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C
+    # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C, also while the server starts
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        handle = start_server(base_dir, registry_uri, host=host, port=port, api_key=api_key, max_loras=max_loras,
+                              max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+                              kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl)
+    except KeyboardInterrupt:  # start_server already stopped the half-started server
+        signal.signal(signal.SIGTERM, previous)
+        click.echo("interrupted while starting; the server was stopped", err=True)
+        return
     died_with = None
     try:
         click.echo(f"serving `{handle.base_name}` and registry adapters at {handle.url} (log: {handle.log_path}); "

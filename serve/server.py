@@ -120,7 +120,7 @@ class ServerHandle:
     process: subprocess.Popen
     log_path: Path
     api_key: str | None = None
-    _shm_seen: set[str] = field(default_factory=set)
+    shm_segments: set[str] = field(default_factory=set)  # /dev/shm/psm_* its processes mapped, seen so far
 
     @property
     def pid(self) -> int:
@@ -140,7 +140,7 @@ class ServerHandle:
 
     def _remember_shm(self) -> None:
         if self.alive():
-            self._shm_seen |= shm_segments_of(session_pids(self.process.pid))
+            self.shm_segments |= shm_segments_of(session_pids(self.process.pid))
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the process group, wait, SIGKILL leftovers, remove this server's leaked shm segments."""
@@ -164,14 +164,13 @@ class ServerHandle:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
-        for path in sorted(self._shm_seen):
+        for path in sorted(self.shm_segments):
             if os.path.exists(path):
                 log.info("removing leaked shared-memory segment %s", path)
                 try:
                     os.unlink(path)
                 except OSError:
                     pass
-        self._shm_seen.clear()
 
     def __enter__(self) -> "ServerHandle":
         return self
@@ -215,15 +214,19 @@ def _wait_ready(handle: ServerHandle, timeout: float) -> None:
                      f"{handle.log_tail()}")
 
 
-def build_command(base_dir: Path, base_name: str, host: str, port: int, max_loras: int, max_cpu_loras: int,
-                  max_lora_rank: int, max_model_len: int, kv_cache_gib: float | None,
+def build_command(base_dir: Path, base_name: str, host: str, port: int, max_loras: int | None,
+                  max_cpu_loras: int | None, max_lora_rank: int | None, max_model_len: int, kv_cache_gib: float | None,
                   gpu_memory_utilization: float, dtype: str, enforce_eager: bool, extra_args: list[str]) -> list[str]:
+    """The server's command line; max_loras=None serves the base model alone (no LoRA machinery)."""
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(base_dir), "--served-model-name", base_name,
         "--host", host, "--port", str(port),
-        "--enable-lora", "--max-loras", str(max_loras), "--max-cpu-loras", str(max_cpu_loras),
-        "--max-lora-rank", str(max_lora_rank),
+    ]
+    if max_loras is not None:
+        cmd += ["--enable-lora", "--max-loras", str(max_loras), "--max-cpu-loras", str(max_cpu_loras),
+                "--max-lora-rank", str(max_lora_rank)]
+    cmd += [
         "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(gpu_memory_utilization),
         "--dtype", dtype,
         "--middleware", "serve.middleware.RegistryRefMiddleware",
@@ -241,17 +244,18 @@ def build_command(base_dir: Path, base_name: str, host: str, port: int, max_lora
 def start_server(base_dir: str | Path, registry_uri: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, max_loras: int = 4, max_cpu_loras: int | None = None,
                  max_lora_rank: int | None = None, max_model_len: int = 512, kv_cache_gib: float | None = 0.25,
-                 gpu_memory_utilization: float = 0.1,
-                 dtype: str = "auto", enforce_eager: bool = True, base_name: str | None = None,
-                 alias_ttl_s: float = 1.0, ready_timeout_s: float = 300.0, log_path: str | Path | None = None,
+                 gpu_memory_utilization: float = 0.1, dtype: str = "auto", enforce_eager: bool = True,
+                 base_name: str | None = None, alias_ttl_s: float = 1.0, enable_lora: bool = True,
+                 ready_timeout_s: float = 300.0, log_path: str | Path | None = None,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> ServerHandle:
     """Start the multi-adapter server and wait until /health answers; returns a `ServerHandle`.
 
     base_dir: the base model folder (must be the one the adapters were trained on: adapters whose recorded
     base fingerprint differs are refused per request). registry_uri: the registry (None: PIPELINE_REGISTRY,
     then ./registry-store). max_lora_rank: None takes the registry's largest rank, rounded up to a value vLLM
-    accepts. kv_cache_gib: KV-cache size (None: vLLM sizes it from gpu_memory_utilization). alias_ttl_s: how long an alias or "latest" lookup is reused; alias moves reach requests after at
-    most this long. The server's output goes to `log_path` (default: a temp file).
+    accepts. kv_cache_gib: KV-cache size (None: vLLM sizes it from gpu_memory_utilization). alias_ttl_s: how
+    long an alias or "latest" lookup is reused; alias moves reach requests after at most this long. enable_lora=False serves the base model alone (benchmarks compare against it). The
+    server's output goes to `log_path` (default: a temp file).
     """
     from registry import open_registry
     from stages.model_files import fingerprint
@@ -261,11 +265,11 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
         raise StageError(f"Base model folder `{base_dir}` has no config.json; pass --base a model folder or `default`.")
     registry = open_registry(registry_uri)
     base_fp = fingerprint(base_dir)
-    if max_lora_rank is None:
-        max_lora_rank = round_lora_rank(registry.max_rank() or 8)
-    elif max_lora_rank not in VLLM_LORA_RANKS:
-        max_lora_rank = round_lora_rank(max_lora_rank)
-    max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
+    if not enable_lora:
+        max_loras = max_cpu_loras = max_lora_rank = None
+    else:
+        max_lora_rank = round_lora_rank(max_lora_rank or registry.max_rank() or 8)
+        max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
     base_name = base_name or base_dir.name
     url = f"http://{host}:{port}/v1"
 
@@ -276,8 +280,8 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
     child_env.update({
         # the resolver only runs with runtime LoRA updating on; our middleware blocks the load/unload routes
         # that the same switch opens, so clients cannot load arbitrary paths
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-        ENV_REGISTRY: registry.uri if hasattr(registry, "uri") else str(registry_uri or ""),
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True" if enable_lora else "False",
+        ENV_REGISTRY: registry.uri,
         ENV_BASE_FINGERPRINT: base_fp,
         ENV_BASE_NAME: base_name,
         ENV_ALIAS_TTL: str(alias_ttl_s),
@@ -290,7 +294,7 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
         fd, log_path = tempfile.mkstemp(prefix="pipeline-serve-", suffix=".log")
         os.close(fd)
     log_path = Path(log_path)
-    log.info("starting vLLM server for %s on %s (max_loras=%d, max_cpu_loras=%d, max_lora_rank=%d); log: %s",
+    log.info("starting vLLM server for %s on %s (max_loras=%s, max_cpu_loras=%s, max_lora_rank=%s); log: %s",
              base_name, url, max_loras, max_cpu_loras, max_lora_rank, log_path)
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(cmd, env=child_env, stdout=log_file, stderr=subprocess.STDOUT,
