@@ -1,0 +1,302 @@
+"""One FSDP2 actor worker: a Ray actor holding one shard of the LoRA policy (and the PPO critic).
+
+Every worker of a group runs the same method on its own slice of the batch at the same time (the group does
+that, see worker_group.py): FSDP2 gathers and reduce-scatters inside forward and backward, so all ranks must
+make the same sequence of calls with the same number of micro-batches.
+
+Precision: on GPU the base computes in bf16 (FSDP2 MixedPrecisionPolicy) with float32 LoRA master weights and
+float32 gradient reduction. On CPU the default is the model's stored dtype (float32 for the tiny test model),
+because the log-prob match against vLLM and the PPO ratio are tighter in float32; `model.dtype=bfloat16` halves
+the forward/backward time of SmolLM2-135M on this CPU and is what the CPU demo uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from stages.train import gather
+from stages.train.modeling import build_model, peft_config_dict, response_log_probs
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, model_dir: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device == "cuda":
+        return torch.bfloat16
+    import json
+
+    stored = json.loads(open(os.path.join(model_dir, "config.json")).read())
+    stored = stored.get("dtype") or stored.get("torch_dtype") or "float32"
+    return DTYPES.get(stored, torch.float32)
+
+
+def micro_batches(batch: dict, size: int):
+    n = next(iter(batch.values())).shape[0]
+    for start in range(0, n, size):
+        yield {k: v[start : start + size] for k, v in batch.items()}
+
+
+def _warmup_lambda(warmup_steps: int):
+    # Linear warmup, then constant (verl's default schedule for the actor).
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class ActorWorker:
+    """Rank `rank` of `world_size`; `setup()` must run on all ranks before anything else."""
+
+    def __init__(self, rank: int, world_size: int, master_port: int, cfg: dict, model_dir: str,
+                 with_critic: bool, total_steps: int, device: str, threads: int):
+        from pipeline.config import Config
+
+        self.rank, self.world_size = rank, world_size
+        self.cfg = Config.model_validate(cfg)
+        self.model_dir = model_dir
+        self.with_critic = with_critic
+        self.total_steps = total_steps
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        torch.set_num_threads(max(1, threads))
+        # Ray assigns each GPU actor its own CUDA_VISIBLE_DEVICES, so device 0 is this worker's GPU.
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{master_port}", rank=rank,
+                                world_size=world_size)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> dict:
+        """Model -> LoRA -> FSDP2 shards -> optimizers and schedulers, in that order (each needs the one before)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        arr = self.cfg.actor_rollout_ref
+        dtype = resolve_dtype(arr.model.dtype, self.model_dir, self.device.type)
+        self.compute_dtype = dtype
+        # 1. The same seeded LoRA init on every rank (sharding then keeps each rank's slice of one tensor).
+        self.model = build_model(self.model_dir, arr.model, with_critic=self.with_critic, seed=self.cfg.trainer.seed,
+                                 dtype=dtype).to(self.device)
+        # 2. FSDP2: one shard group per decoder layer (its gather is the unit of memory), then the root for the
+        #    embeddings, norm, lm_head and value head. Uniform param_dtype casts the fp32 LoRA weights to the
+        #    base dtype for compute; gradients reduce in float32.
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in self.model.decoder_layers():
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(self.model, mp_policy=mp)
+        # 3. Optimizers over trainable parameters only: the frozen base never enters AdamW's state.
+        self.actor_params = [p for n, p in self.model.named_parameters() if p.requires_grad and gather.is_policy_lora(n)]
+        self.optimizer, self.scheduler = self._optimizer(self.actor_params, arr.actor.optim)
+        self.critic_params, self.critic_optimizer, self.critic_scheduler = [], None, None
+        if self.with_critic:
+            self.critic_params = [p for n, p in self.model.named_parameters()
+                                  if p.requires_grad and not gather.is_policy_lora(n)]
+            self.critic_optimizer, self.critic_scheduler = self._optimizer(self.critic_params, self.cfg.critic.optim)
+        n_train = sum(p.numel() for p in self.actor_params)
+        return {"trainable_params": n_train, "dtype": str(dtype).replace("torch.", ""),
+                "critic_params": sum(p.numel() for p in self.critic_params)}
+
+    def _optimizer(self, params, optim_cfg):
+        opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                                weight_decay=optim_cfg.weight_decay)
+        warmup = optim_cfg.lr_warmup_steps
+        if warmup < 0:
+            warmup = int(optim_cfg.lr_warmup_steps_ratio * self.total_steps)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, _warmup_lambda(warmup))
+
+    def peft_config(self) -> dict:
+        return peft_config_dict(self.model)
+
+    # ------------------------------------------------------------------------------------------- forwards
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _forward_log_probs(self, mb: dict, mode: str, temperature: float, with_entropy: bool):
+        from stages.train.core_algos import entropy_from_logits
+
+        logits = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode=mode)
+        log_probs, resp_logits = response_log_probs(logits, mb["responses"], temperature)
+        entropy = None
+        if with_entropy:
+            entropy = entropy_from_logits(resp_logits)
+        return log_probs, entropy
+
+    @torch.no_grad()
+    def compute_log_probs(self, batch: dict, mode: str = "policy", with_entropy: bool = False) -> dict:
+        """mode policy: old log-probs (current weights); mode ref: adapter disabled. Returns CPU tensors [b, R]."""
+        self.model.eval()
+        temperature = self.cfg.actor_rollout_ref.rollout.temperature
+        size = self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
+        outs, ents = [], []
+        for mb in micro_batches(self._to_device(batch), size):
+            lp, ent = self._forward_log_probs(mb, mode, temperature, with_entropy)
+            outs.append(lp.cpu())
+            if ent is not None:
+                ents.append(ent.cpu())
+        result = {"log_probs": torch.cat(outs)}
+        if ents:
+            result["entropy"] = torch.cat(ents)
+        return result
+
+    @torch.no_grad()
+    def compute_values(self, batch: dict) -> torch.Tensor:
+        self.model.eval()
+        outs = []
+        r = batch["responses"].shape[1]
+        for mb in micro_batches(self._to_device(batch), self.cfg.critic.ppo_micro_batch_size_per_gpu):
+            values = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode="value")
+            # the value of the state before response token t sits at the position that predicts it
+            outs.append(values[:, -r - 1 : -1].cpu())
+        return torch.cat(outs)
+
+    # -------------------------------------------------------------------------------------------- updates
+    def update_actor(self, batch: dict, num_mini_batches: int, reuse_forward_as_old: bool) -> dict:
+        """PPO epochs over mini-batches (one optimizer step each) of micro-batches (gradient accumulation).
+
+        reuse_forward_as_old: with one epoch over one mini-batch the policy has not moved when each micro-batch
+        is evaluated, so the old log-probs equal this forward's own (detached) values and the trainer skipped
+        the separate old-log-prob pass.
+        """
+        from stages.train.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
+
+        actor = self.cfg.actor_rollout_ref.actor
+        temperature = self.cfg.actor_rollout_ref.rollout.temperature
+        policy_loss = get_policy_loss_fn(actor.policy_loss.loss_mode)
+        self.model.train()
+        batch = self._to_device(batch)
+        n = batch["responses"].shape[0]
+        mini = math.ceil(n / num_mini_batches)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def record(key, value):
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+
+        for _ in range(actor.ppo_epochs):
+            for m_start in range(0, n, mini):
+                mini_batch = {k: v[m_start : m_start + mini] for k, v in batch.items()}
+                mbs = list(micro_batches(mini_batch, actor.ppo_micro_batch_size_per_gpu))
+                self.optimizer.zero_grad(set_to_none=True)
+                for mb in mbs:
+                    mask = mb["response_mask"]
+                    want_entropy = True  # entropy is a per-step metric; it costs one softmax over the response
+                    log_prob, entropy = self._forward_log_probs(mb, "policy", temperature, want_entropy)
+                    old = log_prob.detach() if reuse_forward_as_old else mb["old_log_probs"]
+                    loss, pg_metrics = policy_loss(old, log_prob, mb["advantages"], mask, actor.loss_agg_mode, actor)
+                    if actor.entropy_coeff:
+                        loss = loss - actor.entropy_coeff * agg_loss(entropy, mask, actor.loss_agg_mode)
+                    if actor.use_kl_loss:
+                        kl = agg_loss(kl_penalty(log_prob, mb["ref_log_probs"], actor.kl_loss_type), mask,
+                                      actor.loss_agg_mode)
+                        loss = loss + actor.kl_loss_coef * kl
+                        record("actor/kl_loss", kl.item())
+                    if mask.sum() == 0:  # a padding-only micro-batch still joins FSDP's collectives
+                        loss = log_prob.sum() * 0.0
+                    (loss / len(mbs)).backward()
+                    record("actor/pg_loss", loss.item())
+                    record("actor/entropy", agg_loss(entropy.detach(), mask, "token-mean").item() if mask.sum() else 0.0)
+                    for key, value in pg_metrics.items():
+                        record(f"actor/{key}", value)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.actor_params, actor.grad_clip)
+                grad_norm = _full(grad_norm)
+                if math.isfinite(grad_norm):
+                    self.optimizer.step()
+                else:  # a non-finite gradient would poison the LoRA weights for good; skip this step
+                    log.warning("actor grad norm is %s; skipping the optimizer step", grad_norm)
+                record("actor/grad_norm", grad_norm)
+        record("actor/lr", self.scheduler.get_last_lr()[0])
+        self.scheduler.step()
+        return {k: sums[k] / counts[k] for k in sums}
+
+    def update_critic(self, batch: dict, num_mini_batches: int) -> dict:
+        from stages.train.core_algos import compute_value_loss
+
+        critic = self.cfg.critic
+        epochs = critic.ppo_epochs or self.cfg.actor_rollout_ref.actor.ppo_epochs
+        self.model.train()
+        batch = self._to_device(batch)
+        n = batch["responses"].shape[0]
+        r = batch["responses"].shape[1]
+        mini = math.ceil(n / num_mini_batches)
+        losses, clipfracs, norms = [], [], []
+        for _ in range(epochs):
+            for m_start in range(0, n, mini):
+                mini_batch = {k: v[m_start : m_start + mini] for k, v in batch.items()}
+                mbs = list(micro_batches(mini_batch, critic.ppo_micro_batch_size_per_gpu))
+                self.critic_optimizer.zero_grad(set_to_none=True)
+                for mb in mbs:
+                    vpreds = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode="value")
+                    vpreds = vpreds[:, -r - 1 : -1]
+                    loss, clipfrac = compute_value_loss(vpreds, mb["returns"], mb["values"], mb["response_mask"],
+                                                        critic.cliprange_value, critic.loss_agg_mode)
+                    if mb["response_mask"].sum() == 0:
+                        loss = vpreds.sum() * 0.0
+                    (loss / len(mbs)).backward()
+                    losses.append(loss.item())
+                    clipfracs.append(clipfrac)
+                norm = _full(torch.nn.utils.clip_grad_norm_(self.critic_params, critic.grad_clip))
+                if math.isfinite(norm):
+                    self.critic_optimizer.step()
+                norms.append(norm)
+        self.critic_scheduler.step()
+        return {"critic/vf_loss": sum(losses) / len(losses), "critic/vf_clipfrac": sum(clipfracs) / len(clipfracs),
+                "critic/grad_norm": sum(norms) / len(norms)}
+
+    # ------------------------------------------------------------------------------------- gather / sync
+    def gather_lora(self, layered: bool) -> dict | None:
+        """The policy's LoRA tensors in PEFT's saved names, full (unsharded), on rank 0; None elsewhere."""
+        tensors = gather.gather_lora(self.model, layered=layered)
+        return tensors if self.rank == 0 else None
+
+    def sync_weights(self, out_dir: str, mode: str, layered: bool) -> dict:
+        """Gather and write what the rollout engine loads next: a PEFT adapter dir or a merged model dir.
+
+        All ranks take part in the gathers; rank 0 writes (to /dev/shm by default, so writing costs a memcpy).
+        """
+        from stages.train.sync_format import MergedModelWriter, write_adapter
+
+        t0 = time.perf_counter()
+        if mode == "adapter":
+            tensors = gather.gather_lora(self.model, layered=layered)
+            nbytes = write_adapter(out_dir, tensors, self.peft_config()) if self.rank == 0 else 0
+        elif mode == "merged":
+            writer = MergedModelWriter(out_dir, self.model_dir) if self.rank == 0 else None
+            for layer_tensors in gather.iter_merged_layers(self.model, out_dtype=self.merged_dtype()):
+                if writer is not None:
+                    writer.add(layer_tensors)
+            nbytes = writer.finish() if writer is not None else 0
+        else:
+            raise ValueError(f"unknown sync mode {mode!r}")
+        dist.barrier()  # the engine must not read before rank 0 has finished writing
+        return {"bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+    def merged_dtype(self) -> torch.dtype:
+        """Merged weights travel in the dtype the engine computes in (the rollout's dtype)."""
+        return resolve_dtype(self.cfg.actor_rollout_ref.rollout.dtype, self.model_dir, self.device.type)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_state(self, ckpt_dir: str) -> None:
+        from stages.train import checkpoint
+
+        checkpoint.save_worker_state(self, ckpt_dir)
+
+    def load_state(self, ckpt_dir: str) -> dict:
+        from stages.train import checkpoint
+
+        return checkpoint.load_worker_state(self, ckpt_dir)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _full(value) -> float:
+    """A (possibly DTensor) scalar as a float."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)

@@ -1,0 +1,94 @@
+"""MLflow tracking of a training run: every resolved config key as a parameter, per-step and validation
+metrics, the final adapter as an artifact.
+
+The store is `pipeline.tracking.tracking_uri(...)`: `trainer.mlflow_tracking_uri`, else $MLFLOW_TRACKING_URI,
+else a local sqlite file that needs no server. Under a pipeline the run nests under the pipeline's parent run
+(`parent_run_id`). A resumed training run continues its MLflow run (its id is kept in the checkpoint).
+The client API is used (no process-global active run), so several trainers in one process cannot collide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+log = logging.getLogger(__name__)
+
+
+def _loggers(cfg) -> list[str]:
+    value = cfg.trainer.logger
+    return [value] if isinstance(value, str) else list(value)
+
+
+class TrainTracking:
+    """No-op unless `trainer.logger` includes `mlflow`."""
+
+    def __init__(self, cfg, parent_run_id: str | None = None, resume_run_id: str | None = None):
+        self.enabled = "mlflow" in _loggers(cfg)
+        self.run_id: str | None = None
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        from pipeline.tracking import PARENT_TAG, get_experiment_id, tracking_uri
+
+        self.uri = tracking_uri(cfg.trainer.mlflow_tracking_uri)
+        self.client = MlflowClient(self.uri)
+        if resume_run_id and self._exists(resume_run_id):
+            self.run_id = resume_run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            log.info("continuing MLflow run %s", self.run_id)
+            return
+        experiment_id = get_experiment_id(self.client, cfg.trainer.project_name, self.uri)
+        tags = {"stage": "train"}
+        if parent_run_id:
+            tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=cfg.trainer.experiment_name, tags=tags)
+        self.run_id = run.info.run_id
+        params = [Param(k, _short(v)) for k, v in cfg.flat().items()]
+        for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        log.info("MLflow run %s at %s", self.run_id, self.uri)
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:
+            return False
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for start in range(0, len(rows), 1000):
+            self.client.log_batch(self.run_id, metrics=rows[start : start + 1000])
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        if self.enabled:
+            self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, _short(v))
+
+    def end(self, status: str) -> None:
+        if self.enabled and self.run_id:
+            self.client.set_terminated(self.run_id, status)
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _metric_key(key: str) -> str:
+    # MLflow keys allow letters, digits, _ - . / and spaces; our keys only use those, but stay safe.
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)

@@ -1,0 +1,134 @@
+"""A group of FSDP2 actor workers on Ray: one per device (GPU), or `trainer.cpu_workers` on a CPU machine.
+
+The group hides data parallelism from the trainer: it pads a batch to a multiple of the world size with
+masked rows, gives each rank an equal contiguous slice (FSDP needs every rank to run the same number of
+micro-batches), calls the method on all ranks at once and concatenates or averages what comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pad_batch(batch: dict, multiple: int) -> tuple[dict, int]:
+    """Pad along dim 0 by repeating the last row with its masks zeroed; returns (batch, real row count)."""
+    n = next(iter(batch.values())).shape[0]
+    extra = (-n) % multiple
+    if extra == 0:
+        return batch, n
+    out = {}
+    for key, value in batch.items():
+        filler = value[-1:].repeat(extra, *([1] * (value.dim() - 1)))
+        if key == "response_mask":
+            filler = torch.zeros_like(filler)
+        out[key] = torch.cat([value, filler])
+    return out, n
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    n = next(iter(batch.values())).shape[0]
+    size = n // parts
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+class WorkerGroup:
+    def __init__(self, cfg, model_dir: str, *, with_critic: bool, total_steps: int, device: str):
+        import ray
+
+        from stages.train.actor_worker import ActorWorker
+
+        t = cfg.trainer
+        self.world_size = t.nnodes * t.n_gpus_per_node if device == "cuda" else t.cpu_workers
+        # CPU workers share the cores: each gets its share of threads (vLLM sleeps while they compute).
+        threads = max(1, (os.cpu_count() or 1) // self.world_size) if device == "cpu" else 4
+        options = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1}
+        remote_cls = ray.remote(**options)(ActorWorker)
+        port = free_port()
+        cfg_dict = cfg.to_dict()
+        self.workers = [
+            remote_cls.remote(rank, self.world_size, port, cfg_dict, model_dir, with_critic, total_steps, device,
+                              threads)
+            for rank in range(self.world_size)
+        ]
+        info = self.call("setup")
+        self.info = info[0]
+        log.info("actor group: %d worker(s), %s trainable LoRA parameters, compute dtype %s", self.world_size,
+                 f"{self.info['trainable_params']:,}", self.info["dtype"])
+
+    # ------------------------------------------------------------------------------------------------ calls
+    def call(self, method: str, *args, **kwargs) -> list:
+        """The same call on every rank; waits for all."""
+        import ray
+
+        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+
+    def call_sharded(self, method: str, batch: dict, **kwargs) -> list:
+        """Each rank gets its slice of `batch` (padded to a multiple of the world size)."""
+        import ray
+
+        padded, _ = pad_batch(batch, self.world_size)
+        shards = split_batch(padded, self.world_size)
+        return ray.get([getattr(w, method).remote(shard, **kwargs) for w, shard in zip(self.workers, shards)])
+
+    def _concat(self, parts: list, n: int):
+        if isinstance(parts[0], dict):
+            return {k: torch.cat([p[k] for p in parts])[:n] for k in parts[0]}
+        return torch.cat(parts)[:n]
+
+    # ---------------------------------------------------------------------------------------- the API used
+    def compute_log_probs(self, batch: dict, mode: str = "policy", with_entropy: bool = False) -> dict:
+        n = batch["responses"].shape[0]
+        return self._concat(self.call_sharded("compute_log_probs", batch, mode=mode, with_entropy=with_entropy), n)
+
+    def compute_values(self, batch: dict) -> torch.Tensor:
+        return self._concat(self.call_sharded("compute_values", batch), batch["responses"].shape[0])
+
+    def update_actor(self, batch: dict, num_mini_batches: int, reuse_forward_as_old: bool) -> dict:
+        return _mean_metrics(self.call_sharded("update_actor", batch, num_mini_batches=num_mini_batches,
+                                               reuse_forward_as_old=reuse_forward_as_old))
+
+    def update_critic(self, batch: dict, num_mini_batches: int) -> dict:
+        return _mean_metrics(self.call_sharded("update_critic", batch, num_mini_batches=num_mini_batches))
+
+    def gather_lora(self, layered: bool) -> dict:
+        return self.call("gather_lora", layered=layered)[0]
+
+    def sync_weights(self, out_dir: str, mode: str, layered: bool) -> dict:
+        return self.call("sync_weights", out_dir, mode, layered)[0]
+
+    def peft_config(self) -> dict:
+        return self.call("peft_config")[0]
+
+    def save_state(self, ckpt_dir: str) -> None:
+        self.call("save_state", ckpt_dir)
+
+    def load_state(self, ckpt_dir: str) -> dict:
+        return self.call("load_state", ckpt_dir)[0]
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+        except Exception as exc:  # a dead worker must not stop the others from being killed
+            log.debug("worker shutdown: %s", exc)
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+
+def _mean_metrics(parts: list[dict]) -> dict:
+    keys = parts[0].keys()
+    return {k: sum(p[k] for p in parts) / len(parts) for k in keys}
