@@ -47,8 +47,16 @@ def run(pipeline_name, config_file, overrides, run_dir, resume_dir):
         the_run = Run.create(PIPELINES[pipeline_name], cfg, run_dir)
     from pipeline.tracking import make_tracking
 
+    from pipeline.report import write_report
+
     click.echo(f"run directory: {the_run.run_dir}")
-    outputs = the_run.execute(tracking_factory=make_tracking)
+    try:
+        outputs = the_run.execute(tracking_factory=make_tracking)
+    finally:
+        try:
+            click.echo(f"report: {write_report(the_run.run_dir)}")
+        except Exception as exc:  # a report problem must not hide the run's own outcome
+            logging.getLogger(__name__).warning("could not write the report: %s", exc)
     click.echo(f"pipeline {pipeline_name}: succeeded ({the_run.run_dir})")
     for stage, out in outputs.items():
         click.echo(f"  {stage}: " + ", ".join(f"{k}={v}" for k, v in out.items() if not isinstance(v, (dict, list))))

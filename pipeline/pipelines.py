@@ -31,11 +31,45 @@ STAGE_MODEL = Stage(
     rerun_on_resume=True,
 )
 
+def _train(ctx: StageContext) -> dict:
+    from stages.train import train
+
+    staged = ctx.outputs["stage_model"]
+    parent = ctx.tracking.parent_run_id if ctx.tracking is not None else None
+    # Checkpoints live in the run directory, so `--resume RUN_DIR` continues from the latest one.
+    return train(ctx.config, staged["model_dir"], staged["fingerprint"], out_dir=str(ctx.stage_dir),
+                 parent_run_id=parent)
+
+
+def _evaluate(ctx: StageContext) -> dict:
+    from stages.evaluate import evaluate
+
+    result = evaluate(ctx.config, ctx.outputs["train"])
+    if ctx.tracking is not None:
+        ctx.tracking.log_metrics({k: result[k] for k in ("base_reward", "adapter_reward", "improvement")
+                                  if result.get(k) is not None})
+    return result
+
+
+def _publish(ctx: StageContext) -> dict:
+    from stages.publish import publish
+
+    uri = ctx.tracking.uri if ctx.tracking is not None else None
+    return publish(ctx.config, ctx.run_dir.name, ctx.outputs["stage_model"], ctx.outputs["train"],
+                   ctx.outputs["evaluate"], mlflow_tracking_uri=uri)
+
+
+TRAIN = Stage("train", _train, "RL-train a LoRA adapter: FSDP2 actor on Ray workers, vLLM rollouts, MLflow",
+              own_tracking=True)
+EVALUATE = Stage("evaluate", _evaluate, "compare base and adapter validation reward; decide whether to publish")
+PUBLISH = Stage("publish", _publish, "store the adapter as a new immutable registry version with lineage")
+
 PIPELINES: dict[str, Pipeline] = {
     "train-and-publish": Pipeline(
         "train-and-publish",
-        [STAGE_MODEL],
+        [STAGE_MODEL, TRAIN, EVALUATE, PUBLISH],
         "stage the base model -> train a LoRA adapter with RL -> evaluate -> publish -> (optionally) serve",
     ),
     "stage-model": Pipeline("stage-model", [STAGE_MODEL], "stage the base model only"),
+    "train": Pipeline("train", [STAGE_MODEL, TRAIN], "stage the base model -> train (no publishing)"),
 }
