@@ -154,3 +154,7 @@ main.add_command(registry_cli)
 from serve.cli import serve_cmd  # noqa: E402
 
 main.add_command(serve_cmd)
+
+from stages.train.cli import train_command  # noqa: E402
+
+main.add_command(train_command)

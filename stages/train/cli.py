@@ -1,0 +1,30 @@
+"""`pipeline train [-c FILE] [key=value ...]`: stage the base model, then train (verl's main_ppo equivalent)."""
+
+from __future__ import annotations
+
+import click
+
+
+
+@click.command("train")
+@click.option("-c", "--config", "config_file", type=click.Path(), default=None,
+              help="YAML config file (default: the embedded CPU demo).")
+@click.argument("overrides", nargs=-1)
+@click.option("--out-dir", type=click.Path(), default=None,
+              help="Where the final adapter, history and outputs go (default: trainer.default_local_dir).")
+def train_command(config_file, overrides, out_dir):
+    """Train a LoRA adapter with RL: FSDP2 actor workers on Ray, vLLM rollouts (no publishing)."""
+    from pipeline.config import load_config
+    from stages.stage_model import cleanup, stage_model
+    from stages.train import train
+
+    cfg = load_config(config_file, list(overrides))
+    staged = stage_model(cfg)
+    try:
+        outputs = train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=out_dir)
+    finally:
+        cleanup(staged)  # the /dev/shm copy (use_shm) is removed unless keep_shm_copy
+    click.echo(f"adapter: {outputs['adapter_dir']}")
+    click.echo(f"validation reward: {outputs['val_reward_before']} -> {outputs['val_reward_after']} "
+               f"after {outputs['steps']} steps ({outputs['seconds']:.0f} s)")
+    click.echo(f"history: {outputs['history_path']}  mlflow run: {outputs['mlflow_run_id']}")

@@ -1,0 +1,65 @@
+"""A toy RL task the tiny random model learns in a few steps, shared by the training tests.
+
+Prompts are the arithmetic questions; the reward is the share of digit characters in the response (dense and
+graded, so GRPO groups have different rewards from the first step). The tiny model starts near uniform over
+its 384 tokens, so its greedy response scores about 0.02; a LoRA that includes lm_head can move the digit
+tokens' logits directly and learns within ~10 steps at a high learning rate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REWARD_SOURCE = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info):
+    text = solution_str
+    share = sum(ch.isdigit() for ch in text) / max(len(text), 1)
+    return {"score": share, "acc": float(text.strip()[:1].isdigit())}
+'''
+
+
+def make_toy_task(root: Path) -> tuple[Path, Path]:
+    """Write the data (64 train, 8 val prompts) and the reward file under root; returns (data_dir, reward_py)."""
+    from stages.train.arithmetic import make_arithmetic
+
+    data = root / "toy-data"
+    if not (data / "train.parquet").is_file():
+        make_arithmetic(data, n_train=64, n_test=8, seed=0)
+    reward = root / "digits_reward.py"
+    reward.write_text(REWARD_SOURCE)
+    return data, reward
+
+
+def toy_overrides(model_dir: Path, root: Path, steps: int, extra: dict | None = None) -> list[str]:
+    """Overrides for a small, fast run on the tiny model (2 FSDP workers over gloo, merged sync)."""
+    data, reward = make_toy_task(root)
+    base = {
+        "actor_rollout_ref.model.path": str(model_dir),
+        "actor_rollout_ref.model.lora_rank": 8,
+        "actor_rollout_ref.model.lora_alpha": 16,
+        "actor_rollout_ref.model.target_modules": "[q_proj,v_proj,lm_head]",
+        "actor_rollout_ref.actor.optim.lr": 5e-2,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 4,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 8,
+        "actor_rollout_ref.rollout.n": 4,
+        "actor_rollout_ref.rollout.gpu_memory_utilization": 0.1,
+        "actor_rollout_ref.rollout.max_num_seqs": 32,
+        "actor_rollout_ref.rollout.dtype": "float32",
+        "actor_rollout_ref.rollout.lora_sync": "merged",
+        "data.train_files": str(data / "train.parquet"),
+        "data.val_files": str(data / "test.parquet"),
+        "data.train_batch_size": 4,
+        "data.max_prompt_length": 64,
+        "data.max_response_length": 8,
+        "custom_reward_function.path": str(reward),
+        "trainer.cpu_workers": 2,
+        "trainer.total_training_steps": steps,
+        "trainer.test_freq": -1,
+        "trainer.save_freq": -1,
+        "trainer.seed": 1,
+        "trainer.logger": "[console,mlflow]",
+        "trainer.project_name": "tests",
+        "trainer.experiment_name": "toy",
+    }
+    base.update(extra or {})
+    return [f"{k}={v}" for k, v in base.items()]
