@@ -227,6 +227,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpx2", "openai"):  # one line per request would bury the results
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from stages.model_files import weight_files
     from stages.stage_model import resolve_model_path

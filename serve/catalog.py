@@ -29,6 +29,10 @@ class BaseMismatchError(RegistryError):
     """The adapter was trained on another base model than the one this server serves."""
 
 
+class RankTooLargeError(RegistryError):
+    """The adapter's rank exceeds the server's max_lora_rank (fixed when the server started)."""
+
+
 @dataclass(frozen=True)
 class Resolved:
     """One servable adapter version: `ref` is the canonical `NAME@V` that vLLM sees as the LoRA name."""
@@ -38,6 +42,7 @@ class Resolved:
     version: int
     path: str
     base_fingerprint: str | None
+    rank: int = 0
 
 
 def stable_lora_id(ref: str) -> int:
@@ -46,8 +51,10 @@ def stable_lora_id(ref: str) -> int:
 
 
 class AdapterCatalog:
-    def __init__(self, registry, base_fingerprint: str | None, base_name: str, ttl_s: float = 1.0):
+    def __init__(self, registry, base_fingerprint: str | None, base_name: str, ttl_s: float = 1.0,
+                 max_lora_rank: int | None = None):
         self.registry = registry
+        self.max_lora_rank = max_lora_rank
         self.base_fingerprint = base_fingerprint
         self.base_name = base_name
         self.ttl_s = ttl_s
@@ -73,8 +80,8 @@ class AdapterCatalog:
                 return self._moving[key][1]
         found = self.registry.resolve(ref)
         resolved = Resolved(ref=f"{found.name}@{found.version}", name=found.name, version=int(found.version),
-                            path=str(found.path), base_fingerprint=getattr(found, "base_fingerprint", None))
-        self.check_base(resolved)
+                            path=str(found.path), base_fingerprint=found.base_fingerprint, rank=found.rank)
+        self.check_servable(resolved)
         with self._lock:
             if not pinned:
                 self._moving[key] = (now + self.ttl_s, resolved)
@@ -83,7 +90,13 @@ class AdapterCatalog:
                 self._pinned.popitem(last=False)
         return resolved
 
-    def check_base(self, resolved: Resolved) -> None:
+    def check_servable(self, resolved: Resolved) -> None:
+        if self.max_lora_rank and resolved.rank > self.max_lora_rank:
+            raise RankTooLargeError(
+                f"Adapter {resolved.ref} has LoRA rank {resolved.rank}, above this server's max_lora_rank "
+                f"{self.max_lora_rank} (fixed at start from the registry's largest rank). Restart `pipeline serve` "
+                "to pick up the new maximum, or pass --max-lora-rank."
+            )
         if self.base_fingerprint and resolved.base_fingerprint and resolved.base_fingerprint != self.base_fingerprint:
             raise BaseMismatchError(
                 f"Adapter {resolved.ref} was trained on base model {resolved.base_fingerprint[:16]}..., but this "
@@ -125,7 +138,7 @@ _catalog_lock = threading.Lock()
 def get_catalog() -> AdapterCatalog | None:
     """The process's catalog, built from PIPELINE_SERVE_* variables; None when not inside `pipeline serve`."""
     global _catalog
-    from serve.server import ENV_ALIAS_TTL, ENV_BASE_FINGERPRINT, ENV_BASE_NAME, ENV_REGISTRY
+    from serve.server import ENV_ALIAS_TTL, ENV_BASE_FINGERPRINT, ENV_BASE_NAME, ENV_MAX_LORA_RANK, ENV_REGISTRY
 
     if not os.environ.get(ENV_REGISTRY):
         return None
@@ -138,6 +151,7 @@ def get_catalog() -> AdapterCatalog | None:
                 base_fingerprint=os.environ.get(ENV_BASE_FINGERPRINT) or None,
                 base_name=os.environ.get(ENV_BASE_NAME, ""),
                 ttl_s=float(os.environ.get(ENV_ALIAS_TTL, "1.0")),
+                max_lora_rank=int(os.environ.get(ENV_MAX_LORA_RANK) or 0) or None,
             )
             log.info("lora-pipeline catalog: registry %s, base %s", os.environ[ENV_REGISTRY], _catalog.base_name)
         return _catalog

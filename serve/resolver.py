@@ -8,8 +8,8 @@ before vLLM sees them, so that cache only ever holds immutable versions and an a
 Errors: returning None would give the client a bare "model does not exist" 404. Instead the resolver raises
 vLLM's own exception types, which vLLM's exception handlers turn into a status and our message:
 unknown adapter -> 404 (the message lists the adapters that exist), invalid name -> 400, adapter trained on a
-different base -> 422 (the message names both fingerprints; not 409, which
-OpenAI clients retry).
+different base (the message names both fingerprints) or of a rank above the server's max_lora_rank -> 422
+(not 409, which OpenAI clients retry).
 
 The plugin is loaded in EVERY vLLM process (the training rollout engine too), so `register()` does nothing
 unless PIPELINE_SERVE_REGISTRY is set, and never touches the registry until the first request.
@@ -31,11 +31,11 @@ def to_vllm_error(exc: Exception) -> Exception:
     from vllm.exceptions import GracefulHTTPError, VLLMNotFoundError, VLLMValidationError
 
     from pipeline.errors import NotFoundError
-    from serve.catalog import BaseMismatchError
+    from serve.catalog import BaseMismatchError, RankTooLargeError
 
     if isinstance(exc, NotFoundError):
         return VLLMNotFoundError(str(exc))
-    if isinstance(exc, BaseMismatchError):
+    if isinstance(exc, (BaseMismatchError, RankTooLargeError)):
         return GracefulHTTPError(str(exc), HTTPStatus.UNPROCESSABLE_ENTITY)
     return VLLMValidationError(str(exc), parameter="model")
 

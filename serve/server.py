@@ -34,6 +34,7 @@ ENV_REGISTRY = "PIPELINE_SERVE_REGISTRY"
 ENV_BASE_FINGERPRINT = "PIPELINE_SERVE_BASE_FINGERPRINT"
 ENV_BASE_NAME = "PIPELINE_SERVE_BASE_NAME"
 ENV_ALIAS_TTL = "PIPELINE_SERVE_ALIAS_TTL_S"
+ENV_MAX_LORA_RANK = "PIPELINE_SERVE_MAX_LORA_RANK"
 
 # vLLM 0.32 accepts exactly these values for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -139,8 +140,8 @@ class ServerHandle:
             return ""
 
     def _remember_shm(self) -> None:
-        if self.alive():
-            self.shm_segments |= shm_segments_of(session_pids(self.process.pid))
+        # scanned while waiting for readiness and again at stop: a hard-killed engine never unlinks its segments
+        self.shm_segments |= shm_segments_of(session_pids(self.process.pid))
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the process group, wait, SIGKILL leftovers, remove this server's leaked shm segments."""
@@ -285,6 +286,7 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
         ENV_BASE_FINGERPRINT: base_fp,
         ENV_BASE_NAME: base_name,
         ENV_ALIAS_TTL: str(alias_ttl_s),
+        ENV_MAX_LORA_RANK: str(max_lora_rank or ""),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                      child_env.get("PYTHONPATH")])),
     })

@@ -96,3 +96,13 @@ def test_plugin_is_inert_outside_pipeline_serve(monkeypatch):
         assert RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers()
     finally:
         LoRAResolverRegistry.resolvers.pop(RESOLVER_NAME, None)
+
+
+def test_rank_above_server_maximum_is_refused_with_the_fix(reg, tiny_model_dir, tmp_path):
+    from serve.catalog import RankTooLargeError
+
+    reg.publish(write_lora(tmp_path / "big", rank=16), "big", base_dir=tiny_model_dir)
+    catalog = AdapterCatalog(reg, fingerprint(tiny_model_dir), "tiny", max_lora_rank=8)
+    assert catalog.lookup("alpha").rank == 4
+    with pytest.raises(RankTooLargeError, match="rank 16, above this server's max_lora_rank 8"):
+        catalog.lookup("big")

@@ -19,7 +19,7 @@ import pytest
 from registry import open_registry
 from serve.server import session_pids, start_server
 from stages.model_files import fingerprint
-from tests.serve.adapters import PROMPT, make_peft_adapter, peft_greedy
+from tests.serve.adapters import PROMPT, make_adapters
 from tests.tiny_model import build_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -32,22 +32,21 @@ MAX_TOKENS = 8
 def served(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("serve")
     reg = open_registry(str(root / "registry"))
-    adapters = {}
     # alpha@1, alpha@2 (alias prod -> 1), beta@1, gamma@1: each a distinct PEFT adapter
-    for seed, name in enumerate(["alpha", "alpha", "beta", "gamma"], start=1):
-        src = make_peft_adapter(tiny_model_dir, root / f"src-{seed}", seed=seed)
-        adapters[reg.publish(src, name, base_dir=tiny_model_dir).ref] = src
+    dirs, answers = make_adapters(tiny_model_dir, root, seeds=[1, 2, 3, 4], max_new_tokens=MAX_TOKENS)
+    expected = {"base": answers[None]}
+    for seed, name in zip([1, 2, 3, 4], ["alpha", "alpha", "beta", "gamma"]):
+        expected[reg.publish(dirs[seed], name, base_dir=tiny_model_dir).ref] = answers[seed]
     reg.set_alias("alpha", "prod", 1)
     other_base = build_tiny_model(root / "other-base", seed=7)
-    reg.publish(make_peft_adapter(other_base, root / "src-foreign", seed=9), "foreign", base_dir=other_base)
-    expected = {ref: peft_greedy(tiny_model_dir, src, max_new_tokens=MAX_TOKENS) for ref, src in adapters.items()}
-    expected["base"] = peft_greedy(tiny_model_dir, None, max_new_tokens=MAX_TOKENS)
+    foreign, _ = make_adapters(other_base, root / "foreign", seeds=[9], max_new_tokens=1)
+    reg.publish(foreign[9], "foreign", base_dir=other_base)
 
     handle = start_server(tiny_model_dir, str(root / "registry"), port=_free_port(), api_key=API_KEY, max_loras=4,
                           max_model_len=256, kv_cache_gib=0.0625, dtype="float32", base_name="tiny-base",
                           alias_ttl_s=1.0, log_path=root / "server.log")
     try:
-        yield {"handle": handle, "registry": reg, "expected": expected, "other_base": other_base, "root": root,
+        yield {"handle": handle, "base_dir": tiny_model_dir, "registry": reg, "expected": expected, "other_base": other_base, "root": root,
                "client": openai.OpenAI(base_url=handle.url, api_key=API_KEY, max_retries=0, timeout=60)}
     finally:
         # the hard way (test_cli.py covers Ctrl-C): SIGKILL every server process, as a timeout or the OOM killer
@@ -83,8 +82,7 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
 
 def test_each_adapter_and_the_base_answer_with_their_own_weights(served):
     client, expected = served["client"], served["expected"]
-    eos = json.loads((served["handle"].log_path.parent / "other-base" / "generation_config.json").read_text())[
-        "eos_token_id"]
+    eos = json.loads((served["base_dir"] / "generation_config.json").read_text())["eos_token_id"]
     answers = {}
     for model, key in [("tiny-base", "base"), ("alpha@1", "alpha@1"), ("alpha@2", "alpha@2"), ("alpha", "alpha@2"),
                        ("alpha@prod", "alpha@1"), ("beta", "beta@1"), ("gamma@1", "gamma@1")]:
@@ -95,6 +93,16 @@ def test_each_adapter_and_the_base_answer_with_their_own_weights(served):
         assert resp.model == ("tiny-base" if key == "base" else key)
         answers[key] = tuple(ids)
     assert len(set(answers.values())) == 5, f"adapters and base must answer differently: {answers}"
+
+
+def test_chat_and_streaming_requests_are_pinned_too(served):
+    client = served["client"]
+    chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=4, temperature=0)
+    assert chat.model == "beta@1"
+    chunks = list(client.chat.completions.create(model="gamma@latest", messages=[{"role": "user", "content": PROMPT}],
+                                                 max_tokens=4, temperature=0, stream=True))
+    assert chunks and {c.model for c in chunks} == {"gamma@1"}
 
 
 def test_models_lists_base_and_every_servable_reference(served):
