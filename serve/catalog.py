@@ -52,8 +52,9 @@ def stable_lora_id(ref: str) -> int:
 
 class AdapterCatalog:
     def __init__(self, registry, base_fingerprint: str | None, base_name: str, ttl_s: float = 1.0,
-                 max_lora_rank: int | None = None):
+                 max_lora_rank: int | None = None, clock=time.monotonic):
         self.registry = registry
+        self.clock = clock
         self.max_lora_rank = max_lora_rank
         self.base_fingerprint = base_fingerprint
         self.base_name = base_name
@@ -71,7 +72,7 @@ class AdapterCatalog:
         name, version, alias = parse_ref(ref)  # validates: a name never reaches the filesystem unchecked
         pinned = version is not None
         key = f"{name}@{version}" if pinned else ref
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             if pinned and key in self._pinned:
                 self._pinned.move_to_end(key)

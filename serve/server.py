@@ -155,13 +155,16 @@ class ServerHandle:
             except subprocess.TimeoutExpired:
                 log.warning("server pid %d ignored SIGTERM for %.0f s; killing it", sid, timeout)
         # the engine core may outlive the API process for a moment; give it a short grace, then kill
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + min(10.0, timeout)
         while session_pids(sid) and time.monotonic() < deadline:
             time.sleep(0.2)
         if session_pids(sid):
             _signal_group(sid, signal.SIGKILL)
             for pid in session_pids(sid):
                 _signal_pid(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10  # SIGKILL is not instant on a loaded machine
+            while session_pids(sid) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)

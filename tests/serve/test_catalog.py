@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from pipeline.errors import NotFoundError, RegistryError, StageError
+from pipeline.errors import NotFoundError, RegistryError
 from registry import open_registry
 from registry.synthetic import write_lora
 from serve.catalog import AdapterCatalog, BaseMismatchError, stable_lora_id
-from serve.server import round_lora_rank
 from stages.model_files import fingerprint
 
 
@@ -39,12 +37,16 @@ def test_refs_resolve_to_pinned_versions(catalog):
     assert catalog.lookup("alpha@prod").path.endswith(os.path.join("alpha", "versions", "1"))
 
 
-def test_alias_move_is_seen_after_ttl(catalog, reg):
+def test_alias_move_is_seen_after_ttl(reg, tiny_model_dir):
+    now = [1000.0]
+    catalog = AdapterCatalog(reg, fingerprint(tiny_model_dir), "tiny", ttl_s=1.0, clock=lambda: now[0])
     assert catalog.lookup("alpha@prod").version == 1
     reg.set_alias("alpha", "prod", 2)
+    now[0] += 0.9
     assert catalog.lookup("alpha@prod").version == 1  # cached: bounded staleness, not a lookup per request
-    time.sleep(0.35)
+    now[0] += 0.2
     assert catalog.lookup("alpha@prod").version == 2
+    assert catalog.lookup("alpha@1").version == 1  # pinned references never change
 
 
 def test_errors_name_what_is_wrong(catalog):
@@ -65,16 +67,13 @@ def test_servable_lists_matching_versions_names_and_aliases(catalog):
     assert ids == ["alpha@1", "alpha@2", "alpha", "alpha@prod", "beta@1", "beta"]
 
 
-def test_ids_and_ranks():
+def test_lora_ids_are_stable_across_processes():
     assert stable_lora_id("alpha@1") == stable_lora_id("alpha@1") > 0
     assert stable_lora_id("alpha@1") != stable_lora_id("alpha@2")
     # stable across processes (Python's hash() is salted per process)
     code = "from serve.catalog import stable_lora_id; print(stable_lora_id('alpha@1'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out) == stable_lora_id("alpha@1")
-    assert [round_lora_rank(r) for r in (0, 1, 4, 8, 9, 16, 33, 300, 512)] == [1, 1, 8, 8, 16, 16, 64, 320, 512]
-    with pytest.raises(StageError, match="at most rank 512"):
-        round_lora_rank(1024)
 
 
 def test_plugin_is_inert_outside_pipeline_serve(monkeypatch):

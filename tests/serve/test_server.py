@@ -1,6 +1,7 @@
 """A real multi-adapter server on loopback (tiny model, vLLM CPU) driven by the official `openai` client.
 
-One server for the whole module (start takes ~30 s on 2 cores).
+One server for the whole module (start takes ~30 s on 2 cores), started with the real `pipeline serve`
+command and stopped with a Ctrl-C (SIGINT), after which no process and no shared memory of it may remain.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -17,7 +20,7 @@ import openai
 import pytest
 
 from registry import open_registry
-from serve.server import session_pids, start_server
+from serve.server import session_pids, shm_segments_of
 from stages.model_files import fingerprint
 from tests.serve.adapters import PROMPT, make_adapters
 from tests.tiny_model import build_tiny_model
@@ -42,21 +45,62 @@ def served(tmp_path_factory, tiny_model_dir):
     foreign, _ = make_adapters(other_base, root / "foreign", seeds=[9], max_new_tokens=1)
     reg.publish(foreign[9], "foreign", base_dir=other_base)
 
-    handle = start_server(tiny_model_dir, str(root / "registry"), port=_free_port(), api_key=API_KEY, max_loras=4,
-                          max_model_len=256, kv_cache_gib=0.0625, dtype="float32", base_name="tiny-base",
-                          alias_ttl_s=1.0, log_path=root / "server.log")
+    # the real command, as a user runs it; its teardown below is a Ctrl-C
+    port = _free_port()
+    pipeline_script = os.path.join(os.path.dirname(sys.executable), "pipeline")
+    cli = subprocess.Popen(
+        [pipeline_script, "serve", "--registry", str(root / "registry"), "--base", str(tiny_model_dir),
+         "--port", str(port), "--max-loras", "4", "--max-model-len", "256", "--kv-cache-gib", "0.0625",
+         "--dtype", "float32", "--served-name", "tiny-base", "--alias-ttl", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PIPELINE_SERVE_API_KEY": API_KEY})
+    server = {}
     try:
-        yield {"handle": handle, "base_dir": tiny_model_dir, "registry": reg, "expected": expected, "other_base": other_base, "root": root,
-               "client": openai.OpenAI(base_url=handle.url, api_key=API_KEY, max_retries=0, timeout=60)}
+        output = _read_until_ready(cli, timeout=300)
+        server_pid = next(p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if _ppid(p) == cli.pid)
+        segments = shm_segments_of(session_pids(server_pid))
+        url = f"http://127.0.0.1:{port}/v1"
+        server.update(cli=cli, url=url, base_name="tiny-base", base_dir=tiny_model_dir, registry=reg,
+                      expected=expected, other_base=other_base, root=root,
+                      client=openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60))
+        yield server
+
+        cli.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal delivers to the command
+        rest, _ = cli.communicate(timeout=90)
+        assert cli.returncode == 0 and "stopping the server" in rest, output + rest
+        # clean shutdown: no process of the server's session, none of its shared-memory segments left behind
+        assert session_pids(server_pid) == []
+        assert segments and not any(os.path.exists(s) for s in segments)
     finally:
-        # the hard way (test_cli.py covers Ctrl-C): SIGKILL every server process, as a timeout or the OOM killer
-        # would, so nobody unlinks the shared memory; stop() must still leave no process and no segment behind
-        handle._remember_shm()
-        for pid in session_pids(handle.pid):
-            os.kill(pid, signal.SIGKILL)
-        handle.stop()
-        assert session_pids(handle.pid) == []
-        assert handle.shm_segments and not any(os.path.exists(s) for s in handle.shm_segments)
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+
+
+def _read_until_ready(cli, timeout: float) -> str:
+    """The command prints `serving ... at URL` once the server answers /health."""
+    lines, done = [], threading.Event()
+
+    def read():
+        for line in cli.stdout:
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    done.wait(timeout)
+    text = "".join(lines)
+    assert lines and lines[-1].startswith("serving ") and cli.poll() is None, f"`pipeline serve` did not start:\n{text}"
+    return text
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _free_port() -> int:
@@ -134,11 +178,11 @@ def test_adapter_for_another_base_is_refused_naming_both(served):
     message = str(info.value)
     assert info.value.status_code == 422
     assert fingerprint(served["other_base"])[:16] in message
-    assert served["handle"].base_name in message
+    assert served["base_name"] in message
 
 
 def test_api_key_is_required_but_health_and_metrics_stay_open(served):
-    url = served["handle"].url
+    url = served["url"]
     with pytest.raises(openai.AuthenticationError) as info:
         openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).completions.create(
             model="alpha", prompt=PROMPT, max_tokens=2)
@@ -156,7 +200,7 @@ def test_api_key_is_required_but_health_and_metrics_stay_open(served):
 
 def test_runtime_load_routes_are_closed(served):
     body = json.dumps({"lora_name": "x", "lora_path": "/etc"}).encode()
-    request = urllib.request.Request(served["handle"].url + "/load_lora_adapter", data=body, headers={
+    request = urllib.request.Request(served["url"] + "/load_lora_adapter", data=body, headers={
         "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=30)
@@ -193,9 +237,10 @@ def test_alias_move_under_load_fails_no_request(served):
         out = CliRunner().invoke(registry_cli, ["--registry", str(served["root"] / "registry"),
                                                 "alias", "set", "alpha", "prod", "2"])
         assert out.exit_code == 0, out.output
-        deadline = moved_at[0] + 15
+        moved_at.append(time.monotonic())  # the alias file is replaced somewhere between these two instants
+        deadline = moved_at[1] + 15
         while time.monotonic() < deadline:
-            late = [r for r in results if r[0] > moved_at[0] + 2.0]
+            late = [r for r in results if r[0] > moved_at[1] + 2.0]
             if len(late) >= 16:
                 break
             time.sleep(0.2)
@@ -208,8 +253,8 @@ def test_alias_move_under_load_fails_no_request(served):
     for _, _, model, ids in results:
         assert model in ("alpha@1", "alpha@2")
         assert answers.get(ids) == model, f"{model} answered {ids}, not its own version's answer"
-    # answered before the move began: the old version; sent over 2 s after it (TTL 1 s): the new one
+    # answered before the move began: the old version; sent over 2 s after it ended (TTL 1 s): the new one
     before = [m for _, done, m, _ in results if done < moved_at[0]]
-    after = [m for sent, _, m, _ in results if sent > moved_at[0] + 2.0]
+    after = [m for sent, _, m, _ in results if sent > moved_at[1] + 2.0]
     assert before and set(before) == {"alpha@1"}
     assert len(after) >= 16 and set(after) == {"alpha@2"}, f"{len(after)} late requests: {set(after)}"
