@@ -111,25 +111,31 @@ class AdapterCatalog:
     # ------------------------------------------------------------------------------------ listing
     def servable(self) -> list[dict]:
         """Model cards for every reference this server can serve: each version `NAME@V`, plus `NAME` (latest)
-        and `NAME@ALIAS`, for adapters whose base fingerprint matches the served base."""
+        and `NAME@ALIAS` when the version they point at is servable (trained on this base, rank that fits)."""
+        from pipeline.errors import NotFoundError
+
         cards = []
         for name in self.registry.list_adapters():
-            versions = self.registry.list_versions(name)
-            fitting = {}
-            for av in versions:
-                fp = getattr(av, "base_fingerprint", None)
-                if not (self.base_fingerprint and fp and fp != self.base_fingerprint):
-                    fitting[int(av.version)] = av
-            if not fitting:
+            try:
+                versions = self.registry.list_versions(name)
+            except NotFoundError:  # deleted since list_adapters
                 continue
+            fitting = {av.version: av for av in versions if self._fits(av)}
             refs = [(f"{name}@{v}", v) for v in sorted(fitting)]
-            refs.append((name, max(fitting)))
+            if versions and max(av.version for av in versions) in fitting:
+                refs.append((name, max(fitting)))
             refs += [(f"{name}@{alias}", v) for alias, v in sorted(self.registry.aliases(name).items()) if v in fitting]
             for ref, v in refs:
                 created = fitting[v].metadata.get("created_unix") or 0
                 cards.append({"id": ref, "object": "model", "created": int(created), "owned_by": "lora-pipeline",
                               "root": f"{name}@{v}", "parent": self.base_name})
         return cards
+
+    def _fits(self, version) -> bool:
+        fp = version.base_fingerprint
+        if self.base_fingerprint and fp and fp != self.base_fingerprint:
+            return False
+        return not (self.max_lora_rank and version.rank > self.max_lora_rank)
 
 
 _catalog: AdapterCatalog | None = None

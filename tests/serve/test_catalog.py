@@ -105,3 +105,10 @@ def test_rank_above_server_maximum_is_refused_with_the_fix(reg, tiny_model_dir, 
     assert catalog.lookup("alpha").rank == 4
     with pytest.raises(RankTooLargeError, match="rank 16, above this server's max_lora_rank 8"):
         catalog.lookup("big")
+    assert not any(card["id"].startswith("big") for card in catalog.servable())
+
+
+def test_name_is_listed_only_when_its_latest_version_is_servable(reg, catalog, tmp_path):
+    reg.publish(write_lora(tmp_path / "other2"), "beta", base_fingerprint="cd" * 32)  # beta@2: another base
+    ids = [card["id"] for card in catalog.servable()]
+    assert "beta@1" in ids and "beta@2" not in ids and "beta" not in ids  # `beta` means beta@2 now
