@@ -252,7 +252,9 @@ class ServeConfig(Section):
     max_loras: int = 4
     max_cpu_loras: Optional[int] = None
     gpu_memory_utilization: float = 0.2
-    detach: bool = False  # leave the server running after the pipeline ends
+    # False: start the server, check that the published adapter answers one request, stop it (a smoke test
+    # of what was published). True: keep serving in the foreground until Ctrl-C.
+    keep_running: bool = False
 
 
 class Config(Section):

@@ -36,9 +36,11 @@ def _train(ctx: StageContext) -> dict:
 
     staged = ctx.outputs["stage_model"]
     parent = ctx.tracking.parent_run_id if ctx.tracking is not None else None
-    # Checkpoints live in the run directory, so `--resume RUN_DIR` continues from the latest one.
-    return train(ctx.config, staged["model_dir"], staged["fingerprint"], out_dir=str(ctx.stage_dir),
-                 parent_run_id=parent)
+    # Checkpoints live in the run directory, so `--resume RUN_DIR` continues from this run's latest one and
+    # a new run never picks up another run's (verl's shared default_local_dir would).
+    cfg = ctx.config.model_copy(deep=True)
+    cfg.trainer.default_local_dir = str(ctx.stage_dir / "checkpoints")
+    return train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=str(ctx.stage_dir), parent_run_id=parent)
 
 
 def _evaluate(ctx: StageContext) -> dict:
@@ -59,15 +61,22 @@ def _publish(ctx: StageContext) -> dict:
                    ctx.outputs["evaluate"], mlflow_tracking_uri=uri)
 
 
+def _serve(ctx: StageContext) -> dict:
+    from stages.serve_stage import serve_published
+
+    return serve_published(ctx.config, ctx.outputs["stage_model"], ctx.outputs["publish"], ctx.stage_dir)
+
+
 TRAIN = Stage("train", _train, "RL-train a LoRA adapter: FSDP2 actor on Ray workers, vLLM rollouts, MLflow",
               own_tracking=True)
 EVALUATE = Stage("evaluate", _evaluate, "compare base and adapter validation reward; decide whether to publish")
 PUBLISH = Stage("publish", _publish, "store the adapter as a new immutable registry version with lineage")
+SERVE = Stage("serve", _serve, "when serve.enable: serve the published version behind the multi-adapter endpoint")
 
 PIPELINES: dict[str, Pipeline] = {
     "train-and-publish": Pipeline(
         "train-and-publish",
-        [STAGE_MODEL, TRAIN, EVALUATE, PUBLISH],
+        [STAGE_MODEL, TRAIN, EVALUATE, PUBLISH, SERVE],
         "stage the base model -> train a LoRA adapter with RL -> evaluate -> publish -> (optionally) serve",
     ),
     "stage-model": Pipeline("stage-model", [STAGE_MODEL], "stage the base model only"),

@@ -1,0 +1,60 @@
+"""Stage 4 (optional): serve what the pipeline just published behind the multi-adapter endpoint.
+
+By default the stage is a smoke test of the published version: start the server, ask the new version one
+question through the official `openai` client, record the answer and stop. With `serve.keep_running=True`
+it keeps serving in the foreground until Ctrl-C, which ends the stage normally.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.errors import StageError
+
+log = logging.getLogger(__name__)
+
+
+def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path) -> dict:
+    if not cfg.serve.enable:
+        return {"served": False, "reason": "serve.enable=False"}
+    if not published.get("published"):
+        return {"served": False, "reason": "nothing was published"}
+    from openai import OpenAI
+
+    from serve.server import start_server
+
+    s = cfg.serve
+    max_len = cfg.data.max_prompt_length + cfg.data.max_response_length
+    handle = start_server(
+        staged["model_dir"], registry_uri=published.get("registry") or cfg.registry.uri, host=s.host, port=s.port,
+        api_key=s.api_key, max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras,
+        gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=max(256, max_len),
+        log_path=stage_dir / "server.log",
+    )
+    with handle:
+        client = OpenAI(base_url=handle.url, api_key=s.api_key or "none", max_retries=0, timeout=120)
+        t0 = time.monotonic()
+        try:
+            reply = client.chat.completions.create(
+                model=published["ref"], max_tokens=cfg.data.max_response_length, temperature=0,
+                messages=[{"role": "user", "content": "What is 2 + 3? Answer with just the number."}],
+            )
+        except Exception as exc:
+            raise StageError(f"The server started but {published['ref']} did not answer: {exc}. "
+                             f"Server log: {stage_dir / 'server.log'}") from None
+        answer = reply.choices[0].message.content
+        outputs = {"served": True, "url": handle.url, "model": published["ref"], "answer": answer,
+                   "first_request_seconds": round(time.monotonic() - t0, 3)}
+        log.info("%s answered %r through %s", published["ref"], answer, handle.url)
+        if s.keep_running:
+            log.info("Serving on %s until Ctrl-C (model names: %s, NAME@VERSION, NAME@ALIAS)", handle.url,
+                     published["name"])
+            try:
+                while handle.alive():
+                    time.sleep(1.0)
+            except KeyboardInterrupt:
+                log.info("Stopping the server")
+    return outputs
