@@ -30,22 +30,23 @@ time.sleep(120)
 """
 
 
-def _start_fake(tmp_path):
-    segment = f"/dev/shm/psm_lorapipelinetest{secrets.token_hex(4)}"
+def _start_fake(segment: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, segment], stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     assert proc.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 10
     while len(session_pids(proc.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    handle = ServerHandle(url="http://127.0.0.1:9/v1", base_name="fake", process=proc, log_path=tmp_path / "log")
-    return handle, segment
+    return proc
 
 
 @pytest.mark.parametrize("hard_kill_first", [False, True])
 def test_stop_ends_the_whole_session_and_removes_its_shm(tmp_path, hard_kill_first):
-    handle, segment = _start_fake(tmp_path)
+    segment = f"/dev/shm/psm_lorapipelinetest{secrets.token_hex(4)}"
+    proc = None
     try:
+        proc = _start_fake(segment)
+        handle = ServerHandle(url="http://127.0.0.1:9/v1", base_name="fake", process=proc, log_path=tmp_path / "log")
         handle._remember_shm()  # what the readiness wait does while the server starts
         assert segment in handle.shm_segments and len(session_pids(handle.pid)) == 2
         if hard_kill_first:  # a timeout or the OOM killer: nobody unlinks the segment
@@ -58,7 +59,7 @@ def test_stop_ends_the_whole_session_and_removes_its_shm(tmp_path, hard_kill_fir
         assert time.monotonic() - t0 < 20
         handle.stop()  # idempotent
     finally:
-        for pid in session_pids(handle.pid):
+        for pid in session_pids(proc.pid) if proc else []:
             os.kill(pid, signal.SIGKILL)
         if os.path.exists(segment):
             os.unlink(segment)
