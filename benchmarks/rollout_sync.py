@@ -105,8 +105,14 @@ def main() -> int:
     parser.add_argument("--syncs", type=int, default=3, help="syncs per mode")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.2)
     parser.add_argument("--modes", default="merged,adapter")
+    parser.add_argument("--threads-bind", default=None,
+                        help="VLLM_CPU_OMP_THREADS_BIND for the engines, e.g. 0-1 (vLLM's default `auto` binds one "
+                             "core per worker and reserves one on small machines)")
     parser.add_argument("--out", default="benchmarks/results/rollout_sync.json")
     args = parser.parse_args()
+    if args.threads_bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.threads_bind
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from transformers import AutoTokenizer
@@ -124,7 +130,8 @@ def main() -> int:
                tensor_model_parallel_size=1, dtype="bfloat16", enforce_eager=True, max_num_seqs=256)
     root = sync_root(f"bench-{os.getpid()}")
     results: dict = {"model": model_dir, "rank": args.rank, "prompts": args.prompts, "max_tokens": args.max_tokens,
-                     "base_model_bytes": base_bytes, "load_avg_start": os.getloadavg()}
+                     "base_model_bytes": base_bytes, "load_avg_start": os.getloadavg(),
+                     "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
     try:
         for mode in args.modes.split(","):
             with RolloutEngine(model_dir, cfg, lora_rank=args.rank, max_model_len=512, seed=0,
@@ -163,7 +170,8 @@ def print_table(r: dict) -> None:
     med = statistics.median
     base = med(r["merged"]["base_tokens_per_s"]) if "merged" in r else None
     print(f"\nmodel {r['model']}, rank {r['rank']} all-linear, {r['prompts']} prompts x {r['max_tokens']} tokens, "
-          f"load avg {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f}\n")
+          f"VLLM_CPU_OMP_THREADS_BIND={r['threads_bind']}, load avg {r['load_avg_start'][0]:.1f} -> "
+          f"{r['load_avg_end'][0]:.1f}\n")
     print("| mode | rollout tokens/s (median) | vs base | bytes per sync | write s | reload s | sync s |")
     print("|---|---|---|---|---|---|---|")
     if base:
