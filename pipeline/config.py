@@ -181,6 +181,7 @@ class DataConfig(Section):
     # When the train/val files are missing, write them first with the named generator (the demo's
     # `arithmetic`, the same as `pipeline data make-arithmetic`). None: a missing file is an error.
     generate_if_missing: Optional[Literal["arithmetic"]] = None
+    generate_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {ops: ["-"], n_test: 32}
 
 
 class OverlongBufferConfig(Section):

@@ -36,6 +36,13 @@ def ensure_data(cfg: Config) -> list[str]:
         )
     from stages.train.arithmetic import make_arithmetic
 
-    written = make_arithmetic(train[0].parent, seed=cfg.data.seed, train_name=train[0].name, test_name=val[0].name)
+    kwargs = {"seed": cfg.data.seed, **cfg.data.generate_kwargs}
+    try:
+        written = make_arithmetic(train[0].parent, train_name=train[0].name, test_name=val[0].name, **kwargs)
+    except TypeError as exc:  # an unknown keyword in data.generate_kwargs
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"data.generate_kwargs={cfg.data.generate_kwargs}: {exc}. Valid keywords: n_train, "
+                          "n_test, low, high, ops, seed.") from None
     log.info("Wrote the %s data set to %s", cfg.data.generate_if_missing, train[0].parent)
     return [str(p) for p in written]

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -52,9 +53,29 @@ def sync_root(run_name: str, base: str | os.PathLike | None = None) -> Path:
         raise ValueError(f"sync folder name {run_name!r} must match {_SAFE_NAME.pattern}")
     if base is None:
         base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    _remove_orphans(Path(base))
     root = Path(base) / f"lora-pipeline-sync-{run_name}"
     root.mkdir(parents=True, exist_ok=True)
+    (root / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
     return root
+
+
+OWNER_FILE = ".owner"
+
+
+def _remove_orphans(base: Path) -> None:
+    """Remove sync folders whose owning process on this host is gone (a SIGKILLed run cannot clean up, and
+    /dev/shm is RAM: each orphan holds a model's worth of it)."""
+    host = socket.gethostname()
+    for folder in base.glob("lora-pipeline-sync-*"):
+        try:
+            owner_host, pid = (folder / OWNER_FILE).read_text().split()
+            os.kill(int(pid), 0) if owner_host == host else None
+        except ProcessLookupError:
+            log.info("removing %s, left by a run that no longer exists", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # no owner file (not ours to judge) or a process we may not signal (alive)
 
 
 def remove_sync_root(root: str | os.PathLike) -> None:

@@ -163,3 +163,23 @@ def test_sync_root_prefers_dev_shm_and_cleans_up(tmp_path, monkeypatch):
     (tmp_path / "tmp").mkdir()
     fallback = sync_root("run-2")
     assert fallback.parent == tmp_path / "tmp"
+
+
+def test_sync_root_removes_folders_of_dead_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from stages.train.sync_format import OWNER_FILE, sync_root
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    orphan = tmp_path / "lora-pipeline-sync-orphan"
+    orphan.mkdir()
+    (orphan / OWNER_FILE).write_text(f"{socket.gethostname()} {dead.stdout.strip()}")
+    (orphan / "model.safetensors").write_bytes(b"x" * 10)
+    foreign = tmp_path / "lora-pipeline-sync-foreign"  # no owner file: not ours to judge
+    foreign.mkdir()
+    mine = sync_root("mine", base=tmp_path)
+    live = sync_root("live", base=tmp_path)  # this process is alive: kept
+    assert not orphan.exists() and foreign.exists() and mine.exists() and live.exists()
