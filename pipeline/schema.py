@@ -1,0 +1,288 @@
+"""The typed config schema, with verl's key names: one pydantic section per verl config group.
+
+Loading (YAML + `a.b.c=value` overrides) and the cross-field rules live in `pipeline.config`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+def _flatten(d: dict[str, Any], prefix: str = ""):
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+class Section(BaseModel):
+    # forbid: a typo is an error, never a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- model / actor
+class ModelConfig(Section):
+    path: str = "smollm2-135m-instruct"
+    lora_rank: int = 16
+    lora_alpha: float = 32
+    target_modules: Union[str, list[str]] = "all-linear"
+    exclude_modules: Optional[Union[str, list[str]]] = None
+    use_shm: bool = False
+    shm_root: str = "/dev/shm"  # where use_shm copies the base; tests point it at a temp dir
+    keep_shm_copy: bool = False  # keep the /dev/shm copy after the pipeline ends
+    lora_adapter_path: Optional[str] = None  # continue training from this PEFT adapter
+    enable_gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    # Accepted so verl command lines run unchanged; padding never enters our losses (they are masked), so
+    # it changes nothing here.
+    use_remove_padding: bool = True
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class OptimConfig(Section):
+    lr: float = 1e-5
+    lr_warmup_steps: int = -1  # <0: use lr_warmup_steps_ratio
+    lr_warmup_steps_ratio: float = 0.0
+    weight_decay: float = 0.01
+    betas: list[float] = [0.9, 0.999]
+
+
+class PolicyLossConfig(Section):
+    loss_mode: str = "vanilla"  # a registered policy loss: vanilla (clipped PPO), gspo, ...
+
+
+class CheckpointConfig(Section):
+    save_contents: list[str] = ["model", "optimizer", "extra"]
+
+
+class ActorConfig(Section):
+    strategy: str = "fsdp"
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    grad_clip: float = 1.0
+    ppo_mini_batch_size: int = 8  # in prompts, as in verl
+    ppo_micro_batch_size_per_gpu: int = 8  # in sequences
+    ppo_epochs: int = 1
+    shuffle: bool = False
+    clip_ratio: float = 0.2
+    clip_ratio_low: Optional[float] = None  # None: clip_ratio
+    clip_ratio_high: Optional[float] = None  # None: clip_ratio
+    clip_ratio_c: float = 3.0  # dual-clip constant
+    loss_agg_mode: str = "token-mean"
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"
+    policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    fsdp_config: dict[str, Any] = Field(default_factory=dict)  # accepted for verl command lines
+
+
+class ValKwargs(Section):
+    do_sample: bool = False  # greedy validation
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    n: int = 1
+
+
+class RolloutConfig(Section):
+    name: str = "vllm"
+    mode: str = "sync"
+    load_format: str = "safetensors"
+    layered_summon: bool = False
+    lora_sync: Literal["auto", "adapter", "merged"] = "auto"
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    response_length: Optional[int] = None  # None: data.max_response_length
+    gpu_memory_utilization: float = 0.5
+    tensor_model_parallel_size: int = 1
+    max_num_seqs: int = 256
+    max_model_len: Optional[int] = None
+    max_lora_rank: Optional[int] = None  # None: lora_rank rounded up to a value vLLM accepts
+    enforce_eager: bool = True
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    log_prob_micro_batch_size_per_gpu: int = 16
+    val_kwargs: ValKwargs = Field(default_factory=ValKwargs)
+
+
+class RefConfig(Section):
+    log_prob_micro_batch_size_per_gpu: int = 16
+    fsdp_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class ActorRolloutRefConfig(Section):
+    hybrid_engine: bool = True
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    ref: RefConfig = Field(default_factory=RefConfig)
+
+
+# ------------------------------------------------------------------------------------------------------ critic
+class CriticConfig(Section):
+    """PPO's critic: a second LoRA adapter plus a value head on the actor's base model."""
+
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4))
+    cliprange_value: float = 0.5
+    ppo_micro_batch_size_per_gpu: int = 8
+    ppo_epochs: Optional[int] = None  # None: actor.ppo_epochs
+    grad_clip: float = 1.0
+    loss_agg_mode: str = "token-mean"
+
+
+# --------------------------------------------------------------------------------------------------- algorithm
+class KLControlConfig(Section):
+    type: Literal["fixed", "adaptive"] = "fixed"
+    kl_coef: float = 0.001
+    horizon: int = 10000
+    target_kl: float = 0.1
+
+
+class FilterGroupsConfig(Section):
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal, resample to fill the batch."""
+
+    enable: bool = False
+    metric: str = "acc"
+    max_num_gen_batches: int = 10
+
+
+class AlgorithmConfig(Section):
+    adv_estimator: str = "grpo"
+    gamma: float = 1.0
+    lam: float = 1.0
+    norm_adv_by_std_in_grpo: bool = True
+    use_kl_in_reward: bool = False
+    kl_penalty: str = "kl"  # KL estimator used in the reward: kl (k1), abs, mse (k2), low_var_kl (k3), k3+
+    kl_ctrl: KLControlConfig = Field(default_factory=KLControlConfig)
+    filter_groups: FilterGroupsConfig = Field(default_factory=FilterGroupsConfig)
+
+
+# -------------------------------------------------------------------------------------------------------- data
+class DataConfig(Section):
+    train_files: Union[str, list[str]] = "~/data/arithmetic/train.parquet"
+    val_files: Union[str, list[str]] = "~/data/arithmetic/test.parquet"
+    prompt_key: str = "prompt"
+    train_batch_size: int = 8  # prompts per step
+    val_batch_size: Optional[int] = None
+    max_prompt_length: int = 256
+    max_response_length: int = 64
+    filter_overlong_prompts: bool = True
+    truncation: Literal["error", "left", "right"] = "error"
+    shuffle: bool = True
+    seed: int = 1
+    val_max_samples: Optional[int] = None
+    # When the train/val files are missing, write them first with the named generator (the demo's
+    # `arithmetic`, the same as `pipeline data make-arithmetic`). None: a missing file is an error.
+    generate_if_missing: Optional[Literal["arithmetic"]] = None
+    generate_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {ops: ["-"], n_test: 32}
+
+
+class OverlongBufferConfig(Section):
+    """DAPO's overlong reward shaping: a linear penalty over the last `len` tokens of the budget."""
+
+    enable: bool = False
+    len: int = 16
+    penalty_factor: float = 1.0
+    log: bool = False
+
+
+class RewardModelConfig(Section):
+    enable: bool = False  # model-based rewards are not supported; rule-based and custom scorers are
+    reward_manager: str = "naive"
+    scorer: Optional[str] = None  # one registered scorer for every row (e.g. gsm8k_flexible); None: by data_source
+    overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
+
+
+class CustomRewardFunctionConfig(Section):
+    path: Optional[str] = None
+    name: str = "compute_score"
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
+class TrainerConfig(Section):
+    project_name: str = "lora-pipeline"
+    experiment_name: str = "default"
+    logger: Union[str, list[str]] = ["console", "mlflow"]
+    nnodes: int = 1
+    n_gpus_per_node: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_workers: int = 1  # actor workers on a CPU-only machine
+    total_epochs: int = 1
+    total_training_steps: Optional[int] = None
+    save_freq: int = -1
+    test_freq: int = -1
+    val_before_train: bool = True
+    default_local_dir: str = "checkpoints/${trainer.project_name}/${trainer.experiment_name}"
+    resume_mode: Literal["auto", "disable", "resume_path"] = "auto"
+    resume_from_path: Optional[str] = None
+    seed: int = 1
+    critic_warmup: int = 0
+    mlflow_tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else a local sqlite store
+
+
+class RayInitConfig(Section):
+    address: Optional[str] = None  # None: start a local Ray; "auto" or host:port joins a cluster
+    num_cpus: Optional[int] = None
+
+
+# -------------------------------------------------------------------------------------------- publish / serve
+class RegistryConfig(Section):
+    uri: Optional[str] = None  # None: $PIPELINE_REGISTRY, else ./registry-store
+
+
+class PublishConfig(Section):
+    name: str = "arithmetic-grpo"
+    alias: Optional[str] = "latest-good"
+    tags: dict[str, str] = Field(default_factory=dict)
+    min_improvement: float = 0.0  # publish only if adapter reward - base reward > this
+    force: bool = False
+
+
+class ServeConfig(Section):
+    enable: bool = False  # end the pipeline by serving what it published
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    max_loras: int = 4
+    max_cpu_loras: Optional[int] = None
+    gpu_memory_utilization: float = 0.2
+    # False: start the server, check that the published adapter answers one request, stop it (a smoke test
+    # of what was published). True: keep serving in the foreground until Ctrl-C.
+    keep_running: bool = False
+
+
+class Config(Section):
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    actor_rollout_ref: ActorRolloutRefConfig = Field(default_factory=ActorRolloutRefConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    custom_reward_function: CustomRewardFunctionConfig = Field(default_factory=CustomRewardFunctionConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    ray_init: RayInitConfig = Field(default_factory=RayInitConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf as `a.b.c -> value` (MLflow params, diffs)."""
+        return dict(_flatten(self.to_dict()))
+
+    def digest(self) -> str:
+        """A stable sha256 of the resolved config (lineage)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
