@@ -169,8 +169,9 @@ class MergedModelWriter:
             writer.add(layer_tensors)
         nbytes = writer.finish()
 
-    Names are the base model's own Hugging Face names. A folder may hold only the tensors that changed (the
-    LoRA-targeted linears): vLLM's `reload_weights` keeps the current values of layers it finds no weights for.
+    Names are the base model's own Hugging Face names. Give it every tensor of the model: on vLLM's CPU
+    engine a folder holding only the changed (LoRA-targeted) linears reloaded wrong values (NaN logits,
+    measured), so `gather.iter_merged_layers` sends whole layers.
     out_dir is emptied first; config and tokenizer files are copied from base_dir so the folder is a loadable
     model by itself (vLLM, transformers).
     """
