@@ -37,6 +37,15 @@ def read_history(path: str | Path | None) -> list[dict[str, Any]]:
 def summary(run_dir: str | Path) -> dict[str, Any]:
     """The facts a report shows, as plain data."""
     m = read_manifest(run_dir)
+    validation = "greedy"
+    config_file = Path(run_dir) / "config.yaml"
+    if config_file.is_file():
+        import yaml
+
+        vk = (yaml.safe_load(config_file.read_text()) or {}).get("actor_rollout_ref", {}).get("rollout", {}).get(
+            "val_kwargs", {})
+        if vk.get("do_sample"):
+            validation = f"sampled: mean of {vk.get('n', 1)} samples per question at temperature {vk.get('temperature')}"
     train = _outputs(m, "train")
     evaluation = _outputs(m, "evaluate")
     publish = _outputs(m, "publish")
@@ -45,6 +54,7 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
         "pipeline": m["pipeline"],
         "status": m["status"],
         "created": m.get("created"),
+        "validation": validation,
         "stages": [
             {"name": e["name"], "status": e["status"], "seconds": e.get("seconds"), "error": e.get("error")}
             for e in m["stages"]
@@ -122,7 +132,8 @@ def render_text(s: dict[str, Any]) -> list[str]:
     for st in s["stages"]:
         err = f" ({st['error']})" if st.get("error") else ""
         lines.append(f"| {st['name']} | {st['status']}{err} | {_fmt(st['seconds'], 1)} |")
-    lines += ["", "## Before / after (validation, greedy)", "", "| model | reward | accuracy |", "|---|---|---|"]
+    lines += ["", f"## Before / after (held-out validation, {s['validation']})", "", "| model | reward | accuracy |",
+              "|---|---|---|"]
     lines.append(f"| base | {_fmt(s['base_reward'])} | {_fmt(s['base_acc'])} |")
     lines.append(f"| adapter | {_fmt(s['adapter_reward'])} | {_fmt(s['adapter_acc'])} |")
     if s["decision"]:
