@@ -72,7 +72,7 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def plot_curves(history: list[dict[str, Any]], out: Path) -> list[str]:
+def plot_curves(history: list[dict[str, Any]], out: Path, validation: str = "greedy") -> list[str]:
     """Training reward per step and validation reward over steps, one PNG each. Returns the file names."""
     import matplotlib
 
@@ -102,7 +102,7 @@ def plot_curves(history: list[dict[str, Any]], out: Path) -> list[str]:
     if val_rows:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.plot([r["step"] for r in val_rows], [r["val/reward"] for r in val_rows], marker="s", color="tab:green",
-                label="validation reward (greedy)")
+                label=f"validation reward ({validation.split(':')[0]})")
         if all("val/acc" in r and r["val/acc"] is not None for r in val_rows):
             ax.plot([r["step"] for r in val_rows], [r["val/acc"] for r in val_rows], ls="--", color="tab:olive",
                     label="validation accuracy")
@@ -151,7 +151,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write `report.md` (and its PNG curves) into the run directory."""
     run_dir = Path(run_dir)
     s = summary(run_dir)
-    pictures = plot_curves(read_history(s["history_path"]), run_dir)
+    pictures = plot_curves(read_history(s["history_path"]), run_dir, s["validation"])
     lines = render_text(s)
     if pictures:
         lines += ["", "## Curves", ""] + [f"![{p}]({p})" for p in pictures]
