@@ -1,14 +1,18 @@
 """The whole `train-and-publish` pipeline on the tiny model with real stages: Ray + FSDP2 workers, vLLM
 rollouts, MLflow, the registry and the multi-adapter server.
 
-- a full run ends with one published registry version (with lineage), a served answer, nested MLflow runs and
-  a report;
-- a run SIGKILLed during training resumes with `--resume` and ends with exactly one published version.
+- a seeded GRPO run on the toy task (tests/stages/train/toy_task.py) raises the greedy validation reward by more
+  than 0.3 and ends with one published registry version (with lineage), a served answer, nested MLflow runs (the
+  training run with every config key, per-step metrics and the adapter artifact) and a report;
+- an RLOO run SIGKILLed (whole process tree) after a training checkpoint resumes with `--resume`: the same final
+  step, the optimizer / LR schedule / data position continued, the adapter moved from the checkpointed one only
+  as far as the remaining steps can move it, and exactly one published version.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -51,7 +55,8 @@ def test_train_and_publish_end_to_end_with_serving(tiny_model_dir, tmp_path):
 
     run_dir = tmp_path / "runs" / "e2e"
     args = ["run", "train-and-publish", "--run-dir", str(run_dir),
-            *_overrides(tiny_model_dir, tmp_path, steps=6, extra={
+            *_overrides(tiny_model_dir, tmp_path, steps=8, extra={
+                "trainer.cpu_workers": 2, "trainer.test_freq": 4, "trainer.save_freq": 4,
                 "serve.enable": True, "serve.port": _free_port(), "serve.gpu_memory_utilization": 0.1,
                 "serve.api_key": "test-key"})]
     assert cli_entry(args) == 0
@@ -64,7 +69,21 @@ def test_train_and_publish_end_to_end_with_serving(tiny_model_dir, tmp_path):
 
     # the gate: published because the adapter beat the base on held-out prompts
     ev = out["evaluate"]
-    assert ev["publish"] and ev["adapter_reward"] > ev["base_reward"], ev
+    # the base's greedy responses hold ~2% digits; the trained policy's far more
+    assert ev["publish"] and ev["base_reward"] < 0.1 and ev["adapter_reward"] - ev["base_reward"] > 0.3, ev
+    train = out["train"]
+    history = [json.loads(line) for line in Path(train["history_path"]).read_text().splitlines() if line]
+    steps = [h for h in history if "reward/mean" in h]
+    assert [h["step"] for h in steps] == list(range(1, 9))
+    assert [h["step"] for h in history if "val/reward" in h] == [0, 4, 8]
+    for key in ("reward/std", "reward/acc", "response_length/mean", "actor/entropy", "actor/pg_clipfrac",
+                "actor/grad_norm", "actor/lr", "timing/generate", "timing/update", "timing/sync",
+                "perf/tokens_per_s", "sync/bytes"):
+        assert all(math.isfinite(h[key]) for h in steps), key
+    assert set(train["phase_seconds"]) >= {"generate", "reference", "old_log_prob", "update", "sync"}
+    adapter_cfg = json.loads((Path(train["adapter_dir"]) / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16  # lora_alpha preserved
+    assert (Path(train["checkpoint_dir"]) / "global_step_4" / "adapter" / "adapter_model.safetensors").is_file()
 
     # the registry version, with lineage back to this run and its MLflow training run
     reg = open_registry(str(tmp_path / "registry"))
@@ -91,6 +110,13 @@ def test_train_and_publish_end_to_end_with_serving(tiny_model_dir, tmp_path):
     assert {c.info.run_id for c in children} >= {out["train"]["mlflow_run_id"]} | {
         s["mlflow_run_id"] for s in m["stages"] if s["name"] != "train"}
     assert len(children) == 5
+    run = client.get_run(train["mlflow_run_id"])  # the training run: params, per-step metrics, the adapter
+    assert run.info.status == "FINISHED" and len(run.data.params) > 100
+    assert run.data.params["actor_rollout_ref.model.lora_rank"] == "8"
+    assert len(client.get_metric_history(run.info.run_id, "reward/mean")) == 8
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/reward")] == [0, 4, 8]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= artifacts
 
     # the report: curves as pictures, before/after, the published reference
     report = (run_dir / "report.md").read_text()
@@ -114,43 +140,74 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+STEPS, SAVE_FREQ, LR, WARMUP = 6, 2, 1e-2, 6
+
+
 def test_killed_during_training_resumes_and_publishes_once(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
     from registry import open_registry
 
     run_dir = tmp_path / "runs" / "killed"
-    steps = 6
-    overrides = _overrides(tiny_model_dir, tmp_path, steps=steps, extra={"trainer.save_freq": 2})
+    overrides = _overrides(tiny_model_dir, tmp_path, steps=STEPS, extra={
+        "algorithm.adv_estimator": "rloo",
+        "actor_rollout_ref.actor.optim.lr": LR,
+        "actor_rollout_ref.actor.optim.lr_warmup_steps": WARMUP,
+        "actor_rollout_ref.actor.optim.weight_decay": 0.0,
+        "trainer.save_freq": SAVE_FREQ,
+        "publish.force": True,  # this test is about resuming; the gate has its own test
+    })
     proc = subprocess.Popen(
         [sys.executable, "-c", "from pipeline.cli import main_entry; main_entry()", "run", "train-and-publish",
          "--run-dir", str(run_dir), *overrides],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
-    pointer = run_dir / "train" / "checkpoints" / "latest_checkpointed_iteration.txt"
+    ckpt_root = run_dir / "train" / "checkpoints"
+    pointer = ckpt_root / "latest_checkpointed_iteration.txt"
     try:
         deadline = time.monotonic() + 600
         while not pointer.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert pointer.exists(), "no checkpoint was written before the deadline"
+            time.sleep(0.05)
     finally:
         _kill_tree(proc)
-
-    m = read_manifest(run_dir)
-    train_entry = next(s for s in m["stages"] if s["name"] == "train")
-    assert train_entry["status"] == "running"  # killed mid-stage: the manifest says so
+    assert pointer.exists(), "no checkpoint was written before the deadline"
     killed_at = int(pointer.read_text())
-    assert killed_at < steps
+    assert killed_at < STEPS, "the run finished before it could be killed"
+    saved = load_file(str(ckpt_root / f"global_step_{killed_at}" / "adapter" / "adapter_model.safetensors"))
+    m = read_manifest(run_dir)
+    assert next(s for s in m["stages"] if s["name"] == "train")["status"] == "running"  # killed mid-stage
 
     assert cli_entry(["run", "train-and-publish", "--resume", str(run_dir)]) == 0
     m = read_manifest(run_dir)
     assert m["status"] == "succeeded" and len(m["attempts"]) == 2
     out = {s["name"]: s.get("outputs") for s in m["stages"]}
-    assert out["train"]["steps"] == steps
+    # the same final step; every step once in the history, the resumed ones finite
+    assert out["train"]["steps"] == STEPS
     history = [json.loads(line) for line in Path(out["train"]["history_path"]).read_text().splitlines() if line]
-    assert [h["step"] for h in history if "reward/mean" in h] == list(range(1, steps + 1))
+    steps = [h for h in history if "reward/mean" in h]
+    assert [h["step"] for h in steps] == list(range(1, STEPS + 1))
+    for h in steps[killed_at:]:
+        assert all(math.isfinite(v) for v in h.values() if isinstance(v, float))
+    # the LR warmup continued where it stopped (a fresh scheduler would restart at LR/WARMUP)
+    assert steps[killed_at]["actor/lr"] == pytest.approx(LR * (killed_at + 1) / WARMUP)
+    # Adam continued: its step count covers the steps before the kill too
+    optim = torch.load(ckpt_root / f"global_step_{STEPS}" / "optimizer.pt", weights_only=True)
+    assert {int(st["step"]) for st in optim["state"].values()} == {STEPS}
+    # the data position continued: 64 prompts / 4 per batch = 16 batches per epoch, STEPS consumed
+    state = json.loads((ckpt_root / f"global_step_{STEPS}" / "trainer_state.json").read_text())
+    assert state["data"]["step_in_epoch"] == STEPS and state["data"]["epoch"] == 0
+    # the resumed adapter = the checkpointed one + what (STEPS - killed_at) Adam steps can move: Adam moves a
+    # weight by at most about lr per step (|m_hat / sqrt(v_hat)| <= ~1 here; 1.5 leaves room), no weight decay
+    final = load_file(str(ckpt_root / f"global_step_{STEPS}" / "adapter" / "adapter_model.safetensors"))
+    max_move = max((final[k] - saved[k]).abs().max().item() for k in saved)
+    assert 0 < max_move <= 1.5 * LR * (STEPS - killed_at)
+    returned = load_file(str(Path(out["train"]["adapter_dir"]) / "adapter_model.safetensors"))
+    assert all(torch.equal(returned[k], final[k]) for k in final)
+    assert out["train"]["mlflow_run_id"] == state["mlflow_run_id"]  # the same MLflow run continued
 
+    # exactly one published version, although publishing ran after a crash and a resume
     reg = open_registry(str(tmp_path / "registry"))
-    if out["evaluate"]["publish"]:
-        assert [v.version for v in reg.list_versions("toy-digits")] == [1]
-    else:
-        assert "toy-digits" not in reg.list_adapters()
+    assert [v.version for v in reg.list_versions("toy-digits")] == [1]
+    assert reg.resolve("toy-digits@prod").metadata["lineage"]["run_id"] == "killed"

@@ -46,6 +46,7 @@ def toy_overrides(model_dir: Path, root: Path, steps: int, extra: dict | None = 
         "actor_rollout_ref.rollout.max_num_seqs": 32,
         "actor_rollout_ref.rollout.dtype": "float32",
         "actor_rollout_ref.rollout.lora_sync": "merged",
+        "actor_rollout_ref.rollout.val_kwargs.do_sample": False,  # greedy validation (the demo config samples)
         "data.train_files": str(data / "train.parquet"),
         "data.val_files": str(data / "test.parquet"),
         "data.train_batch_size": 4,
