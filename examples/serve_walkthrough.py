@@ -62,13 +62,15 @@ def main() -> None:
                                   lineage={"base_model": "smollm2-135m-instruct"})
             print(f"published {version.ref} (alias prod)")
             names.append(name)
+    first = reg.resolve(names[0])
+    reg.set_alias(names[0], "prod", first.version)
     second = reg.publish(reg.resolve(names[0]).path, names[0], base_dir=base, tags={"origin": "serve_walkthrough"},
                          lineage={"base_model": "smollm2-135m-instruct", "note": "a second version"})
 
     with start_server(base, reg.uri, port=args.port, max_loras=4, max_model_len=512) as server:
         client = OpenAI(base_url=server.url, api_key="none")
         print("\n/v1/models:", ", ".join(m.id for m in client.models.list().data))
-        for model in [server.base_name, *names, f"{names[0]}@1", f"{names[0]}@prod"]:
+        for model in [server.base_name, *names, first.ref, f"{names[0]}@prod"]:
             reply = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0)
             print(f"{model:>32} -> answered by {reply.model:<24} {reply.choices[0].message.content!r}")
         reg.set_alias(names[0], "prod", second.version)
