@@ -79,7 +79,17 @@ def plot_curves(history: list[dict[str, Any]], out: Path, validation: str = "gre
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    def save(fig, ax, title: str, name: str) -> None:
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    written: list[str] = []
     train_rows = [r for r in history if "reward/mean" in r]
     val_rows = [r for r in history if "val/reward" in r]
     if train_rows:
@@ -90,15 +100,8 @@ def plot_curves(history: list[dict[str, Any]], out: Path, validation: str = "gre
         if all("reward/std" in r for r in train_rows):
             std = [r["reward/std"] for r in train_rows]
             ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.2)
-        ax.set_xlabel("step")
         ax.set_ylabel("reward")
-        ax.set_title("Training reward")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(out / "reward_curve.png", dpi=110)
-        plt.close(fig)
-        written.append("reward_curve.png")
+        save(fig, ax, "Training reward", "reward_curve.png")
     if val_rows:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.plot([r["step"] for r in val_rows], [r["val/reward"] for r in val_rows], marker="s", color="tab:green",
@@ -106,14 +109,7 @@ def plot_curves(history: list[dict[str, Any]], out: Path, validation: str = "gre
         if all("val/acc" in r and r["val/acc"] is not None for r in val_rows):
             ax.plot([r["step"] for r in val_rows], [r["val/acc"] for r in val_rows], ls="--", color="tab:olive",
                     label="validation accuracy")
-        ax.set_xlabel("step")
-        ax.set_title("Validation")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(out / "validation_curve.png", dpi=110)
-        plt.close(fig)
-        written.append("validation_curve.png")
+        save(fig, ax, "Validation", "validation_curve.png")
     return written
 
 
