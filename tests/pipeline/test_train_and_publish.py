@@ -126,18 +126,25 @@ def test_train_and_publish_end_to_end_with_serving(tiny_model_dir, tmp_path):
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the run and every process it started, then remove the /dev/shm segments its vLLM engine had
+    mapped: a killed engine cannot, and each holds hundreds of MB of RAM."""
     import psutil
+
+    from serve.server import shm_segments_of
 
     try:
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return
+    segments = shm_segments_of(family)
     for pid in family:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait(timeout=30)
+    for path in segments:
+        Path(path).unlink(missing_ok=True)
 
 
 STEPS, SAVE_FREQ, LR, WARMUP = 6, 2, 1e-2, 6
