@@ -60,6 +60,10 @@ def _start_engine(cfg, model_dir: str, sync_mode: str, seed: int, device: str):
     rollout = cfg.actor_rollout_ref.rollout
     max_len = rollout.max_model_len or (cfg.data.max_prompt_length + (rollout.response_length or cfg.data.max_response_length))
     options = {"num_cpus": 1, **({"num_gpus": 0.3} if device == "cuda" else {})}
+    # vLLM logs every engine detail at INFO; inside a Ray actor that floods the driver's console and buries
+    # the training progress bar. Warnings still show; VLLM_LOGGING_LEVEL in the environment wins.
+    level = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
+    options["runtime_env"] = {"env_vars": {"VLLM_LOGGING_LEVEL": level}}
     return ray.remote(**options)(RolloutEngine).remote(
         model_dir, rollout.model_dump(), lora_rank=cfg.actor_rollout_ref.model.lora_rank, max_model_len=max_len,
         seed=seed, sync_mode=sync_mode)
