@@ -19,7 +19,6 @@ import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,26 +58,10 @@ def lora_tensors(model) -> dict:
 
 def write_merged(model, out_dir: Path, base_dir: str) -> int:
     """Merge and write one decoder layer per shard (as the actor does after a layered gather)."""
-    from stages.train.sync_format import MergedModelWriter, merge_lora_weight
+    from stages.train.sync_format import MergedModelWriter, merged_layers_from_peft
 
-    cfg = model.peft_config["default"]
-    scaling = cfg.lora_alpha / cfg.r
-    lora = lora_tensors(model)
-    groups: dict[str, dict] = {}
-    for name, w in model.get_base_model().state_dict().items():
-        if ".lora_" in name:
-            continue
-        hf_name = name.replace(".base_layer.", ".")
-        prefix = hf_name.rsplit(".", 1)[0]
-        a = lora.get(f"base_model.model.{prefix}.lora_A.default.weight")
-        if a is not None and hf_name.endswith(".weight"):
-            w = merge_lora_weight(w, a, lora[f"base_model.model.{prefix}.lora_B.default.weight"], scaling)
-        key = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else "rest"
-        groups.setdefault(key, {})[hf_name] = w
     writer = MergedModelWriter(out_dir, base_dir)
-    for tensors in groups.values():
-        if "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors:
-            tensors.pop("lm_head.weight")  # tied: the checkpoint stores the embedding once
+    for tensors in merged_layers_from_peft(model):
         writer.add(tensors)
     return writer.finish()
 

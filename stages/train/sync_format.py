@@ -217,3 +217,26 @@ class MergedModelWriter:
         _atomic_write_bytes(self.out_dir / MERGED_INDEX, data)
         self._finished = True
         return self.bytes_written + len(data)
+
+
+def merged_layers_from_peft(model) -> list[dict]:
+    """The merged weights W + (alpha/r)·B·A of an unsharded PEFT model, one dict per decoder layer (plus one for
+    the rest), under the base model's Hugging Face names: what `MergedModelWriter.add` takes, grouped as the
+    actor's layered gather groups them. Benchmarks and tests use it on plain PEFT models."""
+    cfg = model.peft_config["default"]
+    scaling = cfg.lora_alpha / cfg.r
+    lora = {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n}
+    groups: dict[str, dict] = {}
+    for name, w in model.get_base_model().state_dict().items():
+        if ".lora_" in name:
+            continue
+        hf_name = name.replace(".base_layer.", ".")
+        prefix = hf_name.rsplit(".", 1)[0]
+        a = lora.get(f"base_model.model.{prefix}.lora_A.default.weight")
+        if a is not None and hf_name.endswith(".weight"):
+            w = merge_lora_weight(w, a, lora[f"base_model.model.{prefix}.lora_B.default.weight"], scaling)
+        key = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else "rest"
+        groups.setdefault(key, {})[hf_name] = w
+    if getattr(model.config, "tie_word_embeddings", False):
+        groups.get("rest", {}).pop("lm_head.weight", None)  # tied: the checkpoint stores the embedding once
+    return list(groups.values())

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from stages.train.rollout import RolloutEngine, resolve_sync_mode, vllm_max_lora_rank
-from stages.train.sync_format import MergedModelWriter, merge_lora_weight, write_adapter
+from stages.train.sync_format import MergedModelWriter, merged_layers_from_peft, write_adapter
 
 LOGPROB_ATOL = 1e-4
 MIN_ADAPTER_EFFECT = 0.05  # the perturbed adapter must move some log-prob by more than this
@@ -90,25 +90,9 @@ def _hf_greedy(model, prompt, max_new_tokens) -> list[int]:
 
 
 def _write_merged(model, out_dir, base_dir) -> int:
-    """Merge the adapter layer by layer with merge_lora_weight, the way the actor does, and write every tensor."""
-    cfg = model.peft_config["default"]
-    scaling = cfg.lora_alpha / cfg.r
-    lora = _lora_state(model)
+    """Merge the adapter layer by layer, the way the actor does, and write every tensor."""
     writer = MergedModelWriter(out_dir, base_dir)
-    base_state = model.get_base_model().state_dict()
-    by_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for name, w in base_state.items():
-        if ".lora_" in name:
-            continue
-        hf_name = name.replace(".base_layer.", ".")
-        prefix = hf_name.rsplit(".", 1)[0]
-        a = lora.get(f"base_model.model.{prefix}.lora_A.default.weight")
-        if a is not None and hf_name.endswith(".weight"):
-            b = lora[f"base_model.model.{prefix}.lora_B.default.weight"]
-            w = merge_lora_weight(w, a, b, scaling)
-        group = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else "rest"
-        by_layer.setdefault(group, {})[hf_name] = w
-    for tensors in by_layer.values():
+    for tensors in merged_layers_from_peft(model):
         writer.add(tensors)
     return writer.finish()
 
