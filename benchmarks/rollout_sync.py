@@ -100,7 +100,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from stages.default_model import default_model_dir
+    from ground.default_model import default_model_dir
     from stages.train.rollout import RolloutEngine
     from stages.train.sync_format import remove_sync_root, sync_root, write_adapter
 

@@ -75,7 +75,7 @@ def publish_adapters(base_dir: Path, registry_dir: Path, count: int, rank: int) 
 
     from registry import open_registry
     from registry.synthetic import write_lora
-    from stages.model_files import fingerprint
+    from ground.model_files import fingerprint
 
     reg = open_registry(str(registry_dir))
     config = json.loads((base_dir / "config.json").read_text())
@@ -230,8 +230,8 @@ def main(argv=None) -> int:
     for noisy in ("httpx", "httpx2", "openai"):  # one line per request would bury the results
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from stages.model_files import weight_files
-    from stages.stage_model import resolve_model_path
+    from ground.model_files import weight_files
+    from ground.base_model import resolve_model_path
 
     base_dir = resolve_model_path(args.base)
     config = json.loads((base_dir / "config.json").read_text())

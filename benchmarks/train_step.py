@@ -1,6 +1,6 @@
 """Per-phase time of RL training steps in each weight-sync mode (not a test).
 
-Runs a few steps of the default config (pipeline/configs/cpu_quickstart.yaml: SmolLM2-135M, LoRA rank 16
+Runs a few steps of the default config (config/cpu_quickstart.yaml: SmolLM2-135M, LoRA rank 16
 all-linear, GRPO, 8 prompts x 8 responses) once with `actor_rollout_ref.rollout.lora_sync=adapter` and once with
 `merged`, each in a fresh process (own Ray, own engine), and writes a Markdown table: seconds per phase, rollout
 tokens/s, bytes per sync and the sync's share of the step. The first step is a warm-up and is left out of the
@@ -33,8 +33,8 @@ def run_one(mode: str, steps: int, overrides: list[str], out_json: Path) -> None
     """Train `steps` steps in sync mode `mode` in a scratch folder; write the per-step history to out_json."""
     import logging
 
-    from pipeline.config import load_config
-    from stages.stage_model import resolve_model_path
+    from config import load_config
+    from ground.base_model import resolve_model_path
     from stages.train import train
 
     logging.basicConfig(level=logging.WARNING)

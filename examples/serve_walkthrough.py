@@ -48,7 +48,7 @@ def main() -> None:
 
     from registry import open_registry
     from serve.server import start_server
-    from stages.default_model import default_model_dir
+    from ground.default_model import default_model_dir
 
     base = default_model_dir()
     reg = open_registry(args.registry)

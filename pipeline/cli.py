@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from config import load_config
+from ground.errors import PipelineError
 
 CONFIG_OPTION = click.option("-c", "--config", "config_file", type=click.Path(), default=None,
                              help="YAML config file (default: the embedded CPU demo).")
@@ -155,6 +155,6 @@ from serve.cli import serve_cmd  # noqa: E402
 
 main.add_command(serve_cmd)
 
-from stages.train.cli import train_command  # noqa: E402
+from pipeline.train_cli import train_command  # noqa: E402
 
 main.add_command(train_command)

@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from pipeline.config import Config, load_config
-from pipeline.errors import PipelineError, StageError
+from config import Config, load_config
+from ground.errors import PipelineError, StageError
 
 log = logging.getLogger(__name__)
 

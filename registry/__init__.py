@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipeline.errors import RegistryError
+from ground.errors import RegistryError
 from registry.core import DEFAULT_URI, AdapterVersion, Registry
 from registry.integrity import VerifyReport
 from registry.refs import parse_ref

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from pipeline.errors import RegistryError
+from ground.errors import RegistryError
 from registry.refs import check_version, parse_ref
 
 
@@ -17,7 +17,7 @@ def _open(ctx: click.Context):
 
         uri, tracking = ctx.obj["uri"], ctx.obj["tracking"]
         if ctx.obj["config"]:
-            from pipeline.config import load_config
+            from config import load_config
 
             cfg = load_config(ctx.obj["config"], [])
             uri = uri or cfg.registry.uri

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.errors import NotFoundError, RegistryError
+from ground.errors import NotFoundError, RegistryError
 from registry.integrity import MANIFEST, METADATA, PAYLOAD, VerifyReport, verify_folder
 from registry.refs import check_alias, check_name, check_version, format_versions, parse_ref
 from registry.store import Store
@@ -200,7 +200,7 @@ class Registry:
                 entries[fname] = _copy_hashed(adapter_dir / fname, staged / fname)
             info = validate_adapter(staged, base_path)
             if base_path is not None and base_fingerprint is None:
-                from stages.model_files import fingerprint
+                from ground.model_files import fingerprint
 
                 base_fingerprint = fingerprint(base_path)
             now = time.time()

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.errors import RegistryError
+from ground.errors import RegistryError
 from registry.core import AdapterVersion
 from registry.integrity import METADATA, PAYLOAD
 
@@ -56,7 +56,7 @@ def _base_for(av: AdapterVersion, base_dir) -> Path:
                             f"`{base or av.metadata.get('base_model')}` is not available here. Pass it with --base PATH.")
     want = av.base_fingerprint
     if want:
-        from stages.model_files import fingerprint
+        from ground.model_files import fingerprint
 
         got = fingerprint(base)
         if got != want:

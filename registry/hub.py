@@ -11,7 +11,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from pipeline.errors import NotFoundError, RegistryError
+from ground.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS
+from ground.errors import NotFoundError, RegistryError
 from registry.core import AdapterVersion
 from registry.integrity import METADATA, PAYLOAD
 
@@ -63,7 +64,7 @@ def download(repo_id: str, revision: str | None, into: Path) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_dir=into,
-                                      allow_patterns=["adapter_config.json", "adapter_model.safetensors", "*.bin"]))
+                                      allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS]))
     except Exception as exc:  # noqa: BLE001
         hint = ("HF_HUB_OFFLINE=1 is set and the repo is not in the local Hugging Face cache; unset HF_HUB_OFFLINE "
                 "on a machine that reaches huggingface.co, or download the adapter folder elsewhere and run "

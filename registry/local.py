@@ -37,7 +37,8 @@ from typing import Callable, Iterator
 
 from filelock import FileLock
 
-from pipeline.errors import RegistryError
+from ground.errors import RegistryError
+from ground.processes import pid_alive
 from registry.refs import NAME_RE
 from registry.store import Store
 
@@ -54,20 +55,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child that nobody reaped yet is a zombie: alive to kill(0), dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class LocalStore(Store):
@@ -238,7 +225,7 @@ class LocalStore(Store):
                 age = now - path.lstat().st_mtime
             except FileNotFoundError:
                 continue
-            dead = host == HOST and int(pid) != os.getpid() and not _pid_alive(int(pid))
+            dead = host == HOST and int(pid) != os.getpid() and not pid_alive(int(pid))
             if dead or age > STALE_AFTER_S:
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)

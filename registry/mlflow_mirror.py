@@ -37,8 +37,10 @@ def version_tags(av) -> dict[str, str]:
 def _weights_sha(av) -> str:
     import json
 
+    from ground.adapter_files import ADAPTER_WEIGHTS
+
     try:
-        return json.loads((av.path / "manifest.json").read_text())["files"]["adapter_model.safetensors"]["sha256"]
+        return json.loads((av.path / "manifest.json").read_text())["files"][ADAPTER_WEIGHTS]["sha256"]
     except (OSError, ValueError, KeyError):
         return ""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from pipeline.errors import RegistryError
+from ground.errors import RegistryError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")

@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import PipelineError, RegistryError
-from stages.model_files import check_safetensors
+from ground.errors import PipelineError, RegistryError
+from ground.adapter_files import ADAPTER_CONFIG as CONFIG
+from ground.adapter_files import ADAPTER_WEIGHTS as WEIGHTS
+from ground.model_files import check_safetensors
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight|(?P<emodule>.+)\.(?P<ekind>lora_embedding_[AB])")

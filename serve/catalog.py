@@ -10,7 +10,6 @@ long an alias move takes to reach requests, while a burst of requests costs one 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -18,7 +17,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pipeline.errors import RegistryError
+from ground.errors import RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +42,6 @@ class Resolved:
     path: str
     base_fingerprint: str | None
     rank: int = 0
-
-
-def stable_lora_id(ref: str) -> int:
-    """A positive int from sha256 of `NAME@V`: the same in every process and run (never Python's hash())."""
-    return int.from_bytes(hashlib.sha256(ref.encode()).digest()[:7], "big") or 1
 
 
 class AdapterCatalog:
@@ -112,7 +106,7 @@ class AdapterCatalog:
     def servable(self) -> list[dict]:
         """Model cards for every reference this server can serve: each version `NAME@V`, plus `NAME` (latest)
         and `NAME@ALIAS` when the version they point at is servable (trained on this base, rank that fits)."""
-        from pipeline.errors import NotFoundError
+        from ground.errors import NotFoundError
 
         cards = []
         for name in self.registry.list_adapters():

@@ -36,9 +36,9 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
     A request's `model` may be the base model's name, NAME (latest version), NAME@7 or NAME@ALIAS. Stop with
     Ctrl-C; the server and its engine processes are shut down and their shared memory removed.
     """
-    from pipeline.errors import StageError
+    from ground.errors import StageError
     from serve.server import start_server
-    from stages.stage_model import resolve_model_path
+    from ground.base_model import resolve_model_path
 
     base_dir = resolve_model_path(base)
     # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C, also while the server starts

@@ -74,7 +74,7 @@ class RegistryRefMiddleware:
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model or self.catalog.is_base(model):
             return body
-        from pipeline.errors import RegistryError
+        from ground.errors import RegistryError
 
         try:
             resolved = self.catalog.lookup(model)

@@ -30,7 +30,7 @@ def to_vllm_error(exc: Exception) -> Exception:
     """Our registry errors -> the vLLM exception that carries the right HTTP status to the client."""
     from vllm.exceptions import GracefulHTTPError, VLLMNotFoundError, VLLMValidationError
 
-    from pipeline.errors import NotFoundError
+    from ground.errors import NotFoundError
     from serve.catalog import BaseMismatchError, RankTooLargeError
 
     if isinstance(exc, NotFoundError):
@@ -45,8 +45,9 @@ def _make_resolver_class():
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
 
-    from pipeline.errors import RegistryError
-    from serve.catalog import get_catalog, stable_lora_id
+    from ground.errors import RegistryError
+    from ground.vllm_lora import stable_lora_id
+    from serve.catalog import get_catalog
 
     class RegistryLoRAResolver(LoRAResolver):
         """Maps `NAME@V` (or `NAME`, `NAME@alias`) to the registry version's adapter folder."""

@@ -25,7 +25,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import StageError
+from ground.errors import StageError
+from ground.processes import shm_segments_of
+from ground.vllm_lora import VLLM_LORA_RANKS, max_lora_rank_for
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +38,12 @@ ENV_BASE_NAME = "PIPELINE_SERVE_BASE_NAME"
 ENV_ALIAS_TTL = "PIPELINE_SERVE_ALIAS_TTL_S"
 ENV_MAX_LORA_RANK = "PIPELINE_SERVE_MAX_LORA_RANK"
 
-# vLLM 0.32 accepts exactly these values for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
 def round_lora_rank(rank: int) -> int:
-    """The smallest rank vLLM accepts that is >= `rank` (8 when the registry is empty).
-
-    Keep it tight: ARCHITECTURE.md measured that vLLM's CPU LoRA kernels slow down with max_lora_rank.
-    """
-    rank = max(int(rank or 0), 1)
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
+    """`ground.vllm_lora.max_lora_rank_for` for the server: the smallest --max-lora-rank vLLM accepts that holds
+    `rank` (ranks below 1 count as 1); an error names the registry's rank."""
+    allowed = max_lora_rank_for(rank)
+    if allowed is not None:
+        return allowed
     raise StageError(f"An adapter in the registry has rank {rank}; vLLM serves at most rank {VLLM_LORA_RANKS[-1]}.")
 
 
@@ -88,27 +83,6 @@ def tree_memory_mib(session_id: int) -> dict[str, float]:
     rss = sum(_smaps_kib(p, "Rss") for p in pids)
     pss = sum(_smaps_kib(p, "Pss") for p in pids)
     return {"rss_mib": rss / 1024, "pss_mib": pss / 1024, "processes": len(pids)}
-
-
-def shm_segments_of(pids: list[int]) -> set[str]:
-    """`/dev/shm/psm_*` files that these processes have mapped or open."""
-    found: set[str] = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    if "/dev/shm/psm_" in line:
-                        found.add(line.split(None, 5)[-1].strip().removesuffix(" (deleted)"))
-        except OSError:
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("/dev/shm/psm_"):
-                    found.add(target.removesuffix(" (deleted)"))
-        except OSError:
-            continue
-    return found
 
 
 # ----------------------------------------------------------------------------------------- the server
@@ -262,7 +236,7 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
     server's output goes to `log_path` (default: a temp file).
     """
     from registry import open_registry
-    from stages.model_files import fingerprint
+    from ground.model_files import fingerprint
 
     base_dir = Path(base_dir).expanduser().absolute()
     if not (base_dir / "config.json").is_file():

@@ -7,8 +7,8 @@ is the adapter. The same engine, prompts and scorer produce both, so the differe
 
 from __future__ import annotations
 
-from pipeline.config import Config
-from pipeline.errors import StageError
+from config import Config
+from ground.errors import StageError
 
 
 def evaluate(cfg: Config, train_outputs: dict) -> dict:

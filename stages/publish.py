@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.config import Config
+from config import Config
 
 log = logging.getLogger(__name__)
 

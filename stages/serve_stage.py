@@ -11,8 +11,8 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.config import Config
-from pipeline.errors import StageError
+from config import Config
+from ground.errors import StageError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ def resolve_device(setting: str) -> str:
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if setting == "cuda" and not torch.cuda.is_available():
-        from pipeline.errors import ConfigError
+        from ground.errors import ConfigError
 
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; set trainer.device=auto or cpu.")
     return setting
@@ -82,7 +82,7 @@ def train(cfg, model_dir: str, base_fingerprint: str | None = None, out_dir: str
     import torch
     from transformers import AutoTokenizer
 
-    from stages.prepare_data import ensure_data
+    from stages.train.prepare_data import ensure_data
     from stages.train import checkpoint
     from stages.train.data import BatchIterator, PromptDataset, data_fingerprint
     from stages.train.rewards import RewardFunction
@@ -91,7 +91,7 @@ def train(cfg, model_dir: str, base_fingerprint: str | None = None, out_dir: str
     from stages.train.tracking import TrainTracking
     from stages.train.trainer import Trainer
     from stages.train.worker_group import WorkerGroup
-    from stages.model_files import fingerprint
+    from ground.model_files import fingerprint
 
     device = resolve_device(cfg.trainer.device)
     sync_mode = resolve_sync_mode(cfg.actor_rollout_ref.rollout.lora_sync, device)

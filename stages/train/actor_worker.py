@@ -56,7 +56,7 @@ class ActorWorker:
 
     def __init__(self, rank: int, world_size: int, master_port: int, cfg: dict, model_dir: str,
                  with_critic: bool, total_steps: int, device: str, threads: int):
-        from pipeline.config import Config
+        from config import Config
 
         self.rank, self.world_size = rank, world_size
         self.cfg = Config.model_validate(cfg)

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.errors import ConfigError
+from ground.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import StageError
+from ground.adapter_files import ADAPTER_WEIGHTS
+from ground.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def load_worker_state(worker, ckpt_dir: str) -> dict:
     from stages.train import gather
 
     src = Path(ckpt_dir)
-    saved = load_file(str(src / "adapter" / "adapter_model.safetensors"))
+    saved = load_file(str(src / "adapter" / ADAPTER_WEIGHTS))
     names = {gather.peft_name(n): n for n, _ in worker.model.named_parameters() if gather.is_policy_lora(n)}
     if set(saved) != set(names):
         raise StageError(

@@ -49,8 +49,8 @@ def algorithms_cmd():
             [(name, ca.describe(fn)) for name, fn in ca.POLICY_LOSSES.items()])
     section("loss aggregation modes", "actor_rollout_ref.actor.loss_agg_mode",
             [(name, ca.describe(fn)) for name, fn in ca.LOSS_AGG_MODES.items()])
-    canonical = [name for name in ca.KL_ESTIMATORS if name not in ca.KL_ALIASES]
-    aliases = {name: [a for a, c in ca.KL_ALIASES.items() if c == name] for name in canonical}
+    canonical = list(ca.KL_ESTIMATORS)
+    aliases = {name: [a for a, c in ca.KL_ESTIMATORS.aliases.items() if c == name] for name in canonical}
     section("KL estimators", "actor.kl_loss_type, algorithm.kl_penalty",
             [(name + (f" (= {', '.join(aliases[name])})" if aliases[name] else ""), ca.describe(ca.KL_ESTIMATORS[name]))
              for name in canonical])

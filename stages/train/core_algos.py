@@ -17,9 +17,9 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.errors import ConfigError
+from ground.errors import ConfigError
+from ground.names import NameRegistry
 from stages.train.kl import (  # noqa: F401  (re-exported: one import site for the trainer)
-    KL_ALIASES,
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
@@ -44,12 +44,12 @@ from stages.train.losses import (  # noqa: F401
 )
 
 AdvEstimatorFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-ADV_ESTIMATORS: dict[str, AdvEstimatorFn] = {}
+ADV_ESTIMATORS: NameRegistry[AdvEstimatorFn] = NameRegistry("advantage estimator")
 _NEEDS_CRITIC: set[str] = set()
 _NEEDS_GREEDY_BASELINE: set[str] = set()
 
 # Algorithm recipe names (the seed's `algorithm.adv_estimator` values) -> the estimator they use.
-# The rest of a recipe (DAPO's clip-higher, dynamic sampling, ...) is config defaults: pipeline.config presets.
+# The rest of a recipe (DAPO's clip-higher, dynamic sampling, ...) is config defaults: config.loader presets.
 RECIPE_ESTIMATORS = {"ppo": "gae", "dapo": "grpo"}
 
 _EPS = 1e-6
@@ -59,9 +59,7 @@ def register_adv_estimator(name: str, needs_critic: bool = False, needs_greedy_b
     """Register an advantage estimator under `name` (see the module docstring for the signature)."""
 
     def wrap(fn):
-        if name in ADV_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is registered twice")
-        ADV_ESTIMATORS[name] = fn
+        ADV_ESTIMATORS.add(name, fn)
         if needs_critic:
             _NEEDS_CRITIC.add(name)
         if needs_greedy_baseline:
@@ -73,11 +71,10 @@ def register_adv_estimator(name: str, needs_critic: bool = False, needs_greedy_b
 
 def resolve_adv_estimator_name(name: str) -> str:
     """`ppo` -> `gae`, `dapo` -> `grpo`; a registered name maps to itself; anything else is a ConfigError."""
-    resolved = RECIPE_ESTIMATORS.get(name, name)
-    if resolved not in ADV_ESTIMATORS:
-        valid = list(ADV_ESTIMATORS) + [f"{k} (= {v})" for k, v in RECIPE_ESTIMATORS.items()]
-        raise ConfigError(f"algorithm.adv_estimator={name!r} is not an advantage estimator; valid: {', '.join(valid)}.")
-    return resolved
+    if name in RECIPE_ESTIMATORS:
+        return RECIPE_ESTIMATORS[name]
+    recipes = tuple(f"{k} (= {v})" for k, v in RECIPE_ESTIMATORS.items())
+    return ADV_ESTIMATORS.canonical(name, "algorithm.adv_estimator", extra_valid=recipes)
 
 
 def get_adv_estimator(name: str) -> AdvEstimatorFn:

@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from pipeline.errors import DataError
+from ground.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ground.adapter_files import saved_key
 from stages.train.modeling import POLICY
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -36,9 +37,7 @@ def is_policy_lora(name: str) -> bool:
 def peft_name(name: str) -> str:
     """`peft.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`
     -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (the key in adapter_model.safetensors)."""
-    if name.startswith(_PREFIX):
-        name = name[len(_PREFIX):]
-    return name.replace(f".{POLICY}.", ".")
+    return saved_key(name.removeprefix(_PREFIX))
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:

@@ -17,26 +17,17 @@ from typing import Callable
 
 import torch
 
-from pipeline.errors import ConfigError
+from ground.errors import ConfigError
+from ground.names import NameRegistry
 from stages.train.losses import masked_mean
 
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
-KL_ALIASES: dict[str, str] = {}  # alias -> canonical name
+KL_ESTIMATORS: NameRegistry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = NameRegistry("KL estimator")
 
 
 def register_kl_estimator(name: str, aliases: tuple[str, ...] = ()):
     """Register `fn(log_prob [B,T], ref_log_prob [B,T]) -> [B,T]` under `name` and its aliases."""
 
-    def wrap(fn):
-        for key in (name, *aliases):
-            if key in KL_ESTIMATORS:
-                raise ValueError(f"KL estimator {key!r} is registered twice")
-            KL_ESTIMATORS[key] = fn
-        for alias in aliases:
-            KL_ALIASES[alias] = name
-        return fn
-
-    return wrap
+    return KL_ESTIMATORS.register(name, aliases)
 
 
 @register_kl_estimator("k1", aliases=("kl",))
@@ -92,9 +83,7 @@ def kl_k3_plus(log_prob, ref_log_prob):
 
 def check_kl_kind(kind: str, key: str) -> str:
     """Return the canonical estimator name or raise ConfigError naming the config key."""
-    if kind not in KL_ESTIMATORS:
-        raise ConfigError(f"{key}={kind!r} is not a KL estimator; valid: {', '.join(KL_ESTIMATORS)}.")
-    return KL_ALIASES.get(kind, kind)
+    return KL_ESTIMATORS.canonical(kind, key)
 
 
 def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str) -> torch.Tensor:

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from pipeline.errors import ConfigError
+from ground.errors import ConfigError
+from ground.names import NameRegistry
 
 # ------------------------------------------------------------------------------------------- masked helpers
 
@@ -47,19 +48,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 # ------------------------------------------------------------------------------------------- loss aggregation
 
-LOSS_AGG_MODES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+LOSS_AGG_MODES: NameRegistry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = NameRegistry(
+    "loss aggregation mode")
 
 
 def register_loss_agg_mode(name: str):
     """Register `fn(loss_mat [B,T], loss_mask [B,T]) -> scalar` as a loss aggregation mode."""
-
-    def wrap(fn):
-        if name in LOSS_AGG_MODES:
-            raise ValueError(f"loss aggregation mode {name!r} is registered twice")
-        LOSS_AGG_MODES[name] = fn
-        return fn
-
-    return wrap
+    return LOSS_AGG_MODES.register(name)
 
 
 @register_loss_agg_mode("token-mean")
@@ -93,8 +88,7 @@ def _seq_mean_token_sum_norm(loss_mat, loss_mask):
 
 
 def check_loss_agg_mode(mode: str, key: str = "actor_rollout_ref.actor.loss_agg_mode") -> None:
-    if mode not in LOSS_AGG_MODES:
-        raise ConfigError(f"{key}={mode!r} is not a loss aggregation mode; valid: {', '.join(LOSS_AGG_MODES)}.")
+    LOSS_AGG_MODES.canonical(mode, key)
 
 
 def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
@@ -112,28 +106,17 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
 # --------------------------------------------------------------------------------------------- policy losses
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+POLICY_LOSSES: NameRegistry[PolicyLossFn] = NameRegistry("policy loss")
 
 
 def register_policy_loss(name: str):
     """Register `fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config) -> (loss, metrics)`."""
 
-    def wrap(fn):
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is registered twice")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return wrap
+    return POLICY_LOSSES.register(name)
 
 
 def get_policy_loss_fn(name: str) -> PolicyLossFn:
-    if name not in POLICY_LOSSES:
-        raise ConfigError(
-            f"actor_rollout_ref.actor.policy_loss.loss_mode={name!r} is not a registered policy loss; "
-            f"valid: {', '.join(POLICY_LOSSES)}."
-        )
-    return POLICY_LOSSES[name]
+    return POLICY_LOSSES.lookup(name, "actor_rollout_ref.actor.policy_loss.loss_mode")
 
 
 def clip_range(config) -> tuple[float, float, float]:

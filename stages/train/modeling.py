@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn

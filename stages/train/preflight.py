@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
-from pipeline.config import SUPPORTED_LOAD_FORMATS, Config
-from pipeline.errors import ConfigError, StageError
+from config import Config, validate
+from ground.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS
+from ground.errors import ConfigError, StageError
+from ground.model_files import check_safetensors
 
 
 def tensor_names(model_dir: str | Path) -> list[str]:
@@ -22,10 +23,7 @@ def tensor_names(model_dir: str | Path) -> list[str]:
     if not files:
         raise StageError(f"`{model_dir}` holds no *.safetensors weights; stage the model first (pipeline stage-model).")
     for path in files:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        names.extend(k for k in header if k != "__metadata__")
+        names.extend(k for k in check_safetensors(path) if k != "__metadata__")
     return names
 
 
@@ -72,13 +70,14 @@ def check_target_modules(model_cfg, model_dir: str | Path) -> None:
 
 def check_adapter_path(path: str) -> None:
     p = Path(path).expanduser()
-    if not (p / "adapter_config.json").is_file():
+    if not (p / ADAPTER_CONFIG).is_file():
         raise ConfigError(
-            f"actor_rollout_ref.model.lora_adapter_path=`{path}` is not a PEFT adapter folder (no adapter_config.json)."
+            f"actor_rollout_ref.model.lora_adapter_path=`{path}` is not a PEFT adapter folder (no {ADAPTER_CONFIG})."
         )
-    if not (p / "adapter_model.safetensors").is_file():
-        extra = " It holds adapter_model.bin, a pickle file this project never loads; convert it to safetensors where you trust it." if (p / "adapter_model.bin").is_file() else ""
-        raise ConfigError(f"actor_rollout_ref.model.lora_adapter_path=`{path}` has no adapter_model.safetensors.{extra}")
+    if not (p / ADAPTER_WEIGHTS).is_file():
+        extra = (f" It holds {PICKLED_WEIGHTS}, a pickle file this project never loads; convert it to safetensors "
+                 "where you trust it." if (p / PICKLED_WEIGHTS).is_file() else "")
+        raise ConfigError(f"actor_rollout_ref.model.lora_adapter_path=`{path}` has no {ADAPTER_WEIGHTS}.{extra}")
 
 
 def preflight(cfg: Config, model_dir: str | Path) -> None:
@@ -86,13 +85,8 @@ def preflight(cfg: Config, model_dir: str | Path) -> None:
     from stages.train.core_algos import check_algorithm_names
     from stages.train.rollout import vllm_max_lora_rank
 
+    validate(cfg)  # the config's own rules (load_format, ranks, ...), also for a Config built in code
     arr = cfg.actor_rollout_ref
-    if arr.rollout.load_format not in SUPPORTED_LOAD_FORMATS:
-        raise ConfigError(
-            f"actor_rollout_ref.rollout.load_format={arr.rollout.load_format!r} cannot be used with LoRA: the engine "
-            "must hold the real base weights, since it only ever receives LoRA tensors. "
-            "Set actor_rollout_ref.rollout.load_format=safetensors."
-        )
     vllm_max_lora_rank(max(arr.model.lora_rank, arr.rollout.max_lora_rank or 0))
     if not (Path(model_dir) / "config.json").is_file():
         raise StageError(f"model folder `{model_dir}` has no config.json; stage the model first.")

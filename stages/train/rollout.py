@@ -13,33 +13,26 @@ Two ways to bring the engine up to date after an actor update (`actor_rollout_re
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
-from pathlib import Path
 
-from pipeline.errors import ConfigError
+from ground.errors import ConfigError
+from ground.processes import child_pids, remove_files, shm_segments_of
+from ground.vllm_lora import VLLM_LORA_RANKS, max_lora_rank_for, stable_lora_id
 
 log = logging.getLogger(__name__)
 
-# vLLM 0.32 `vllm.config.lora.MaxLoRARanks`; the engine refuses any other max_lora_rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SYNC_MODES = ("adapter", "merged")
 ADAPTER_NAME = "policy"
 
 
 def vllm_max_lora_rank(rank: int) -> int:
-    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of this rank (e.g. 2 -> 8, 16 -> 16, 17 -> 32).
-
-    vLLM sizes its LoRA buffers to max_lora_rank, and the CPU kernels get slower as it grows, so round up to the
-    nearest allowed value rather than to the largest.
-    """
+    """`ground.vllm_lora.max_lora_rank_for` for the training config: an error names the config key."""
     if rank < 1:
         raise ConfigError(f"actor_rollout_ref.model.lora_rank={rank} must be >= 1.")
-    for allowed in VLLM_LORA_RANKS:
-        if rank <= allowed:
-            return allowed
+    allowed = max_lora_rank_for(rank)
+    if allowed is not None:
+        return allowed
     raise ConfigError(
         f"actor_rollout_ref.model.lora_rank={rank} is above {VLLM_LORA_RANKS[-1]}, the largest LoRA rank the vLLM "
         f"rollout engine supports (it accepts max_lora_rank in {list(VLLM_LORA_RANKS)}). "
@@ -57,32 +50,6 @@ def resolve_sync_mode(lora_sync: str, device: str) -> str:
             "Set actor_rollout_ref.rollout.lora_sync=auto."
         )
     return "adapter" if str(device).startswith("cuda") else "merged"
-
-
-def stable_lora_id(name: str) -> int:
-    """A positive 31-bit id from a digest of the name, the same in every process (Python's hash() is salted)."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % (2**31 - 1) + 1
-
-
-def _child_pids() -> set[int]:
-    import psutil
-
-    return {c.pid for c in psutil.Process().children(recursive=True)}
-
-
-def _shm_segments_of(pids: list[int]) -> set[str]:
-    """Paths of /dev/shm/psm_* segments mapped by these processes (vLLM's shared-memory message queues)."""
-    found = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
-                    if "/dev/shm/psm_" in path:
-                        found.add(path.replace(" (deleted)", ""))
-        except OSError:
-            continue
-    return found
 
 
 class RolloutEngine:
@@ -122,10 +89,10 @@ class RolloutEngine:
             kwargs.update(enable_lora=True, max_lora_rank=max_rank, max_loras=1, max_cpu_loras=1)
         log.info("starting vLLM rollout engine (%s sync) on %s", sync_mode, self.model_dir)
         t0 = time.perf_counter()
-        children_before = _child_pids()
+        children_before = child_pids()
         self._llm = LLM(**kwargs)
         # The processes this engine started (its engine core), whose shared memory `shutdown` cleans up.
-        self._engine_pids = sorted(_child_pids() - children_before)
+        self._engine_pids = sorted(child_pids() - children_before)
         self.start_seconds = time.perf_counter() - t0
         log.info("rollout engine up in %.1f s", self.start_seconds)
 
@@ -223,7 +190,7 @@ class RolloutEngine:
         llm, self._llm = self._llm, None
         if llm is None:
             return
-        segments = _shm_segments_of(self._engine_pids)
+        segments = shm_segments_of(self._engine_pids)
         try:
             llm.llm_engine.engine_core.shutdown()
         except Exception:  # the engine may already be gone (killed, crashed); cleanup below still runs
@@ -232,14 +199,9 @@ class RolloutEngine:
         import gc
 
         gc.collect()
-        for seg in segments:  # a clean shutdown unlinks them; a crashed core leaves them in RAM
-            try:
-                os.unlink(seg)
-                log.info("removed leftover shared memory %s", seg)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                log.warning("could not remove %s", seg, exc_info=True)
+        # a clean shutdown unlinks them; a crashed core leaves them in RAM
+        if remove_files(segments):
+            log.info("removed leftover shared memory of the rollout engine")
 
     def __enter__(self) -> "RolloutEngine":
         return self

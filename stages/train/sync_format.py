@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -28,10 +27,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ground.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, saved_key
+from ground.processes import owner_gone, write_owner
+
 log = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 MERGED_INDEX = "model.safetensors.index.json"
 # Files of the base model folder that the engine (and transformers) need besides the weights.
 BASE_SIDE_FILES = (
@@ -39,8 +39,6 @@ BASE_SIDE_FILES = (
     "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
 )
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# PEFT keeps the adapter name inside module paths in memory ("lora_A.default.weight") and drops it on save.
-_ADAPTER_NAME_IN_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.[^.]+\.weight$")
 
 
 def sync_root(run_name: str, base: str | os.PathLike | None = None) -> Path:
@@ -56,7 +54,7 @@ def sync_root(run_name: str, base: str | os.PathLike | None = None) -> Path:
     _remove_orphans(Path(base))
     root = Path(base) / f"lora-pipeline-sync-{run_name}"
     root.mkdir(parents=True, exist_ok=True)
-    (root / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
+    write_owner(root / OWNER_FILE)
     return root
 
 
@@ -66,16 +64,10 @@ OWNER_FILE = ".owner"
 def _remove_orphans(base: Path) -> None:
     """Remove sync folders whose owning process on this host is gone (a SIGKILLed run cannot clean up, and
     /dev/shm is RAM: each orphan holds a model's worth of it)."""
-    host = socket.gethostname()
     for folder in base.glob("lora-pipeline-sync-*"):
-        try:
-            owner_host, pid = (folder / OWNER_FILE).read_text().split()
-            os.kill(int(pid), 0) if owner_host == host else None
-        except ProcessLookupError:
+        if owner_gone(folder / OWNER_FILE):
             log.info("removing %s, left by a run that no longer exists", folder)
             shutil.rmtree(folder, ignore_errors=True)
-        except (OSError, ValueError):
-            continue  # no owner file (not ours to judge) or a process we may not signal (alive)
 
 
 def remove_sync_root(root: str | os.PathLike) -> None:
@@ -84,15 +76,6 @@ def remove_sync_root(root: str | os.PathLike) -> None:
     if not root.name.startswith("lora-pipeline-sync-"):
         raise ValueError(f"{root} is not a sync folder made by sync_root")
     shutil.rmtree(root, ignore_errors=True)
-
-
-def peft_key(name: str) -> str:
-    """The key PEFT's `save_pretrained` writes for an in-memory parameter name.
-
-    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight` ->
-    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; names already in saved form pass through.
-    """
-    return _ADAPTER_NAME_IN_KEY.sub(lambda m: f".{m.group(1)}.weight", name)
 
 
 def _json_safe(value):
@@ -134,7 +117,7 @@ def write_adapter(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     out.mkdir(parents=True, exist_ok=True)
     state = {}
     for name, tensor in tensors.items():
-        key = peft_key(name)
+        key = saved_key(name)
         if ".lora_" not in key:
             raise ValueError(f"write_adapter: {name!r} is not a LoRA tensor (expected ...lora_A/lora_B.weight)")
         state[key] = tensor.detach().to("cpu").contiguous()

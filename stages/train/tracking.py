@@ -1,7 +1,7 @@
 """MLflow tracking of a training run: every resolved config key as a parameter, per-step and validation
 metrics, the final adapter as an artifact.
 
-The store is `pipeline.tracking.tracking_uri(...)`: `trainer.mlflow_tracking_uri`, else $MLFLOW_TRACKING_URI,
+The store is `ground.mlflow_uri.tracking_uri(...)`: `trainer.mlflow_tracking_uri`, else $MLFLOW_TRACKING_URI,
 else a local sqlite file that needs no server. Under a pipeline the run nests under the pipeline's parent run
 (`parent_run_id`). A resumed training run continues its MLflow run (its id is kept in the checkpoint).
 The client API is used (no process-global active run), so several trainers in one process cannot collide.
@@ -32,7 +32,7 @@ class TrainTracking:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        from pipeline.tracking import PARENT_TAG, get_experiment_id, tracking_uri
+        from ground.mlflow_uri import PARENT_TAG, get_experiment_id, tracking_uri
 
         self.uri = tracking_uri(cfg.trainer.mlflow_tracking_uri)
         self.client = MlflowClient(self.uri)

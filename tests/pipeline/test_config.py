@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import all_keys, load_config
-from pipeline.errors import ConfigError
+from config import all_keys, load_config
+from ground.errors import ConfigError
 
 SEED_COMMAND_LINE = [
     "algorithm.adv_estimator=grpo",

@@ -1,7 +1,7 @@
 import json
 
 from pipeline.cli import cli_entry
-from pipeline.config import load_config
+from config import load_config
 from pipeline.report import REPORT, write_report
 from pipeline.runner import Pipeline, Run, Stage
 

@@ -8,8 +8,8 @@ import textwrap
 import pytest
 
 from pipeline.cli import cli_entry
-from pipeline.config import load_config
-from pipeline.errors import StageError
+from config import load_config
+from ground.errors import StageError
 from pipeline.runner import Pipeline, Run, Stage, read_manifest
 
 
@@ -78,7 +78,7 @@ def test_ctrl_c_leaves_a_resumable_manifest(tmp_path, tiny_model_dir):
     script = textwrap.dedent(f"""
         import time, sys
         from pipeline.runner import Pipeline, Run, Stage
-        from pipeline.config import load_config
+        from config import load_config
         def slow(ctx):
             print("ready", flush=True)
             time.sleep(60)
@@ -120,7 +120,7 @@ def test_cli_prints_message_not_traceback(capsys):
 def test_mlflow_parent_and_nested_stage_runs(tmp_path, tiny_model_dir):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import PARENT_TAG, tracking_uri
+    from ground.mlflow_uri import PARENT_TAG, tracking_uri
 
     uri = f"sqlite:///{tmp_path / 'ml.db'}"
     rc = cli_entry(["run", "stage-model", f"actor_rollout_ref.model.path={tiny_model_dir}",

@@ -130,7 +130,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     mapped: a killed engine cannot, and each holds hundreds of MB of RAM."""
     import psutil
 
-    from serve.server import shm_segments_of
+    from ground.processes import shm_segments_of
 
     try:
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]

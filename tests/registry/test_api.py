@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from pipeline.errors import NotFoundError, RegistryError
+from ground.errors import NotFoundError, RegistryError
 from registry import open_registry, parse_ref
 from registry.synthetic import write_lora
 
@@ -62,7 +62,7 @@ def test_publish_resolve_alias_list(reg, lora, tiny_model_dir):
     assert md["rank"] == 4 and md["alpha"] == 8.0 and md["target_modules"] == ["q_proj", "v_proj"]
     assert md["lineage"]["algorithm"] == "grpo" and md["metrics"] == {"reward": 0.5} and md["tags"] == {"team": "rl"}
     assert md["base_model"] == "tiny" and md["created"] and md["version"] == 1
-    from stages.model_files import fingerprint
+    from ground.model_files import fingerprint
     assert v1.base_fingerprint == fingerprint(tiny_model_dir)
     assert reg.get_version("arith", 2).metadata["parent_version"] == 1
     # the stored PEFT files are the published ones, byte for byte

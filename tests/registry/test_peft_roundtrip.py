@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.errors import RegistryError
+from ground.errors import RegistryError
 from registry import open_registry
 
 torch = pytest.importorskip("torch")

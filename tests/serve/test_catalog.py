@@ -8,11 +8,12 @@ import sys
 
 import pytest
 
-from pipeline.errors import NotFoundError, RegistryError
+from ground.errors import NotFoundError, RegistryError
 from registry import open_registry
 from registry.synthetic import write_lora
-from serve.catalog import AdapterCatalog, BaseMismatchError, stable_lora_id
-from stages.model_files import fingerprint
+from ground.vllm_lora import stable_lora_id
+from serve.catalog import AdapterCatalog, BaseMismatchError
+from ground.model_files import fingerprint
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def test_lora_ids_are_stable_across_processes():
     assert stable_lora_id("alpha@1") == stable_lora_id("alpha@1") > 0
     assert stable_lora_id("alpha@1") != stable_lora_id("alpha@2")
     # stable across processes (Python's hash() is salted per process)
-    code = "from serve.catalog import stable_lora_id; print(stable_lora_id('alpha@1'))"
+    code = "from ground.vllm_lora import stable_lora_id; print(stable_lora_id('alpha@1'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out) == stable_lora_id("alpha@1")
 

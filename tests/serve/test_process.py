@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pipeline.errors import StageError
+from ground.errors import StageError
 from serve.server import ServerHandle, round_lora_rank, session_pids
 
 # A stand-in for an engine tree: the leader forks a child; both map a /dev/shm/psm_* segment, like vLLM's

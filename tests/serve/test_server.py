@@ -20,8 +20,9 @@ import openai
 import pytest
 
 from registry import open_registry
-from serve.server import session_pids, shm_segments_of
-from stages.model_files import fingerprint
+from ground.processes import shm_segments_of
+from serve.server import session_pids
+from ground.model_files import fingerprint
 from tests.serve.adapters import PROMPT, make_adapters
 from tests.tiny_model import build_tiny_model
 

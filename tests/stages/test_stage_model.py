@@ -3,10 +3,10 @@ import shutil
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import StageError
+from config import load_config
+from ground.errors import StageError
 from stages import stage_model as sm
-from stages.model_files import fingerprint
+from ground.model_files import fingerprint
 
 
 def _cfg(path, **model):

@@ -1,6 +1,6 @@
 """Rewards for RL training: rule-based scorers picked by each row's `data_source`, or a custom Python function.
 
-    reward_fn = RewardFunction(cfg)                      # cfg: pipeline.config.Config
+    reward_fn = RewardFunction(cfg)                      # cfg: config.Config
     results = reward_fn(data_sources, solution_strs, ground_truths, extra_infos)
     results[i] == {"score": 1.0, "acc": 1.0, ...}
 
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from pipeline.errors import ConfigError, RewardError
+from ground.errors import ConfigError, RewardError
 from stages.train.rewards import scorers  # noqa: F401  (registers the built-in scorers)
 from stages.train.rewards.registry import (  # noqa: F401
     DATA_SOURCE_SCORERS,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ground.names import NameRegistry
+
 
 @dataclass(frozen=True)
 class Scorer:
@@ -22,21 +24,17 @@ class Scorer:
         return doc[0].strip() if doc else ""
 
 
-REWARD_SCORERS: dict[str, Scorer] = {}
-DATA_SOURCE_SCORERS: dict[str, str] = {}  # data_source -> scorer name
+REWARD_SCORERS: NameRegistry[Scorer] = NameRegistry("reward scorer")
+DATA_SOURCE_SCORERS: NameRegistry[str] = NameRegistry("data_source with a scorer")  # data_source -> scorer name
 
 
 def register_scorer(name: str, data_sources: tuple[str, ...] = ()):
     """Register a scorer under `name`, dispatched for rows whose data_source is `name` or one of `data_sources`."""
 
     def wrap(fn):
-        if name in REWARD_SCORERS:
-            raise ValueError(f"reward scorer {name!r} is registered twice")
-        REWARD_SCORERS[name] = Scorer(name, fn, tuple(data_sources))
+        REWARD_SCORERS.add(name, Scorer(name, fn, tuple(data_sources)))
         for source in (name, *data_sources):
-            if source in DATA_SOURCE_SCORERS:
-                raise ValueError(f"data_source {source!r} already dispatches to {DATA_SOURCE_SCORERS[source]!r}")
-            DATA_SOURCE_SCORERS[source] = name
+            DATA_SOURCE_SCORERS.add(source, name)
         return fn
 
     return wrap

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import AlgorithmConfig, Config
-from pipeline.errors import ConfigError
+from config import AlgorithmConfig, Config
+from ground.errors import ConfigError
 from stages.train import core_algos as ca
 
 

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import DataConfig
-from pipeline.errors import DataError
+from config import DataConfig
+from ground.errors import DataError
 from stages.train.data import BatchIterator, PromptDataset, data_fingerprint, load_rows
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import load_config
+from config import load_config
 from tests.stages.train.toy_task import toy_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

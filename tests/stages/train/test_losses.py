@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ActorConfig, KLControlConfig
-from pipeline.errors import ConfigError
+from config import ActorConfig, KLControlConfig
+from ground.errors import ConfigError
 from stages.train import core_algos as ca
 
 RAGGED_MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import Config
-from pipeline.errors import ConfigError, RewardError
+from config import Config
+from ground.errors import ConfigError, RewardError
 from stages.train.rewards import REWARD_SCORERS, RewardFunction, load_custom_scorer
 from stages.train.rewards.scorers import extract_arithmetic_answer, last_boxed, math_equal
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
+from ground.errors import ConfigError
 from stages.train.rollout import RolloutEngine, resolve_sync_mode, vllm_max_lora_rank
 from stages.train.sync_format import MergedModelWriter, merged_layers_from_peft, write_adapter
 

@@ -8,11 +8,13 @@ import threading
 
 import pytest
 import torch
+
+from ground.adapter_files import saved_key
 from safetensors.torch import load_file
 
 from stages.train import sync_format
 from stages.train.sync_format import (
-    MergedModelWriter, merge_lora_weight, peft_key, remove_sync_root, sync_root, write_adapter,
+    MergedModelWriter, merge_lora_weight, remove_sync_root, sync_root, write_adapter,
 )
 
 PEFT_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 12, "target_modules": {"v_proj", "q_proj"},
@@ -31,9 +33,9 @@ def _lora_tensors(scale: float) -> dict[str, torch.Tensor]:
 
 
 def test_peft_key_drops_adapter_name_only():
-    assert peft_key("base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight") == \
+    assert saved_key("base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight") == \
         "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
-    assert peft_key("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight") == \
+    assert saved_key("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight") == \
         "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
 
 
@@ -44,9 +46,9 @@ def test_write_adapter_round_trips_and_counts_bytes(tmp_path):
     assert files == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files left behind
     assert nbytes == sum((tmp_path / "a" / f).stat().st_size for f in files)
     saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
-    assert set(saved) == {peft_key(k) for k in tensors}
+    assert set(saved) == {saved_key(k) for k in tensors}
     for k, v in tensors.items():
-        assert torch.equal(saved[peft_key(k)], v)
+        assert torch.equal(saved[saved_key(k)], v)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["lora_alpha"] == 12 and config["r"] == 4 and config["target_modules"] == ["q_proj", "v_proj"]
 

@@ -24,7 +24,7 @@ def _history(path) -> list[dict]:
 
 
 def test_ppo_with_critic_adapter_sync_completes_with_finite_metrics(tiny_model_dir, tmp_path):
-    from pipeline.config import load_config
+    from config import load_config
     from stages.train import train
 
     cfg = load_config(None, toy_overrides(tiny_model_dir, tmp_path, steps=3, extra={

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from config import load_config
+from ground.errors import ConfigError
 from tests.stages.train.toy_task import toy_overrides
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.config import Config
+from config import Config
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def ensure_data(cfg: Config) -> list[str]:
     if all(p.exists() for p in train + val):
         return []
     if len(train) != 1 or len(val) != 1 or train[0].parent != val[0].parent:
-        from pipeline.errors import ConfigError
+        from ground.errors import ConfigError
 
         raise ConfigError(
             "data.generate_if_missing needs one train and one val file in the same folder (e.g. "
@@ -40,7 +40,7 @@ def ensure_data(cfg: Config) -> list[str]:
     try:
         written = make_arithmetic(train[0].parent, train_name=train[0].name, test_name=val[0].name, **kwargs)
     except TypeError as exc:  # an unknown keyword in data.generate_kwargs
-        from pipeline.errors import ConfigError
+        from ground.errors import ConfigError
 
         raise ConfigError(f"data.generate_kwargs={cfg.data.generate_kwargs}: {exc}. Valid keywords: n_train, "
                           "n_test, low, high, ops, seed.") from None

@@ -1,4 +1,4 @@
-"""Loading and validating the config (the schema itself is in `pipeline.schema`).
+"""Loading and validating the config (the schema itself is in `config.schema`).
 
 A config is built from three layers, later ones winning: the schema's defaults, a YAML file (`-c FILE`) and
 `a.b.c=value` overrides from the command line (verl/Hydra style; a leading `+` is accepted and ignored).
@@ -14,13 +14,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline.errors import ConfigError
+from ground.errors import ConfigError
 
-# The sections are imported from here across the project; `schema` holds their definitions.
-from pipeline.schema import ActorConfig, AlgorithmConfig, Config, DataConfig, KLControlConfig
-
-__all__ = ["Config", "ActorConfig", "AlgorithmConfig", "DataConfig", "KLControlConfig", "load_config", "validate",
-           "all_keys", "parse_override", "DEFAULT_CONFIG", "ALGORITHM_PRESETS"]
+from config.schema import Config
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -145,13 +141,13 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "cpu_quickstart.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "cpu_quickstart.yaml"
 
 
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- algorithm preset <- YAML file <- overrides, then type checks and cross-field validation.
 
-    Without a file, the embedded CPU demo (`pipeline/configs/cpu_quickstart.yaml`) is the file."""
+    Without a file, the embedded CPU demo (`config/cpu_quickstart.yaml`) is the file."""
     raw: dict[str, Any] = {}
     config_file = DEFAULT_CONFIG if config_file is None else config_file
     if config_file is not None:

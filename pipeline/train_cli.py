@@ -14,7 +14,7 @@ import click
               help="Where the final adapter, history and outputs go (default: trainer.default_local_dir).")
 def train_command(config_file, overrides, out_dir):
     """Train a LoRA adapter with RL: FSDP2 actor workers on Ray, vLLM rollouts (no publishing)."""
-    from pipeline.config import load_config
+    from config import load_config
     from stages.stage_model import cleanup, stage_model
     from stages.train import train
 

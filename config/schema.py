@@ -1,6 +1,6 @@
 """The typed config schema, with verl's key names: one pydantic section per verl config group.
 
-Loading (YAML + `a.b.c=value` overrides) and the cross-field rules live in `pipeline.config`.
+Loading (YAML + `a.b.c=value` overrides) and the cross-field rules live in `config.loader`.
 """
 
 from __future__ import annotations

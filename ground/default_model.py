@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.errors import StageError
-from stages.model_files import file_hashes, sha256_file
+from ground.errors import StageError
+from ground.model_files import file_hashes, sha256_file
 
 log = logging.getLogger(__name__)
 

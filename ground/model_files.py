@@ -16,7 +16,7 @@ from typing import Iterable
 
 from tqdm import tqdm
 
-from pipeline.errors import StageError
+from ground.errors import StageError
 
 WEIGHT_SUFFIXES = (".safetensors",)
 CHUNK = 8 << 20
