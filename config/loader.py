@@ -230,6 +230,19 @@ def validate(cfg: Config) -> None:
             f"trainer.logger={loggers}: {', '.join(unknown)} is not supported; supported: {', '.join(SUPPORTED_LOGGERS)}. "
             "Every run is tracked in MLflow; set e.g. trainer.logger=[console,mlflow]."
         )
+    keep = cfg.trainer.max_actor_ckpt_to_keep
+    if keep is not None and keep < 1:
+        raise ConfigError(
+            f"trainer.max_actor_ckpt_to_keep={keep} must be >= 1 (the newest checkpoint is what a resume needs), "
+            "or null to keep every checkpoint."
+        )
+    if m.trust_remote_code:
+        raise ConfigError(
+            "actor_rollout_ref.model.trust_remote_code=True: this project loads only model architectures that "
+            "transformers and vLLM implement themselves, and never runs Python code shipped inside a model folder. "
+            "Set actor_rollout_ref.model.trust_remote_code=False (Llama, Qwen2/2.5/3, Mistral, Gemma and other "
+            "native architectures need no remote code)."
+        )
     if cfg.reward_model.enable:
         raise ConfigError(
             "reward_model.enable=True: model-based reward models are not supported; rewards come from the rule-based "

@@ -219,6 +219,7 @@ class TrainerConfig(Section):
     total_epochs: int = 1
     total_training_steps: Optional[int] = None
     save_freq: int = -1
+    max_actor_ckpt_to_keep: Optional[int] = None  # keep the newest N checkpoints (None: all), as in verl
     test_freq: int = -1
     val_before_train: bool = True
     default_local_dir: str = "checkpoints/${trainer.project_name}/${trainer.experiment_name}"

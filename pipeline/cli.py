@@ -32,7 +32,7 @@ def main(verbose: bool) -> None:
 def run(pipeline_name, config_file, overrides, run_dir, resume_dir):
     """Run PIPELINE (see `pipeline stages`) with a config and key=value overrides."""
     from pipeline.pipelines import PIPELINES
-    from pipeline.runner import Run
+    from pipeline.runner import Run, load_run_config
 
     if pipeline_name not in PIPELINES:
         raise PipelineError(f"Unknown pipeline `{pipeline_name}`; known: {', '.join(PIPELINES)}.")
@@ -43,7 +43,7 @@ def run(pipeline_name, config_file, overrides, run_dir, resume_dir):
         if the_run.pipeline.name != pipeline_name:
             raise PipelineError(f"Run `{resume_dir}` is a `{the_run.pipeline.name}` run, not `{pipeline_name}`.")
     else:
-        cfg = load_config(config_file, list(overrides))
+        cfg = load_run_config(config_file, overrides)
         the_run = Run.create(PIPELINES[pipeline_name], cfg, run_dir)
     from pipeline.tracking import make_tracking
 
@@ -101,7 +101,7 @@ def runs_list(root):
     if not rows:
         click.echo(f"no runs under {root}/")
     for r in rows:
-        rewards = f"{r['base_reward']:.3f} -> {r['adapter_reward']:.3f}" if r["adapter_reward"] is not None else "-"
+        rewards = f"{r['start_reward']:.3f} -> {r['adapter_reward']:.3f}" if r["adapter_reward"] is not None else "-"
         click.echo(f"{r['run_id']:<48} {r['pipeline']:<18} {r['status']:<12} reward {rewards:<16} {r['published_ref'] or '-'}")
 
 

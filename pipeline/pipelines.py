@@ -48,7 +48,7 @@ def _evaluate(ctx: StageContext) -> dict:
 
     result = evaluate(ctx.config, ctx.outputs["train"])
     if ctx.tracking is not None:
-        ctx.tracking.log_metrics({k: result[k] for k in ("base_reward", "adapter_reward", "improvement")
+        ctx.tracking.log_metrics({k: result[k] for k in ("start_reward", "adapter_reward", "improvement")
                                   if result.get(k) is not None})
     return result
 

@@ -59,9 +59,10 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
             {"name": e["name"], "status": e["status"], "seconds": e.get("seconds"), "error": e.get("error")}
             for e in m["stages"]
         ],
-        "base_reward": evaluation.get("base_reward", train.get("val_reward_before")),
+        "start_point": evaluation.get("start_point", "base model"),
+        "start_reward": evaluation.get("start_reward", train.get("val_reward_before")),
         "adapter_reward": evaluation.get("adapter_reward", train.get("val_reward_after")),
-        "base_acc": evaluation.get("base_acc", train.get("val_acc_before")),
+        "start_acc": evaluation.get("start_acc", train.get("val_acc_before")),
         "adapter_acc": evaluation.get("adapter_acc", train.get("val_acc_after")),
         "decision": evaluation.get("decision"),
         "published_ref": publish.get("ref"),
@@ -130,7 +131,7 @@ def render_text(s: dict[str, Any]) -> list[str]:
         lines.append(f"| {st['name']} | {st['status']}{err} | {_fmt(st['seconds'], 1)} |")
     lines += ["", f"## Before / after (held-out validation, {s['validation']})", "", "| model | reward | accuracy |",
               "|---|---|---|"]
-    lines.append(f"| base | {_fmt(s['base_reward'])} | {_fmt(s['base_acc'])} |")
+    lines.append(f"| start: {s['start_point']} | {_fmt(s['start_reward'])} | {_fmt(s['start_acc'])} |")
     lines.append(f"| adapter | {_fmt(s['adapter_reward'])} | {_fmt(s['adapter_acc'])} |")
     if s["decision"]:
         lines += ["", f"Publish decision: {s['decision']}"]

@@ -19,12 +19,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
 
 from config import Config, load_config
 from ground.errors import PipelineError, StageError
 
 log = logging.getLogger(__name__)
+
+
+def load_run_config(config_file=None, overrides=None) -> Config:
+    """`load_config` plus every check of a name that lives in a registry of components (advantage estimator,
+    policy loss, aggregation mode, KL type, reward scorer), so a typo fails before a run directory exists."""
+    from stages.train.core_algos import check_algorithm_names
+
+    cfg = load_config(config_file, list(overrides or []))
+    check_algorithm_names(cfg)
+    return cfg
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.yaml"
@@ -202,7 +211,3 @@ class Run:
         if tracking is not None:
             tracking.end_stage(stage_run_id, "succeeded", outputs)
         log.info("stage %s: succeeded in %.1f s", stage.name, time.monotonic() - t0)
-
-
-def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False)

@@ -14,11 +14,11 @@ import click
               help="Where the final adapter, history and outputs go (default: trainer.default_local_dir).")
 def train_command(config_file, overrides, out_dir):
     """Train a LoRA adapter with RL: FSDP2 actor workers on Ray, vLLM rollouts (no publishing)."""
-    from config import load_config
+    from pipeline.runner import load_run_config
     from stages.stage_model import cleanup, stage_model
     from stages.train import train
 
-    cfg = load_config(config_file, list(overrides))
+    cfg = load_run_config(config_file, overrides)
     staged = stage_model(cfg)
     try:
         outputs = train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=out_dir)

@@ -1,8 +1,11 @@
-"""Evaluate and gate: publish the adapter only if it beats the base model on held-out data.
+"""Evaluate and gate: publish the adapter only if it beats its starting point on held-out data.
 
-Both numbers come from the training stage's greedy validation on `data.val_files`: before the first update
-the LoRA update is zero (PEFT initialises B to 0), so that pass *is* the base model; after the last step it
-is the adapter. The same engine, prompts and scorer produce both, so the difference is the adapter's doing.
+Both numbers come from the training stage's validation on `data.val_files`, run as `rollout.val_kwargs` says
+(the demo samples 4 responses per question at temperature 1 and averages their rewards; `do_sample=False` is
+greedy). The first pass runs before any update: on a fresh adapter the LoRA update is zero (PEFT initialises B
+to 0), so it measures the base model; with `model.lora_adapter_path` it measures that adapter, and the outputs
+say which (`start_point`). The last pass measures the trained adapter. The same engine, prompts and scorer
+produce both, so the difference is the training's doing.
 """
 
 from __future__ import annotations
@@ -23,16 +26,18 @@ def evaluate(cfg: Config, train_outputs: dict) -> dict:
     improvement = None if base is None else adapter - base
     threshold = cfg.publish.min_improvement
     if improvement is not None and improvement > threshold:
-        publish, why = True, f"adapter beats base by {improvement:+.3f} > publish.min_improvement={threshold}"
+        publish, why = True, f"adapter beats its start by {improvement:+.3f} > publish.min_improvement={threshold}"
     elif cfg.publish.force:
         publish, why = True, f"forced (publish.force=True); improvement {improvement}"
     else:
-        publish, why = False, (f"adapter does not beat base: {improvement:+.3f} <= publish.min_improvement={threshold}; "
+        publish, why = False, (f"adapter does not beat its start: {improvement:+.3f} <= publish.min_improvement={threshold}; "
                                "set publish.force=True to publish anyway")
+    start_from = cfg.actor_rollout_ref.model.lora_adapter_path
     return {
-        "base_reward": base,
+        "start_point": f"adapter {start_from}" if start_from else "base model",
+        "start_reward": base,
         "adapter_reward": adapter,
-        "base_acc": train_outputs.get("val_acc_before"),
+        "start_acc": train_outputs.get("val_acc_before"),
         "adapter_acc": train_outputs.get("val_acc_after"),
         "improvement": improvement,
         "min_improvement": threshold,

@@ -41,7 +41,7 @@ def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dic
         "steps": train.get("steps"),
         "decision": evaluation.get("decision"),
     }
-    metrics = {k: evaluation[k] for k in ("base_reward", "adapter_reward", "improvement", "base_acc", "adapter_acc")
+    metrics = {k: evaluation[k] for k in ("start_reward", "adapter_reward", "improvement", "start_acc", "adapter_acc")
                if evaluation.get(k) is not None}
     version = reg.publish(
         train["adapter_dir"], name, base_dir=staged["source_dir"], base_fingerprint=staged["fingerprint"],

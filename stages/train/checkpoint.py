@@ -136,7 +136,7 @@ def commit(root: str | Path, step: int, trainer_state: dict, keep_last: int | No
     pointer_tmp = pointer.with_name(f".{LATEST}.tmp")
     pointer_tmp.write_text(str(step))
     os.replace(pointer_tmp, pointer)
-    if keep_last:
+    if keep_last:  # trainer.max_actor_ckpt_to_keep; the one just written is always among the kept
         for old in sorted(all_steps(root))[:-keep_last]:
             shutil.rmtree(step_dir(root, old), ignore_errors=True)
     log.info("checkpoint saved: %s", final)

@@ -230,7 +230,7 @@ class Trainer:
         self.workers.save_state(str(tmp))
         state = {"global_step": self.global_step, "data": self.train_iter.state_dict(), "kl_coef": self.kl_ctrl.value,
                  "mlflow_run_id": self.tracking.run_id, **extra_state}
-        return checkpoint.commit(root, self.global_step, state)
+        return checkpoint.commit(root, self.global_step, state, keep_last=self.cfg.trainer.max_actor_ckpt_to_keep)
 
     # -------------------------------------------------------------------------------------------------- loop
     def record(self, entry: dict) -> None:

@@ -15,7 +15,7 @@ def _run_with_history(tmp_path):
     stages = [
         Stage("train", lambda ctx: {"history_path": str(hist), "val_reward_before": 0.2, "val_reward_after": 0.6,
                                     "phase_seconds": {"generate": 1.5, "update": 2.0}}),
-        Stage("evaluate", lambda ctx: {"base_reward": 0.2, "adapter_reward": 0.6,
+        Stage("evaluate", lambda ctx: {"start_reward": 0.2, "adapter_reward": 0.6,
                                        "decision": "publish: adapter beats base by 0.400 > 0.0"}),
         Stage("publish", lambda ctx: {"ref": "demo@3"}),
     ]
@@ -29,7 +29,7 @@ def test_report_has_curves_table_timings_and_ref(tmp_path):
     path = write_report(run.run_dir)
     text = path.read_text()
     assert path.name == REPORT
-    assert "| base | 0.200 |" in text and "| adapter | 0.600 |" in text
+    assert "| start: base model | 0.200 |" in text and "| adapter | 0.600 |" in text
     assert "`demo@3`" in text and "| generate | 1.50 |" in text
     for png in ("reward_curve.png", "validation_curve.png"):
         assert f"![{png}]({png})" in text

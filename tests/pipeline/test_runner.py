@@ -135,3 +135,27 @@ def test_mlflow_parent_and_nested_stage_runs(tmp_path, tiny_model_dir):
     assert child.data.tags[PARENT_TAG] == parent.info.run_id
     assert child.data.tags["output.fingerprint"] == m["stages"][0]["outputs"]["fingerprint"]
     assert tracking_uri(uri) == uri
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithm.adv_estimator=grpoo", "algorithm.adv_estimator='grpoo': no advantage estimator has that name; valid: gae"),
+    ("actor_rollout_ref.actor.policy_loss.loss_mode=vanila", "loss_mode='vanila': no policy loss"),
+    ("actor_rollout_ref.actor.loss_agg_mode=token_mean", "loss_agg_mode='token_mean': no loss aggregation mode"),
+    ("algorithm.kl_penalty=k4", "algorithm.kl_penalty='k4': no KL estimator"),
+    ("reward_model.scorer=gsm9k", "reward_model.scorer='gsm9k': no reward scorer"),
+])
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_misspelt_component_name_fails_before_any_run_directory(tmp_path, monkeypatch, capsys, override,
+                                                                   message, command):
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "train-and-publish", override] if command == "run" else ["train", override]
+    assert cli_entry(args) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/, no mlruns/, no data written
+
+
+def test_trust_remote_code_is_refused_by_name():
+    from ground.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trust_remote_code=True: .* Set actor_rollout_ref.model.trust_remote_code=False"):
+        load_config(None, ["actor_rollout_ref.model.trust_remote_code=True"])

@@ -70,7 +70,7 @@ def test_train_and_publish_end_to_end_with_serving(tiny_model_dir, tmp_path):
     # the gate: published because the adapter beat the base on held-out prompts
     ev = out["evaluate"]
     # the base's greedy responses hold ~2% digits; the trained policy's far more
-    assert ev["publish"] and ev["base_reward"] < 0.1 and ev["adapter_reward"] - ev["base_reward"] > 0.3, ev
+    assert ev["publish"] and ev["start_reward"] < 0.1 and ev["adapter_reward"] - ev["start_reward"] > 0.3, ev
     train = out["train"]
     history = [json.loads(line) for line in Path(train["history_path"]).read_text().splitlines() if line]
     steps = [h for h in history if "reward/mean" in h]

@@ -91,10 +91,8 @@ class RewardFunction:
         if custom.path:
             self.custom_fn = load_custom_scorer(custom.path, custom.name)
             self.custom_label = f"{custom.name} from {custom.path}"
-        elif self.forced_scorer and self.forced_scorer not in REWARD_SCORERS:
-            raise ConfigError(
-                f"reward_model.scorer={self.forced_scorer!r} is not a reward scorer; valid: {', '.join(REWARD_SCORERS)}."
-            )
+        elif self.forced_scorer:
+            REWARD_SCORERS.canonical(self.forced_scorer, "reward_model.scorer")
 
     def _score_row(self, i: int, data_source: str, solution: str, truth: Any, extra: dict) -> dict:
         if self.custom_fn is not None:

@@ -51,3 +51,23 @@ def test_ppo_with_critic_adapter_sync_completes_with_finite_metrics(tiny_model_d
     assert steps[0]["timing/old_log_prob"] > 0 and steps[0]["timing/reference"] > 0
     # the adapter sync sends only the LoRA tensors: a few KB for this rank-8 q/v adapter
     assert 0 < steps[0]["sync/bytes"] < 100_000
+
+
+def test_max_actor_ckpt_to_keep_prunes_oldest_checkpoints(tmp_path):
+    from stages.train import checkpoint
+
+    for step in (2, 4, 6, 8):
+        checkpoint.begin(tmp_path, step)
+        checkpoint.commit(tmp_path, step, {"global_step": step}, keep_last=2)
+    assert checkpoint.all_steps(tmp_path) == [6, 8]
+    checkpoint.begin(tmp_path, 10)
+    checkpoint.commit(tmp_path, 10, {"global_step": 10}, keep_last=None)  # None keeps everything
+    assert checkpoint.all_steps(tmp_path) == [6, 8, 10]
+
+
+def test_max_actor_ckpt_to_keep_below_one_is_refused():
+    from config import load_config
+    from ground.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.max_actor_ckpt_to_keep=0 must be >= 1"):
+        load_config(None, ["trainer.max_actor_ckpt_to_keep=0"])
