@@ -9,6 +9,7 @@ import click
 
 from config import load_config
 from ground.errors import PipelineError
+from ground.logs import log_to_file, setup_logging
 
 CONFIG_OPTION = click.option("-c", "--config", "config_file", type=click.Path(), default=None,
                              help="YAML config file (default: the embedded CPU demo).")
@@ -16,11 +17,11 @@ OVERRIDES = click.argument("overrides", nargs=-1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Everything on the console (default: progress, results and "
+                                                    "warnings; the rest goes to the run's pipeline.log).")
 def main(verbose: bool) -> None:
     """The lifecycle of LoRA adapters: stage a base model, train with RL, publish, serve."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(verbose)
 
 
 @main.command()
@@ -50,6 +51,7 @@ def run(pipeline_name, config_file, overrides, run_dir, resume_dir):
     from pipeline.report import write_report
 
     click.echo(f"run directory: {the_run.run_dir}")
+    click.echo(f"log: {log_to_file(the_run.run_dir / 'pipeline.log')}")
     try:
         outputs = the_run.execute(tracking_factory=make_tracking)
     finally:

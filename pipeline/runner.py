@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 from config import Config, load_config
 from ground.errors import PipelineError, StageError
+from ground.logs import console_log
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class Run:
             for stage in self.pipeline.stages:
                 entry = self._entry(stage.name)
                 if entry["status"] == "succeeded" and not stage.rerun_on_resume:
-                    log.info("stage %s: already succeeded, skipped", stage.name)
+                    console_log("stage %s: already succeeded, skipped", stage.name)
                     continue
                 self._run_stage(stage, entry, tracking)
                 if stage.cleanup:
@@ -187,7 +188,7 @@ class Run:
         stage_run_id = tracking.start_stage(stage.name) if tracking is not None and not stage.own_tracking else None
         if stage_run_id:
             entry["mlflow_run_id"] = stage_run_id
-        log.info("stage %s: started", stage.name)
+        console_log("stage %s: started", stage.name)
         try:
             outputs = stage.run(ctx) or {}
         except BaseException as exc:
@@ -210,4 +211,4 @@ class Run:
         self.save()
         if tracking is not None:
             tracking.end_stage(stage_run_id, "succeeded", outputs)
-        log.info("stage %s: succeeded in %.1f s", stage.name, time.monotonic() - t0)
+        console_log("stage %s: succeeded in %.1f s", stage.name, time.monotonic() - t0)

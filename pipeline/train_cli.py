@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from ground.logs import log_to_file
 
 
 
@@ -19,6 +23,7 @@ def train_command(config_file, overrides, out_dir):
     from stages.train import train
 
     cfg = load_run_config(config_file, overrides)
+    click.echo(f"log: {log_to_file(Path(out_dir or cfg.trainer.default_local_dir) / 'pipeline.log')}")
     staged = stage_model(cfg)
     try:
         outputs = train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=out_dir)

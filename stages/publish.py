@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from config import Config
+from ground.logs import console_log
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dict,
             mlflow_tracking_uri: str | None = None) -> dict:
     if not evaluation.get("publish"):
-        log.info("Not publishing: %s", evaluation.get("decision"))
+        console_log("Not publishing: %s", evaluation.get("decision"))
         return {"published": False, "ref": None, "reason": evaluation.get("decision")}
     from registry import open_registry
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ground.logs import console_log
 from stages.train import checkpoint
 from stages.train.batch import Rollout, build_tensors, flatten_generation, outcome_rewards
 
@@ -261,7 +262,7 @@ class Trainer:
                 if t.test_freq > 0 and (self.global_step % t.test_freq == 0 or last):
                     last_val = self.validate()
                     self.record({"step": self.global_step, **last_val})
-                    log.info("validation at step %d: %s", self.global_step, _brief(last_val))
+                    console_log("validation at step %d: %s", self.global_step, _brief(last_val))
                 if t.save_freq > 0 and (self.global_step % t.save_freq == 0 or last):
                     self.save_checkpoint(extra_state)
         finally:

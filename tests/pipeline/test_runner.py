@@ -159,3 +159,19 @@ def test_trust_remote_code_is_refused_by_name():
 
     with pytest.raises(ConfigError, match="trust_remote_code=True: .* Set actor_rollout_ref.model.trust_remote_code=False"):
         load_config(None, ["actor_rollout_ref.model.trust_remote_code=True"])
+
+
+def test_console_is_short_and_the_run_log_holds_the_rest(tmp_path, tiny_model_dir, capsys):
+    import logging
+
+    run_dir = tmp_path / "r"
+    assert cli_entry(["run", "stage-model", "--run-dir", str(run_dir),
+                      f"actor_rollout_ref.model.path={tiny_model_dir}"]) == 0
+    logging.getLogger("vllm.engine").warning("a library warning")  # after the run: file only, never console
+    logging.getLogger("stages.train").warning("our own warning")   # ours: console and file
+    err = capsys.readouterr().err
+    assert "stage stage_model: started" in err and "stage stage_model: succeeded" in err
+    assert "fingerprint" not in err and "a library warning" not in err and "our own warning" in err
+    log_text = (run_dir / "pipeline.log").read_text()
+    assert "INFO stages.stage_model: Base model" in log_text and "fingerprint" in log_text
+    assert "WARNING vllm.engine: a library warning" in log_text

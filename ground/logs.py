@@ -1,0 +1,93 @@
+"""Where log records go: a short console for people, a full log file for when something needs explaining.
+
+The console shows what a person running a job wants to follow: records logged through `console_log` (one line
+per stage, validation results, the published reference), warnings and errors of our own packages, and errors
+of anything else. Everything else, INFO from our modules and whatever vLLM, Ray and MLflow say (including
+Python `warnings`, routed through logging), goes to the log file only: `runs/<run>/pipeline.log` for a
+pipeline run. `-v` shows everything on the console too.
+
+Processes that Ray starts (actor workers, the rollout engine and its engine-core subprocess) write to their own
+stdout/stderr, which Ray would copy to the driver's console. `redirect_process_output()` sends a process's
+output, and that of the processes it starts, to the log file named by $PIPELINE_LOG_FILE instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOG_FILE_ENV = "PIPELINE_LOG_FILE"
+OUR_PACKAGES = ("ground", "config", "registry", "stages", "serve", "pipeline")
+CONSOLE_LOGGER = "console"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def console_log(message: str, *args) -> None:
+    """An INFO line meant for the person at the console (and the log file)."""
+    logging.getLogger(CONSOLE_LOGGER).info(message, *args)
+
+
+class _ConsoleFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == CONSOLE_LOGGER or record.levelno >= logging.ERROR:
+            return True
+        ours = record.name.split(".", 1)[0] in OUR_PACKAGES
+        return ours and record.levelno >= logging.WARNING
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Console handler for the CLI: quiet by default (see the module docstring), everything with `verbose`."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for handler in [h for h in root.handlers if getattr(h, "_pipeline_console", False)]:
+        root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console._pipeline_console = True
+    if verbose:
+        console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    else:
+        console.setFormatter(logging.Formatter("%(message)s"))
+        console.addFilter(_ConsoleFilter())
+    root.addHandler(console)
+    logging.captureWarnings(True)  # library deprecation warnings become records of `py.warnings`: file only
+
+
+def log_to_file(path: str | os.PathLike) -> Path:
+    """Append every record (INFO and up; DEBUG when the root logger is at DEBUG) to `path`, and name it in
+    $PIPELINE_LOG_FILE so processes started from here (Ray workers, vLLM) write their output there too."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_pipeline_file", False)]:  # one run's file at a time
+        root.removeHandler(old)
+        old.close()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler._pipeline_file = True
+    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    os.environ[LOG_FILE_ENV] = str(path)
+    return path
+
+
+def redirect_process_output(prefix: str) -> None:
+    """In a process started by Ray: send stdout and stderr (file descriptors 1 and 2, so child processes and C
+    libraries follow) to $PIPELINE_LOG_FILE, and log this process's records there with `prefix`. Does nothing
+    when the variable is unset (a plain `ray.init` outside the pipeline keeps Ray's own behaviour)."""
+    path = os.environ.get(LOG_FILE_ENV)
+    if not path:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # O_APPEND: writers never overwrite
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{prefix}] %(name)s: %(message)s",
+                                           datefmt="%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    logging.captureWarnings(True)
