@@ -8,6 +8,7 @@ Unknown keys are errors that suggest the nearest valid key; cross-field rules li
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ValidationError
 from ground.errors import ConfigError
 
 from config.schema import Config
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -142,22 +145,71 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
 
 
 DEFAULT_CONFIG = Path(__file__).parent / "cpu_quickstart.yaml"
+EMBEDDED_DEFAULT = "the embedded default config (config/cpu_quickstart.yaml)"
+COMMAND_LINE = "the command line"
+DATA_PATH_KEYS = ("data.train_files", "data.val_files")
+GENERATE_KEY = "data.generate_if_missing"
+
+
+def _leaf_keys(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            keys.extend(_leaf_keys(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _scope_generation(raw: dict[str, Any], ranks: dict[str, int], sources: dict[str, str]) -> None:
+    """Drop `data.generate_if_missing` when a data path was set in a later layer than the generator.
+
+    The generator belongs to the paths it was set with: the embedded default's `data/arithmetic/*.parquet`, or
+    paths the user named in the same file (or on the command line) where they asked for generation. A path the
+    user typed after that (a `-c FILE` over the embedded default, or a command-line override) is their own
+    data, and a missing one must be an error, never a file the demo writes (a typo would otherwise fill a new
+    path with demo data, or, next to an existing file, overwrite it)."""
+    data = raw.get("data") or {}
+    if data.get("generate_if_missing") is None:
+        return
+    gen_rank = ranks.get(GENERATE_KEY, -1)
+    later = [k for k in DATA_PATH_KEYS if ranks.get(k, -1) > gen_rank]
+    if not later:
+        return
+    data["generate_if_missing"] = None
+    sources[GENERATE_KEY] = (f"{sources[GENERATE_KEY]}, turned off because {' and '.join(later)} came from "
+                             f"{sources[later[0]]}")
+    log.debug("data.generate_if_missing is off: %s set by the user, so a missing file is an error, not generated "
+             "(set data.generate_if_missing=arithmetic on the command line to generate into them).",
+             " and ".join(later))
 
 
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- algorithm preset <- YAML file <- overrides, then type checks and cross-field validation.
 
-    Without a file, the embedded CPU demo (`config/cpu_quickstart.yaml`) is the file."""
+    Without a file, the embedded CPU demo (`config/cpu_quickstart.yaml`) is the file. The loaded
+    config records where each key came from (`cfg.source_of("data.train_files")`)."""
     raw: dict[str, Any] = {}
-    config_file = DEFAULT_CONFIG if config_file is None else config_file
-    if config_file is not None:
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_file is None:
+        file_raw = read_yaml(DEFAULT_CONFIG)
+        _check_keys(file_raw, Config, f"config file {DEFAULT_CONFIG}")
+        layers.append((EMBEDDED_DEFAULT, file_raw))
+    else:
         file_raw = read_yaml(config_file)
         _check_keys(file_raw, Config, f"config file {config_file}")
-        raw = _deep_merge(raw, file_raw)
+        layers.append((f"config file {config_file}", file_raw))
     if overrides:
         over = overrides_to_dict(overrides)
-        _check_keys(over, Config, "the command line")
-        raw = _deep_merge(raw, over)
+        _check_keys(over, Config, COMMAND_LINE)
+        layers.append((COMMAND_LINE, over))
+    sources: dict[str, str] = {}
+    ranks: dict[str, int] = {}
+    for rank, (label, layer_raw) in enumerate(layers):
+        raw = _deep_merge(raw, layer_raw)
+        for key in _leaf_keys(layer_raw):
+            sources[key], ranks[key] = label, rank
+    _scope_generation(raw, ranks, sources)
     preset = ALGORITHM_PRESETS.get(str(raw.get("algorithm", {}).get("adv_estimator", "")))
     if preset:
         raw = _deep_merge(preset, raw)
@@ -168,6 +220,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
         raise ConfigError(f"Config key `{loc}` has a bad value {err.get('input')!r}: {err['msg']}.") from None
     cfg = Config.model_validate(_interpolate(cfg.to_dict(), cfg.to_dict()))
+    cfg._sources = sources
     validate(cfg)
     return cfg
 

@@ -10,7 +10,7 @@ import json
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 def _flatten(d: dict[str, Any], prefix: str = ""):
     for key, value in d.items():
@@ -273,6 +273,13 @@ class Config(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    # Where each key set by a layer came from (`a.b.c -> "the command line"`), filled by `load_config`; not
+    # part of the config's values, its YAML or its digest.
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def source_of(self, key: str) -> str:
+        """Where the value of dotted `key` came from: a config file, the command line, or the schema default."""
+        return self._sources.get(key, "the schema default" if self._sources else "the config")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -45,6 +45,7 @@ def run(pipeline_name, config_file, overrides, run_dir, resume_dir):
             raise PipelineError(f"Run `{resume_dir}` is a `{the_run.pipeline.name}` run, not `{pipeline_name}`.")
     else:
         cfg = load_run_config(config_file, overrides)
+        PIPELINES[pipeline_name].check(cfg)  # e.g. a missing data file: before the run directory and any stage
         the_run = Run.create(PIPELINES[pipeline_name], cfg, run_dir)
     from pipeline.tracking import make_tracking
 

@@ -43,6 +43,12 @@ def _train(ctx: StageContext) -> dict:
     return train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=str(ctx.stage_dir), parent_run_id=parent)
 
 
+def _check_train_data(config) -> None:
+    from stages.train.prepare_data import ensure_data
+
+    ensure_data(config)  # the demo's files are written here when missing; a user's missing file is an error
+
+
 def _evaluate(ctx: StageContext) -> dict:
     from stages.evaluate import evaluate
 
@@ -68,7 +74,7 @@ def _serve(ctx: StageContext) -> dict:
 
 
 TRAIN = Stage("train", _train, "RL-train a LoRA adapter: FSDP2 actor on Ray workers, vLLM rollouts, MLflow",
-              own_tracking=True)
+              own_tracking=True, check=_check_train_data)
 EVALUATE = Stage("evaluate", _evaluate, "compare base and adapter validation reward; decide whether to publish")
 PUBLISH = Stage("publish", _publish, "store the adapter as a new immutable registry version with lineage")
 SERVE = Stage("serve", _serve, "when serve.enable: serve the published version behind the multi-adapter endpoint")

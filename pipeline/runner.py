@@ -67,6 +67,9 @@ class Stage:
     # A stage that opens its own MLflow run under the pipeline's parent run (training logs per-step metrics
     # from its own process) gets no nested run from the runner.
     own_tracking: bool = False
+    # A cheap check of the config that this stage runs again itself, run by `Pipeline.check` before the run
+    # directory is made and any stage starts: a missing data file should not cost a model staging first.
+    check: Optional[Callable[[Config], None]] = None
 
 
 @dataclass
@@ -74,6 +77,12 @@ class Pipeline:
     name: str
     stages: list[Stage]
     description: str = ""
+
+    def check(self, config: Config) -> None:
+        """Run every stage's `check` (raises the first PipelineError)."""
+        for stage in self.stages:
+            if stage.check is not None:
+                stage.check(config)
 
 
 def _now() -> str:

@@ -21,8 +21,10 @@ def train_command(config_file, overrides, out_dir):
     from pipeline.runner import load_run_config
     from stages.stage_model import cleanup, stage_model
     from stages.train import train
+    from stages.train.prepare_data import ensure_data
 
     cfg = load_run_config(config_file, overrides)
+    ensure_data(cfg)  # a missing data file fails here, before any log file, model staging or Ray
     click.echo(f"log: {log_to_file(Path(out_dir or cfg.trainer.default_local_dir) / 'pipeline.log')}")
     staged = stage_model(cfg)
     try:

@@ -14,7 +14,8 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from ground.errors import ConfigError
+from ground.errors import ConfigError, DataError
+from ground.new_files import existing, write_new_file
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,22 @@ def question_row(a: int, op: str, b: int, split: str, index: int) -> dict:
     }
 
 
+def _exists_error(paths: list[Path]) -> DataError:
+    names = " and ".join(f"`{p}`" for p in paths)
+    return DataError(f"{names} already exist{'s' if len(paths) == 1 else ''}; the arithmetic generator never "
+                     "overwrites a file. Choose another --out folder, remove the file yourself, or pass --force "
+                     "to replace it.")
+
+
 def make_arithmetic(out_dir: str | Path, n_train: int = 1024, n_test: int = 64, low: int = 0, high: int = 9,
                     ops: Sequence[str] = ("+", "-"), seed: int = 0, train_name: str = "train.parquet",
-                    test_name: str = "test.parquet") -> list[Path]:
+                    test_name: str = "test.parquet", replace: bool = False) -> list[Path]:
     """Write `train.parquet` and `test.parquet` of single-operation questions; returns the two paths.
+
+    Nothing that exists is overwritten unless `replace` (the CLI's --force): if either file exists, a DataError
+    names it before anything is written. Each file is written under a temporary name in `out_dir` and then
+    moved into place without replacing (ground.new_files), so a crash leaves no half-written parquet and a
+    file that appears meanwhile is kept; a file this call already placed is removed again on such a failure.
 
     Operands are integers in [low, high]. Test questions are drawn first, without repeats; train questions come
     from the rest, each distinct question once before any repeats (the default pool, 10 x 10 x 2 = 200
@@ -70,13 +83,22 @@ def make_arithmetic(out_dir: str | Path, n_train: int = 1024, n_test: int = 64, 
         train_questions.extend(block[: n_train - len(train_questions)])
 
     out = Path(out_dir).expanduser()
+    targets = [out / train_name, out / test_name]
+    there = existing(targets)
+    if there and not replace:
+        raise _exists_error(there)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, split, questions in ((train_name, "train", train_questions), (test_name, "test", test_questions)):
-        rows = [question_row(a, op, b, split, i) for i, (a, op, b) in enumerate(questions)]
-        path = out / name
-        pq.write_table(pa.Table.from_pylist(rows), path)
-        written.append(path)
+    written: list[Path] = []
+    try:
+        for path, split, questions in ((targets[0], "train", train_questions), (targets[1], "test", test_questions)):
+            rows = [question_row(a, op, b, split, i) for i, (a, op, b) in enumerate(questions)]
+            table = pa.Table.from_pylist(rows)
+            write_new_file(path, lambda tmp: pq.write_table(table, tmp), replace=replace)
+            written.append(path)
+    except FileExistsError as exc:  # appeared after the check above: keep it, and take back our other file
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise _exists_error([Path(exc.filename)]) from None
     log.info("Wrote %d train and %d test arithmetic questions (operands %d..%d, ops %s) to %s",
              n_train, n_test, low, high, "".join(ops), out)
     return written

@@ -19,12 +19,13 @@ def data_group():
 @click.option("--high", default=9, show_default=True, help="Largest operand.")
 @click.option("--ops", default="+-", show_default=True, help="Operations to draw from, any of + - *.")
 @click.option("--seed", default=0, show_default=True, help="Random seed.")
-def make_arithmetic_cmd(out_dir, train_size, test_size, low, high, ops, seed):
+@click.option("--force", is_flag=True, help="Replace train.parquet / test.parquet if they exist (default: refuse).")
+def make_arithmetic_cmd(out_dir, train_size, test_size, low, high, ops, seed, force):
     """Write single-operation arithmetic questions (the default demo's task) in verl's parquet format."""
     from stages.train.arithmetic import make_arithmetic
 
     paths = make_arithmetic(out_dir, n_train=train_size, n_test=test_size, low=low, high=high, ops=tuple(ops),
-                            seed=seed)
+                            seed=seed, replace=force)
     for path in paths:
         click.echo(f"wrote {path}")
 

@@ -63,7 +63,15 @@ def check_row(row: Any, where: str, prompt_key: str = "prompt") -> dict:
 
 
 def _read_file(path: Path) -> list[tuple[dict, str]]:
-    """(row, 'file row N' label) pairs of one file, unvalidated."""
+    """(row, 'file row N' label) pairs of one file, unvalidated; an empty file is an error of its own."""
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"`{path}` has no rows (an empty {path.suffix} file). Write verl-format rows into it "
+                        "(data_source, prompt, reward_model), or point the data.*_files key at another file.")
+    return rows
+
+
+def _read_rows(path: Path) -> list[tuple[dict, str]]:
     if not path.is_file():
         raise _missing_file_error(path)
     if path.suffix == ".parquet":
