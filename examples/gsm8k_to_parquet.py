@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from ground.new_files import existing, write_new_file
+
 # The instruction verl's GSM8K recipe appends, so the model writes the marker the strict scorer reads.
 INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 _FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
@@ -37,8 +39,11 @@ def convert_row(question: str, answer: str, split: str, index: int) -> dict:
     }
 
 
-def convert_file(src: str | Path, dst: str | Path, split: str) -> int:
-    """Convert one GSM8K parquet file; returns the number of rows written."""
+def convert_file(src: str | Path, dst: str | Path, split: str, replace: bool = False) -> int:
+    """Convert one GSM8K parquet file; returns the number of rows written.
+
+    An existing `dst` is never overwritten unless `replace` (FileExistsError); the file is written under a
+    temporary name and moved into place, so a crash leaves no half-written parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -47,7 +52,8 @@ def convert_file(src: str | Path, dst: str | Path, split: str) -> int:
             enumerate(zip(table.column("question").to_pylist(), table.column("answer").to_pylist()))]
     dst = Path(dst).expanduser()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), dst)
+    table = pa.Table.from_pylist(rows)
+    write_new_file(dst, lambda tmp: pq.write_table(table, tmp), replace=replace)
     return len(rows)
 
 
@@ -56,13 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", required=True, help="GSM8K train parquet (columns question, answer)")
     parser.add_argument("--test", required=True, help="GSM8K test parquet")
     parser.add_argument("--out", required=True, help="output folder for train.parquet and test.parquet")
+    parser.add_argument("--force", action="store_true", help="replace train.parquet / test.parquet if they exist")
     args = parser.parse_args(argv)
+    there = existing([Path(args.out).expanduser() / f"{split}.parquet" for split in ("train", "test")])
+    if there and not args.force:
+        print(f"error: {' and '.join(map(str, there))} already exist(s); choose another --out or pass --force to "
+              "replace", file=sys.stderr)
+        return 2
     for split, src in (("train", args.train), ("test", args.test)):
         if not Path(src).expanduser().is_file():
             print(f"error: {src} does not exist", file=sys.stderr)
             return 2
         try:
-            n = convert_file(src, Path(args.out) / f"{split}.parquet", split)
+            n = convert_file(src, Path(args.out) / f"{split}.parquet", split, replace=args.force)
+        except FileExistsError as exc:
+            print(f"error: {exc.filename} appeared meanwhile; not overwritten", file=sys.stderr)
+            return 2
         except ValueError as exc:
             print(f"error: {src}: {exc}", file=sys.stderr)
             return 2

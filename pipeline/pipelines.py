@@ -40,7 +40,9 @@ def _train(ctx: StageContext) -> dict:
     # a new run never picks up another run's (verl's shared default_local_dir would).
     cfg = ctx.config.model_copy(deep=True)
     cfg.trainer.default_local_dir = str(ctx.stage_dir / "checkpoints")
-    return train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=str(ctx.stage_dir), parent_run_id=parent)
+    # The stage folder is this run's own (the run directory was new), so a rerun after a failure may replace it.
+    return train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=str(ctx.stage_dir), parent_run_id=parent,
+                 replace_outputs=True)
 
 
 def _check_train_data(config) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from config import Config, load_config
 from ground.errors import PipelineError, StageError
 from ground.logs import console_log
+from ground.new_files import write_new_text
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,17 @@ class Run:
         run_dir = Path(run_dir)
         if (run_dir / MANIFEST).exists():
             raise PipelineError(f"`{run_dir}` already holds a run. Use --resume {run_dir} to continue it, or another --run-dir.")
+        # A run writes config.yaml, manifest.json, report.md, curves and stage folders into its directory: only
+        # a new or empty folder is taken, so none of those can land on a file the user keeps there.
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise PipelineError(f"--run-dir `{run_dir}` already exists and is not an empty folder (nor a run to "
+                                "--resume); a run writes config.yaml, manifest.json, report.md and stage folders "
+                                "into it. Choose a new --run-dir.")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(config.to_yaml())
+        try:
+            write_new_text(run_dir / CONFIG_FILE, config.to_yaml())
+        except FileExistsError:  # another process took the folder meanwhile
+            raise PipelineError(f"--run-dir `{run_dir}` was taken by another process meanwhile; choose another.") from None
         manifest = {
             "run_id": run_dir.name,
             "pipeline": pipeline.name,

@@ -16,7 +16,9 @@ from ground.logs import log_to_file
 @click.argument("overrides", nargs=-1)
 @click.option("--out-dir", type=click.Path(), default=None,
               help="Where the final adapter, history and outputs go (default: trainer.default_local_dir).")
-def train_command(config_file, overrides, out_dir):
+@click.option("--force", is_flag=True, help="Start from scratch even where an earlier run left checkpoints or "
+              "outputs, replacing them (default: refuse).")
+def train_command(config_file, overrides, out_dir, force):
     """Train a LoRA adapter with RL: FSDP2 actor workers on Ray, vLLM rollouts (no publishing)."""
     from pipeline.runner import load_run_config
     from stages.stage_model import cleanup, stage_model
@@ -28,7 +30,8 @@ def train_command(config_file, overrides, out_dir):
     click.echo(f"log: {log_to_file(Path(out_dir or cfg.trainer.default_local_dir) / 'pipeline.log')}")
     staged = stage_model(cfg)
     try:
-        outputs = train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=out_dir)
+        outputs = train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=out_dir,
+                        replace_outputs=force)
     finally:
         cleanup(staged)  # the /dev/shm copy (use_shm) is removed unless keep_shm_copy
     click.echo(f"adapter: {outputs['adapter_dir']}")

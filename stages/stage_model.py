@@ -37,10 +37,16 @@ def copy_to_shm(source: Path, hashes: dict[str, str], shm_root: Path, fp: str) -
     target = shm_root / f"lora-pipeline-base-{fp[:16]}"
     files = model_files(source)
     sizes = {str(p.relative_to(source)): p.stat().st_size for p in files}
-    if target.is_dir() and _copy_matches(target, sizes, hashes):
-        log.info("Reusing the staged copy at %s", target)
-        return target
-    if target.exists():
+    if os.path.lexists(target):
+        # Only a folder this stage made (it holds our marker) is reused, replaced, or removed at the end.
+        if target.is_symlink() or not target.is_dir() or not (target / SHM_MANIFEST).is_file():
+            raise StageError(
+                f"`{target}` exists but was not staged by lora-pipeline (it has no {SHM_MANIFEST}); it is left "
+                "as it is. Move it away, or set actor_rollout_ref.model.shm_root to another RAM-backed folder."
+            )
+        if _copy_matches(target, sizes, hashes):
+            log.info("Reusing the staged copy at %s", target)
+            return target
         log.info("Staged copy at %s does not match the source; replacing it", target)
         shutil.rmtree(target)
     need = sum(sizes.values())

@@ -70,8 +70,11 @@ def _start_engine(cfg, model_dir: str, sync_mode: str, seed: int, device: str):
 
 
 def train(cfg, model_dir: str, base_fingerprint: str | None = None, out_dir: str | None = None,
-          parent_run_id: str | None = None) -> dict:
-    """Train; returns the outputs for the next stages (see the keys at the end)."""
+          parent_run_id: str | None = None, replace_outputs: bool = False) -> dict:
+    """Train; returns the outputs for the next stages (see the keys at the end).
+
+    A run that does not resume refuses an out folder or checkpoint folder holding an earlier run's files
+    unless `replace_outputs` (`pipeline train --force`; the pipeline passes it for its own run directory)."""
     from stages.train.preflight import preflight
 
     t_start = time.perf_counter()
@@ -112,6 +115,7 @@ def train(cfg, model_dir: str, base_fingerprint: str | None = None, out_dir: str
 
     # 3. Resume point (before tracking, so a resumed run continues its MLflow run).
     resume = checkpoint.find_resume_dir(cfg.trainer)
+    checkpoint.check_fresh_start(out, cfg.trainer.default_local_dir, resume, replace=replace_outputs)
     state = checkpoint.read_trainer_state(resume) if resume else {}
     if state and state.get("config_digest") != lineage["config_digest"]:
         log.warning("resuming %s, written under a different config (digest %s, now %s)", resume,

@@ -180,5 +180,36 @@ def find_resume_dir(trainer_cfg) -> Path | None:
     return step_dir(root, steps[-1]) if steps else None
 
 
+OUTPUT_NAMES = ("adapter", "history.jsonl", "train_outputs.json")  # what train() writes into its out folder
+
+
+def check_fresh_start(out_dir: str | Path, checkpoint_root: str | Path, resume: Path | None,
+                      replace: bool = False) -> None:
+    """Refuse to start a new training run over an earlier run's checkpoints or outputs (unless `replace`).
+
+    A run that resumes continues its own checkpoints and outputs, so it may replace them. A run that starts
+    from scratch would delete `history.jsonl`, replace `adapter/` and overwrite `global_step_<N>` folders of
+    the same numbers, none of which it wrote: that needs `--force` (`replace`)."""
+    if resume is not None or replace:
+        return
+    root, out = Path(checkpoint_root).expanduser(), Path(out_dir).expanduser()
+    found = [step_dir(root, s).name for s in all_steps(root)]
+    if (root / LATEST).exists():
+        found.append(LATEST)
+    if found:
+        raise StageError(
+            f"trainer.default_local_dir=`{root}` already holds checkpoints of an earlier run ({', '.join(found[:5])}) "
+            "and this run starts from scratch, so it would overwrite them. Resume them with "
+            "trainer.resume_mode=auto, choose a new trainer.default_local_dir, or pass --force to replace them."
+        )
+    there = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if there:
+        raise StageError(
+            f"The training output folder `{out}` already holds {', '.join(there)} of an earlier run, which a new "
+            "run would replace. Choose a new --out-dir (or trainer.default_local_dir), or pass --force to "
+            "replace them."
+        )
+
+
 def read_trainer_state(ckpt: Path) -> dict:
     return json.loads((ckpt / TRAINER_STATE).read_text())
