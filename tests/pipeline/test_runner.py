@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.cli import cli_entry
 from config import load_config
-from ground.errors import StageError
+from ground.errors import PipelineError, StageError
 from pipeline.runner import Pipeline, Run, Stage, read_manifest
 
 
@@ -71,6 +71,26 @@ def test_cleanup_runs_on_failure(tmp_path):
 def test_existing_run_dir_is_refused(tmp_path):
     Run.create(_pipeline([]), load_config(), tmp_path / "r")
     assert cli_entry(["run", "stage-model", "--run-dir", str(tmp_path / "r")]) == 2
+
+
+def test_run_dir_holding_other_files_is_refused_untouched(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    files = {"config.yaml": "my own config\n", "report.md": "my own report\n", "notes.txt": "x"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    assert cli_entry(["run", "stage-model", "--run-dir", str(mine)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in mine.iterdir()} == files  # no manifest, report or config written
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep")
+    with pytest.raises(PipelineError, match="not an empty folder"):
+        Run.create(_pipeline([]), load_config(), a_file)
+    assert a_file.read_text() == "keep"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    Run.create(_pipeline([]), load_config(), empty)  # a new or empty folder is fine
+    assert (empty / "manifest.json").is_file()
 
 
 def test_ctrl_c_leaves_a_resumable_manifest(tmp_path, tiny_model_dir):

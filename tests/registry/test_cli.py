@@ -105,6 +105,22 @@ def test_import_and_export(capsys, store, tmp_path):
     assert code == 2 and "--base PATH" in err  # published without a base: say how to merge
 
 
+def test_export_never_writes_over_an_existing_path(capsys, store, tmp_path):
+    lora = write_lora(tmp_path / "lora")
+    assert run(capsys, "registry", "--registry", store, "publish", str(lora), "--name", "ex")[0] == 0
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"mine")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "adapter_config.json").write_text("{}")  # a user's folder that happens to hold the same file name
+    for target in (a_file, full):
+        code, _, err = run(capsys, "registry", "--registry", store, "export", "ex@1", "--out", str(target))
+        assert code == 2 and "already exists" in err
+    assert a_file.read_bytes() == b"mine"
+    assert [p.name for p in full.iterdir()] == ["adapter_config.json"] and (full / "adapter_config.json").read_text() == "{}"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial export left beside them
+
+
 def test_hub_up_to_the_network_boundary(capsys, store, tmp_path):
     """No network here: offline mode and an unreachable endpoint both end in a RegistryError saying what to do."""
     lora = write_lora(tmp_path / "lora")

@@ -54,6 +54,22 @@ def test_shm_copy_reuse_and_cleanup(tiny_model_dir, tmp_path):
     assert not any(p.name.startswith(".staging-") for p in shm.iterdir())
 
 
+def test_shm_target_not_made_by_us_is_never_replaced_or_removed(tiny_model_dir, tmp_path):
+    shm = tmp_path / "shm"
+    cfg = _cfg(tiny_model_dir, use_shm=True, shm_root=shm)
+    ours = sm.stage_model(cfg)
+    target = ours["shm_copy"]
+    sm.cleanup(ours)
+    os.makedirs(target)  # someone else's folder under the very name the stage would use
+    with open(os.path.join(target, "theirs.bin"), "wb") as f:
+        f.write(b"not ours")
+    with pytest.raises(StageError, match="was not staged by lora-pipeline"):
+        sm.stage_model(cfg)
+    assert os.listdir(target) == ["theirs.bin"]
+    assert open(os.path.join(target, "theirs.bin"), "rb").read() == b"not ours"
+    assert not any(p.name.startswith(".staging-") for p in shm.iterdir())
+
+
 def test_keep_shm_copy(tiny_model_dir, tmp_path):
     out = sm.stage_model(_cfg(tiny_model_dir, use_shm=True, shm_root=tmp_path / "shm", keep_shm_copy=True))
     sm.cleanup(out)

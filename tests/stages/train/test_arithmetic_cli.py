@@ -60,6 +60,21 @@ def test_make_arithmetic_options_and_errors(tmp_path, capsys):
     assert cli_entry(["data", "make-arithmetic", "--out", str(out), "--low", "5", "--high", "1"]) == 2
 
 
+def test_make_arithmetic_never_overwrites_without_force(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "test.parquet").write_bytes(b"the user's own file")
+    args = ["data", "make-arithmetic", "--out", str(out), "--train-size", "8", "--test-size", "4"]
+    assert cli_entry(args) == 2
+    err = capsys.readouterr().err
+    assert "test.parquet` already exists" in err and "--force" in err
+    assert (out / "test.parquet").read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in out.iterdir()) == ["test.parquet"]  # train.parquet not written either
+    assert cli_entry(args + ["--force"]) == 0
+    assert len(load_rows(out / "test.parquet")) == 4 and len(load_rows(out / "train.parquet")) == 8
+    assert sorted(p.name for p in out.iterdir()) == ["test.parquet", "train.parquet"]  # no temporary files left
+
+
 def test_algorithms_lists_every_registry_entry(capsys):
     assert cli_entry(["algorithms"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -90,7 +105,14 @@ def test_gsm8k_example_converts_a_small_parquet(tmp_path):
     assert rows[0]["data_source"] == "openai/gsm8k" and "####" in rows[0]["prompt"][0]["content"]
     scorer = REWARD_SCORERS["gsm8k"].fn
     assert scorer("48 + 24 = 72\n#### 72", rows[0]["reward_model"]["ground_truth"], {})["score"] == 1.0
-    assert module.main(["--train", str(tmp_path / "none.parquet"), "--test", str(src), "--out", str(out)]) == 2
+    # an existing output is never overwritten without --force
+    written = (out / "train.parquet").read_bytes()
+    (out / "test.parquet").write_bytes(b"kept")
+    assert module.main(["--train", str(src), "--test", str(src), "--out", str(out)]) == 2
+    assert (out / "test.parquet").read_bytes() == b"kept" and (out / "train.parquet").read_bytes() == written
+    assert module.main(["--train", str(src), "--test", str(src), "--out", str(out), "--force"]) == 0
+    assert len(load_rows(out / "test.parquet")) == 2
+    assert module.main(["--train", str(tmp_path / "none.parquet"), "--test", str(src), "--out", str(tmp_path / "o2")]) == 2
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"question": ["q"], "answer": ["no marker"]}), bad)
     with pytest.raises(ValueError, match="train row 0"):

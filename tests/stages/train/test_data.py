@@ -83,6 +83,21 @@ def test_missing_file_says_how_to_create_it(tmp_path):
         load_rows(write_jsonl(tmp_path / "x.csv", ROWS))
 
 
+def test_empty_file_has_its_own_error(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    write_parquet(empty, ROWS)
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(empty).slice(0, 0), empty)  # the schema, no rows
+    with pytest.raises(DataError, match=r"`.*empty.parquet` has no rows") as err:
+        load_rows(empty)
+    assert "max_prompt_length" not in str(err.value)
+    blank = tmp_path / "empty.jsonl"
+    blank.write_text("\n\n")
+    with pytest.raises(DataError, match=r"`.*empty.jsonl` has no rows"):
+        load_rows(blank)
+
+
 def test_fingerprint_follows_bytes(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", ROWS)
     first = data_fingerprint(a)

@@ -65,3 +65,30 @@ def test_cli_prints_the_error_without_traceback(tiny_model_dir, tmp_path, capsys
     assert cli_entry(args) == 2
     err = capsys.readouterr().err
     assert "lora_rank=600" in err and "Traceback" not in err
+
+
+def test_fresh_run_never_writes_over_an_earlier_runs_checkpoints_or_outputs(tiny_model_dir, tmp_path):
+    """Without resuming, a checkpoint folder or out folder holding another run's files is refused, untouched."""
+    import ray
+
+    from ground.errors import StageError
+    from stages.train import train
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "global_step_5").mkdir(parents=True)
+    (ckpt / "global_step_5" / "trainer_state.json").write_text('{"global_step": 5}')
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("5")
+    cfg = _cfg(tiny_model_dir, tmp_path, {"trainer.default_local_dir": str(ckpt), "trainer.resume_mode": "disable"})
+    with pytest.raises(StageError, match="already holds checkpoints of an earlier run.*--force"):
+        train(cfg, str(tiny_model_dir), "fp", out_dir=str(tmp_path / "out"))
+    assert (ckpt / "global_step_5" / "trainer_state.json").read_text() == '{"global_step": 5}'
+    assert sorted(p.name for p in ckpt.iterdir()) == ["global_step_5", "latest_checkpointed_iteration.txt"]
+
+    out = tmp_path / "out2"
+    out.mkdir()
+    (out / "history.jsonl").write_text('{"step": 1}\n')
+    cfg = _cfg(tiny_model_dir, tmp_path, {"trainer.default_local_dir": str(tmp_path / "new-ckpt")})
+    with pytest.raises(StageError, match="already holds history.jsonl.*--force"):
+        train(cfg, str(tiny_model_dir), "fp", out_dir=str(out))
+    assert (out / "history.jsonl").read_text() == '{"step": 1}\n'
+    assert not ray.is_initialized()
