@@ -66,7 +66,11 @@ def _stamp_ok(folder: Path) -> bool:
 def default_model_dir() -> Path:
     """The converted default model folder, converting it first if needed."""
     target = cache_root() / "models" / DEFAULT_MODEL_NAME
-    if target.is_dir():
+    if os.path.lexists(target):
+        # Only a conversion of ours (it holds the stamp) is verified, and replaced when damaged.
+        if target.is_symlink() or not target.is_dir() or not (target / STAMP).is_file():
+            raise StageError(f"`{target}` exists but is not a conversion made by lora-pipeline (no {STAMP}); it "
+                             "is left as it is. Move it away, or set LORA_PIPELINE_CACHE to another folder.")
         if _stamp_ok(target):
             return target
         log.warning("Cached default model at %s does not match its recorded hashes; converting it again.", target)

@@ -57,6 +57,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+OWN_ROOT_ENTRIES = {".tmp", "adapters", "registry.json"}
+
+
 class LocalStore(Store):
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().absolute()
@@ -73,6 +76,15 @@ class LocalStore(Store):
     # ------------------------------------------------------------------------------------------- paths
     def _init_root(self) -> None:
         if not (self.root / "registry.json").is_file():
+            # A new registry takes only a new or empty folder (or one a concurrent first publish is setting
+            # up): its cleanup would otherwise judge, and its files land among, files that are not its own.
+            others = sorted(set(os.listdir(self.root)) - OWN_ROOT_ENTRIES) if self.root.is_dir() else []
+            if others or (self.root.exists() and not self.root.is_dir()):
+                raise RegistryError(
+                    f"`{self.root}` is not a registry (it has no registry.json) and is not empty "
+                    f"({', '.join(others[:5]) or 'a file'}); a new registry needs a new or empty folder. Point "
+                    "--registry (or PIPELINE_REGISTRY, registry.uri) at one."
+                )
             (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
             (self.root / "adapters").mkdir(exist_ok=True)
             self._atomic_write(self.root / "registry.json", json.dumps({"format": FORMAT}) + "\n")

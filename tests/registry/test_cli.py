@@ -121,6 +121,18 @@ def test_export_never_writes_over_an_existing_path(capsys, store, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial export left beside them
 
 
+def test_a_folder_that_is_not_a_registry_is_not_written_into(capsys, tmp_path):
+    lora = write_lora(tmp_path / "lora")
+    mine = tmp_path / "my-folder"
+    (mine / ".tmp").mkdir(parents=True)
+    (mine / ".tmp" / "a-b-1-c").write_text("mine")  # a name the registry's own cleanup would judge
+    (mine / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "registry", "--registry", str(mine), "publish", str(lora), "--name", "x")
+    assert code == 2 and "is not a registry" in err and "new or empty folder" in err
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == [".tmp", ".tmp/a-b-1-c", "notes.txt"]
+    assert (mine / ".tmp" / "a-b-1-c").read_text() == "mine"
+
+
 def test_hub_up_to_the_network_boundary(capsys, store, tmp_path):
     """No network here: offline mode and an unreachable endpoint both end in a RegistryError saying what to do."""
     lora = write_lora(tmp_path / "lora")

@@ -110,9 +110,21 @@ def test_hub_repo_offline_not_cached(monkeypatch, tmp_path):
         sm.resolve_model_path("someone/some-model")
 
 
+def test_cache_folder_not_converted_by_us_is_never_replaced(tmp_path, monkeypatch):
+    from ground import default_model
+
+    monkeypatch.setenv("LORA_PIPELINE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "models" / default_model.DEFAULT_MODEL_NAME
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("the user's own")
+    with pytest.raises(StageError, match="not a conversion made by lora-pipeline"):
+        default_model.default_model_dir()
+    assert [p.name for p in folder.iterdir()] == ["config.json"] and (folder / "config.json").read_text() == "the user's own"
+
+
 @pytest.mark.slow
 def test_packaged_default_converted_once_verified_and_reused(tmp_path, monkeypatch):
-    from stages import default_model
+    from ground import default_model
 
     monkeypatch.setenv("LORA_PIPELINE_CACHE", str(tmp_path / "cache"))
     out = sm.stage_model(load_config(None, ["actor_rollout_ref.model.path=smollm2-135m-instruct"]))
