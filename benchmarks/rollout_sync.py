@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ground.new_files import existing, write_new_text  # noqa: E402
 
 log = logging.getLogger("rollout_sync")
 
@@ -92,7 +93,9 @@ def main() -> int:
                         help="VLLM_CPU_OMP_THREADS_BIND for the engines, e.g. 0-1 (vLLM's default `auto` binds one "
                              "core per worker and reserves one on small machines)")
     parser.add_argument("--out", default="benchmarks/results/rollout_sync.json")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     args = parser.parse_args()
+    refuse_existing_out(parser, [args.out] if args.out else [], args.force)
     if args.threads_bind:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.threads_bind
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -144,7 +147,7 @@ def main() -> int:
     results["load_avg_end"] = os.getloadavg()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        write_new_text(args.out, json.dumps(results, indent=2), replace=args.force)
     print_table(results)
     return 0
 
@@ -167,6 +170,14 @@ def print_table(r: dict) -> None:
         ratio = f"{tps / base:.2f}" if base else "-"
         w, rl = med(e["write_s"]), med(e["reload_s"])
         print(f"| {mode} | {tps:.0f} | {ratio} | {e['sync_bytes'] / 1e6:.1f} MB | {w:.2f} | {rl:.2f} | {w + rl:.2f} |")
+
+
+def refuse_existing_out(parser: argparse.ArgumentParser, outs: list[str], force: bool) -> None:
+    """Stop before measuring when --out (a committed result, say) exists and --force was not given."""
+    there = existing(Path(o) for o in outs)
+    if there and not force:
+        parser.error(f"{' and '.join(map(str, there))} already exist(s); pass --force to replace, or choose "
+                     "another --out")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ground.new_files import existing, write_new_text  # noqa: E402
 
 log = logging.getLogger("serve_multi_lora")
 
@@ -224,7 +225,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/serve_multi_lora.json")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     args = p.parse_args(argv)
+    refuse_existing_out(p, [args.out], args.force)  # before minutes of measuring, not after
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpx2", "openai"):  # one line per request would bury the results
@@ -252,11 +255,19 @@ def main(argv=None) -> int:
         r["config"] = label
     report = {"model": base_dir.name, "weights_mib": weights_mib, "args": vars(args), "load_before": load_before,
               "load_after": os.getloadavg(), "cpus": os.cpu_count(), "results": results}
-    Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_new_text(args.out, json.dumps(report, indent=1, default=str) + "\n", replace=args.force)
     print(f"\nmodel {base_dir.name}, {len(trace)} requests at {args.rate}/s for {args.duration:.0f} s, "
           f"load average before {load_before}, after {report['load_after']}\n")
     print(table(results, weights_mib))
     return 0
+
+
+def refuse_existing_out(parser: argparse.ArgumentParser, outs: list[str], force: bool) -> None:
+    """Stop before measuring when --out (a committed result, say) exists and --force was not given."""
+    there = existing(Path(o) for o in outs)
+    if there and not force:
+        parser.error(f"{' and '.join(map(str, there))} already exist(s); pass --force to replace, or choose "
+                     "another --out")
 
 
 if __name__ == "__main__":

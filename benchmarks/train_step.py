@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from ground.new_files import existing, write_new_text  # noqa: E402
 
 PHASES = ("generate", "old_log_prob", "reference", "update", "sync", "step")
 
@@ -98,7 +99,11 @@ def main() -> int:
     parser.add_argument("-o", "--out", default="benchmarks/results/train_step.md")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode in this process
     parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--force", action="store_true", help="replace --out (and its .json) if they exist")
     args = parser.parse_args(argv)
+    if not args.one:
+        refuse_existing_out(parser, [args.out, str(Path(args.out).with_suffix(".json"))] if args.out else [],
+                            args.force)
     if args.one:
         run_one(args.one, args.steps, extra, Path(args.json))
         return 0
@@ -125,9 +130,17 @@ def main() -> int:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2))
+        write_new_text(args.out, text + "\n", replace=args.force)
+        write_new_text(Path(args.out).with_suffix(".json"), json.dumps(results, indent=2), replace=args.force)
     return 0
+
+
+def refuse_existing_out(parser: argparse.ArgumentParser, outs: list[str], force: bool) -> None:
+    """Stop before measuring when --out (a committed result, say) exists and --force was not given."""
+    there = existing(Path(o) for o in outs)
+    if there and not force:
+        parser.error(f"{' and '.join(map(str, there))} already exist(s); pass --force to replace, or choose "
+                     "another --out")
 
 
 if __name__ == "__main__":

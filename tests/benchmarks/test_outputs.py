@@ -1,0 +1,26 @@
+"""The benchmarks refuse, before measuring anything, to write over an existing --out without --force."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.parametrize("script, out_flag, out_name", [
+    ("rollout_sync.py", "--out", "result.json"),
+    ("serve_multi_lora.py", "--out", "result.json"),
+    ("train_step.py", "-o", "result.md"),
+])
+def test_existing_result_is_kept_without_force(tmp_path, script, out_flag, out_name):
+    out = tmp_path / out_name
+    out.write_text("an earlier measurement\n")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), out_flag, str(out)], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and "already exist" in proc.stderr and "--force" in proc.stderr
+    assert out.read_text() == "an earlier measurement\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out_name]
