@@ -35,7 +35,15 @@ def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_error(path: str, source: str) -> ConfigError:
+def _unknown_key_error(path: str, source: str, section: type[BaseModel] | None = None) -> ConfigError:
+    refused = getattr(section, "REFUSED_VERL_KEYS", None)
+    if refused is not None:  # a verl section where several of verl's keys exist but are not honoured here
+        parent, _, leaf = path.rpartition(".")
+        why = f" ({refused[leaf]})" if leaf in refused else ""
+        return ConfigError(
+            f"Config key `{path}` (from {source}) is not supported{why}. `{parent}` supports: "
+            f"{', '.join(section.model_fields)}."
+        )
     keys = all_keys()
     close = difflib.get_close_matches(path, keys, n=1, cutoff=0.6)
     if not close:  # a right leaf under a wrong section, e.g. model.lora_rank
@@ -50,7 +58,7 @@ def _check_keys(raw: dict[str, Any], model: type[BaseModel], source: str, prefix
         path = f"{prefix}{key}"
         field = model.model_fields.get(key)
         if field is None:
-            raise _unknown_key_error(path, source)
+            raise _unknown_key_error(path, source, model)
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             if not isinstance(value, dict):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -61,6 +61,50 @@ class CheckpointConfig(Section):
     save_contents: list[str] = ["model", "optimizer", "extra"]
 
 
+class FSDPConfig(Section):
+    """`actor_rollout_ref.actor.fsdp_config`: verl's FSDP keys that this trainer honours (anything else is refused).
+
+    On GPUs `param_offload` keeps the parameter shards, their gradients and the optimizer step in host memory
+    (FSDP2's CPUOffloadPolicy); `optimizer_offload` alone moves the optimizer state to host memory between steps.
+    On CPU workers both are no-ops: everything already lives in host memory.
+    """
+
+    param_offload: bool = False
+    optimizer_offload: bool = False
+    reshard_after_forward: bool = True  # free each layer's gathered weights after its forward (FSDP2's default)
+    # Ours, not verl's: `sharded` builds the model on the meta device and reads each rank's shard from the
+    # safetensors files; `whole` loads the whole base on every rank first (peak host memory: one base per rank).
+    load_weights: Literal["sharded", "whole"] = "sharded"
+
+    # verl keys refused here, with what to do instead (the unknown-key error prints these).
+    REFUSED_VERL_KEYS: ClassVar[dict[str, str]] = {
+        "offload_policy": "`param_offload=True` already maps to FSDP2's CPUOffloadPolicy (parameters, gradients "
+                          "and optimizer state)",
+        "model_dtype": "set actor_rollout_ref.model.dtype",
+        "mixed_precision": "the base computes in actor_rollout_ref.model.dtype, LoRA weights and gradient "
+                           "reduction in float32",
+        "wrap_policy": "every decoder layer is its own FSDP unit, the rest is the root unit",
+        "fsdp_size": "the workers form one FSDP group (trainer.n_gpus_per_node x trainer.nnodes GPUs, "
+                     "or trainer.cpu_workers)",
+        "forward_prefetch": "FSDP2 prefetches the next layer's all-gather by itself",
+        "use_orig_params": "an FSDP1 setting; FSDP2 always keeps the original parameters",
+    }
+
+
+class RefFSDPConfig(Section):
+    """`actor_rollout_ref.ref.fsdp_config`. The reference policy is the actor's base with the adapter switched
+    off (one copy of the weights), so `param_offload` here offloads that shared base."""
+
+    param_offload: bool = False
+
+    REFUSED_VERL_KEYS: ClassVar[dict[str, str]] = {
+        **FSDPConfig.REFUSED_VERL_KEYS,
+        "optimizer_offload": "the reference policy has no optimizer",
+        "reshard_after_forward": "the reference shares the actor's FSDP units; set it in "
+                                 "actor_rollout_ref.actor.fsdp_config",
+    }
+
+
 class ActorConfig(Section):
     strategy: str = "fsdp"
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -80,7 +124,7 @@ class ActorConfig(Section):
     kl_loss_type: str = "low_var_kl"
     policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    fsdp_config: dict[str, Any] = Field(default_factory=dict)  # accepted for verl command lines
+    fsdp_config: FSDPConfig = Field(default_factory=FSDPConfig)
 
 
 class ValKwargs(Section):
@@ -116,7 +160,7 @@ class RolloutConfig(Section):
 
 class RefConfig(Section):
     log_prob_micro_batch_size_per_gpu: int = 16
-    fsdp_config: dict[str, Any] = Field(default_factory=dict)
+    fsdp_config: RefFSDPConfig = Field(default_factory=RefFSDPConfig)
 
 
 class ActorRolloutRefConfig(Section):

@@ -73,21 +73,29 @@ class ActorWorker:
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> dict:
         """Model -> LoRA -> FSDP2 shards -> optimizers and schedulers, in that order (each needs the one before)."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
+
+        from stages.train import fsdp_setup
+        from stages.train.sharded_load import fill_shards
 
         arr = self.cfg.actor_rollout_ref
         dtype = resolve_dtype(arr.model.dtype, self.model_dir, self.device.type)
         self.compute_dtype = dtype
-        # 1. The same seeded LoRA init on every rank (sharding then keeps each rank's slice of one tensor).
+        sharded = arr.actor.fsdp_config.load_weights == "sharded"
+        # 1. The same seeded LoRA init on every rank (sharding then keeps each rank's slice of one tensor). With
+        #    sharded loading the base is built on the meta device: no rank holds a whole copy of it.
         self.model = build_model(self.model_dir, arr.model, with_critic=self.with_critic, seed=self.cfg.trainer.seed,
-                                 dtype=dtype).to(self.device)
+                                 dtype=dtype, on_meta=sharded)
+        if not sharded:
+            self.model = self.model.to(self.device)
         # 2. FSDP2: one shard group per decoder layer (its gather is the unit of memory), then the root for the
-        #    embeddings, norm, lm_head and value head. Uniform param_dtype casts the fp32 LoRA weights to the
-        #    base dtype for compute; gradients reduce in float32.
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        #    embeddings, norm, lm_head and value head; mixed precision and offload from fsdp_config.
+        shard_kwargs = fsdp_setup.fully_shard_kwargs(arr, self.device.type, dtype)
         for layer in self.model.decoder_layers():
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(self.model, mp_policy=mp)
+            fully_shard(layer, **shard_kwargs)
+        fully_shard(self.model, **shard_kwargs)
+        if sharded:  # each rank reads only the rows of each base tensor that its shard holds
+            fill_shards(self.model, self.model_dir, self.device, show_progress=self.rank == 0)
         # 3. Optimizers over trainable parameters only: the frozen base never enters AdamW's state.
         self.actor_params = [p for n, p in self.model.named_parameters() if p.requires_grad and gather.is_policy_lora(n)]
         self.optimizer, self.scheduler = self._optimizer(self.actor_params, arr.actor.optim)
@@ -96,6 +104,10 @@ class ActorWorker:
             self.critic_params = [p for n, p in self.model.named_parameters()
                                   if p.requires_grad and not gather.is_policy_lora(n)]
             self.critic_optimizer, self.critic_scheduler = self._optimizer(self.critic_params, self.cfg.critic.optim)
+        if fsdp_setup.wants_optimizer_hooks(arr, self.device.type):
+            for opt in (self.optimizer, self.critic_optimizer):
+                if opt is not None:
+                    fsdp_setup.offload_optimizer_between_steps(opt, self.device)
         n_train = sum(p.numel() for p in self.actor_params)
         return {"trainable_params": n_train, "dtype": str(dtype).replace("torch.", ""),
                 "critic_params": sum(p.numel() for p in self.critic_params)}
@@ -289,6 +301,15 @@ class ActorWorker:
         from stages.train import checkpoint
 
         return checkpoint.load_worker_state(self, ckpt_dir)
+
+    def memory_stats(self) -> dict:
+        """This worker's peak resident host memory so far (bytes) and, on CUDA, peak allocated GPU memory."""
+        import resource
+
+        stats = {"rank": self.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if self.device.type == "cuda":
+            stats["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return stats
 
     def shutdown(self) -> None:
         if dist.is_initialized():

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -108,10 +110,17 @@ def response_log_probs(logits: torch.Tensor, responses: torch.Tensor, temperatur
     return log_probs, resp_logits
 
 
-def load_base_model(model_dir: str, dtype: torch.dtype, gradient_checkpointing: bool):
+def load_base_model(model_dir: str, dtype: torch.dtype, gradient_checkpointing: bool, on_meta: bool = False):
+    """The base model, whole in host memory, or (on_meta) its architecture with meta parameters to be sharded and
+    then filled by `sharded_load.fill_shards`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    from stages.train.sharded_load import empty_base_model
+
+    if on_meta:
+        model = empty_base_model(model_dir, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (only LoRA weights need grads) and with FSDP2.
@@ -119,30 +128,91 @@ def load_base_model(model_dir: str, dtype: torch.dtype, gradient_checkpointing: 
     return model
 
 
-def build_model(model_dir: str, model_cfg, *, with_critic: bool, seed: int, dtype: torch.dtype) -> PolicyValueModel:
+def _lora_layers(peft_model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+
+
+@torch.no_grad()
+def init_lora_weights(peft_model, seed: int) -> None:
+    """PEFT's default LoRA init (A: kaiming-uniform as nn.Linear, B: zeros) from `seed`, in module order.
+
+    Done here rather than by PEFT at construction, so the values do not depend on what else consumed the RNG
+    before (loading the base whole or on the meta device) nor on the base dtype PEFT first casts them to.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for layer in _lora_layers(peft_model):
+        for name in layer.lora_A.keys():
+            weight = layer.lora_A[name].weight
+            # kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: bound = 1/sqrt(in)
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            weight.copy_(torch.rand(weight.shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound)
+            layer.lora_B[name].weight.zero_()
+            if layer.lora_B[name].bias is not None:
+                layer.lora_B[name].bias.zero_()
+
+
+def _adapter_lora_config(adapter_path: str):
+    from peft import LoraConfig
+
+    cfg = LoraConfig.from_pretrained(adapter_path)
+    cfg.inference_mode = False
+    return cfg
+
+
+def load_adapter_weights(peft_model, adapter_path: str) -> None:
+    """Copy the saved policy adapter (adapter_model.safetensors) into the policy's LoRA weights; every one of
+    them must be in the file and nothing else."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ground.errors import StageError
+
+    saved = load_file(str(Path(adapter_path) / "adapter_model.safetensors"))
+    expected = {n.replace(f".{POLICY}.", ".") for n, _ in peft_model.named_parameters()
+                if ".lora_" in n and f".{POLICY}." in n}
+    missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+    if missing or extra:
+        raise StageError(
+            f"actor_rollout_ref.model.lora_adapter_path=`{adapter_path}` does not fit this base model: "
+            f"{len(missing)} LoRA tensors missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]}). "
+            "Point it at an adapter trained on this base model."
+        )
+    set_peft_model_state_dict(peft_model, saved, adapter_name=POLICY)
+
+
+def build_model(model_dir: str, model_cfg, *, with_critic: bool, seed: int, dtype: torch.dtype,
+                on_meta: bool = False) -> PolicyValueModel:
     """Base model -> PEFT LoRA (new, or continued from `lora_adapter_path`) -> optional critic adapter + head.
 
-    Seeded identically on every rank, so every rank builds the same initial LoRA weights before sharding.
-    Only LoRA parameters (and the value head) stay trainable.
+    on_meta: the base's parameters stay on the meta device (see sharded_load); LoRA tensors and the value head
+    are real either way. LoRA weights are initialised from `seed` (identical on every rank and in both loading
+    modes), then overwritten from `lora_adapter_path` when one is given. Only LoRA parameters (and the value
+    head) stay trainable, in float32 whatever the base dtype: Adam on bf16 weights loses updates.
     """
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
-    torch.manual_seed(seed)
-    base = load_base_model(model_dir, dtype, model_cfg.enable_gradient_checkpointing)
-    if model_cfg.lora_adapter_path:
-        peft_model = PeftModel.from_pretrained(base, model_cfg.lora_adapter_path, is_trainable=True)
-        log.info("continuing from the adapter at %s", model_cfg.lora_adapter_path)
-    else:
-        peft_model = get_peft_model(base, lora_config(model_cfg))
+    from stages.train.sharded_load import materialize_meta_lora
+
+    base = load_base_model(model_dir, dtype, model_cfg.enable_gradient_checkpointing, on_meta=on_meta)
+    adapter_path = model_cfg.lora_adapter_path
+    peft_model = get_peft_model(base, _adapter_lora_config(adapter_path) if adapter_path else lora_config(model_cfg))
     if with_critic:
         peft_model.add_adapter(CRITIC, lora_config(model_cfg))
+    materialize_meta_lora(peft_model)
+    for name, param in peft_model.named_parameters():
+        param.requires_grad = ".lora_" in name
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    init_lora_weights(peft_model, seed)
+    if adapter_path:
+        load_adapter_weights(peft_model, adapter_path)
+        log.info("continuing from the adapter at %s", adapter_path)
+    torch.manual_seed(seed)  # the value head's init
     model = PolicyValueModel(peft_model, with_critic)
     for name, param in model.named_parameters():
         param.requires_grad = ".lora_" in name or name.startswith("value_head.")
-    # LoRA weights and the head train in float32 whatever the base dtype: Adam on bf16 weights loses updates.
-    for name, param in model.named_parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
     return model
 
 
