@@ -90,3 +90,25 @@ def test_dapo_preset_sets_defaults_that_stay_overridable():
     cfg = load_config(None, ["algorithm.adv_estimator=dapo", "actor_rollout_ref.actor.clip_ratio_high=0.3",
                              "algorithm.filter_groups.enable=False"])
     assert cfg.actor_rollout_ref.actor.clip_ratio_high == 0.3 and not cfg.algorithm.filter_groups.enable
+
+
+def test_fsdp_config_is_typed_and_refuses_unknown_keys_with_the_supported_list(tmp_path):
+    cfg = load_config(None, ["actor_rollout_ref.actor.fsdp_config.param_offload=true",
+                             "actor_rollout_ref.ref.fsdp_config.param_offload=true"])
+    assert cfg.actor_rollout_ref.actor.fsdp_config.param_offload is True
+    assert cfg.actor_rollout_ref.actor.fsdp_config.optimizer_offload is False
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["actor_rollout_ref.actor.fsdp_config.wrap_polcy=x"])
+    msg = str(err.value)
+    assert "actor_rollout_ref.actor.fsdp_config.wrap_polcy" in msg and "the command line" in msg
+    assert "param_offload, optimizer_offload, reshard_after_forward, load_weights" in msg
+    # a verl key that is not honoured here says what to do instead, also from a YAML file
+    f = tmp_path / "c.yaml"
+    f.write_text("actor_rollout_ref:\n  ref:\n    fsdp_config:\n      optimizer_offload: true\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    msg = str(err.value)
+    assert "actor_rollout_ref.ref.fsdp_config.optimizer_offload" in msg and str(f) in msg
+    assert "no optimizer" in msg and "supports: param_offload." in msg
+    with pytest.raises(ConfigError, match="load_weights"):
+        load_config(None, ["actor_rollout_ref.actor.fsdp_config.load_weights=rank0"])
