@@ -302,13 +302,20 @@ class ActorWorker:
 
         return checkpoint.load_worker_state(self, ckpt_dir)
 
-    def memory_stats(self) -> dict:
-        """This worker's peak resident host memory so far (bytes) and, on CUDA, peak allocated GPU memory."""
-        import resource
-
-        stats = {"rank": self.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    def memory_stats(self, reset_peaks: bool = False) -> dict:
+        """This worker's peak resident host memory (bytes; Linux VmHWM) and, on CUDA, peak allocated GPU memory,
+        since the start or the last reset. reset_peaks: start a new window after reading (to measure one step)."""
+        stats = {"rank": self.rank, **_host_memory()}
         if self.device.type == "cuda":
             stats["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            if reset_peaks:
+                torch.cuda.reset_peak_memory_stats(self.device)
+        if reset_peaks:
+            try:  # "5" resets the peak resident set size (Linux >= 4.0)
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError as exc:
+                log.debug("cannot reset the peak RSS: %s", exc)
         return stats
 
     def shutdown(self) -> None:
@@ -321,3 +328,15 @@ def _full(value) -> float:
     if hasattr(value, "full_tensor"):
         value = value.full_tensor()
     return float(value)
+
+
+def _host_memory() -> dict:
+    """Peak and current resident memory of this process in bytes (/proc/self/status, else getrusage)."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmHWM", "VmRSS")))
+        return {"peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024,
+                "rss_bytes": int(fields["VmRSS"].split()[0]) * 1024}
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
