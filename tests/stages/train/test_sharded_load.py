@@ -37,7 +37,9 @@ def _group(model_dir, root, load_weights: str, **extra):
     from stages.train.worker_group import WorkerGroup
 
     overrides = {"actor_rollout_ref.actor.fsdp_config.load_weights": load_weights,
-                 "actor_rollout_ref.model.target_modules": "all-linear", **extra}
+                 "actor_rollout_ref.model.target_modules": "all-linear",
+                 # gradient checkpointing is enabled on the meta-built model too (the 72B example uses it)
+                 "actor_rollout_ref.model.enable_gradient_checkpointing": True, **extra}
     cfg = load_config(None, toy_overrides(model_dir, root, 1, overrides))
     return WorkerGroup(cfg, str(model_dir), with_critic=False, total_steps=1, device="cpu")
 
