@@ -45,7 +45,7 @@ def _batch(rows: int, prompt_len: int, response_len: int, vocab: int):
 
 def measure(model_dir: Path, world: int, mode: str, device: str, batch: dict, overrides: list[str]) -> list[dict]:
     """One fresh worker group: per-rank peaks after setup and after one update step."""
-    from pipeline.config import load_config
+    from config import load_config
     from stages.train.worker_group import WorkerGroup
 
     cfg = load_config(None, [f"actor_rollout_ref.model.path={model_dir}", f"trainer.cpu_workers={world}",

@@ -124,7 +124,7 @@ def describe(name: str, e: dict) -> str:
 
 
 def main() -> None:
-    from pipeline.config import load_config
+    from config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, action="append", help="training config(s); default: examples")

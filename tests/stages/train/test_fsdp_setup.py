@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-from pipeline.config import load_config
+from config import load_config
 from stages.train import fsdp_setup
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
