@@ -1,15 +1,15 @@
 """Each actor rank's peak memory during setup and during one update step (not a test).
 
 For every combination of world size (`--world-sizes`, default 1 2) and loading mode (`--modes`: sharded = each
-rank reads only its shard, whole = every rank loads the whole base first), starts a fresh group of FSDP2 actor
-workers on Ray, and records per rank: peak resident host memory (Linux VmHWM) during setup, then - after resetting
+rank reads only its shard, rank0 = rank 0 reads every tensor and scatters the rows, whole = every rank loads the
+whole base first), starts a fresh group of FSDP2 actor workers on Ray, and records per rank: peak resident host memory (Linux VmHWM) during setup, then - after resetting
 the peak - during one PPO update step on a fixed batch; on CUDA also the peak allocated GPU memory. No vLLM engine.
 
 The model is `--model-dir`, or (default) a random-weight bf16 Llama built here (`--hidden/--layers/--intermediate`;
 the defaults give 468 M parameters, 0.94 GB). A tiny model run with the same settings gives the baseline (the
 process's own imports, Ray, torch), so "growth" is what the model adds, as a share of the model's bytes.
 
-    .venv/bin/python benchmarks/memory.py                                  # 1 and 2 CPU workers, both modes
+    .venv/bin/python benchmarks/memory.py                                  # 1 and 2 CPU workers, all three modes
     .venv/bin/python benchmarks/memory.py --device cuda --world-sizes 1 2 --model-dir /path/to/model
     .venv/bin/python benchmarks/memory.py -o benchmarks/results/memory.md -- actor_rollout_ref.model.lora_rank=32
 """
@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--modes", nargs="+", default=["sharded", "whole"], choices=["sharded", "whole"])
+    parser.add_argument("--modes", nargs="+", default=["sharded", "rank0", "whole"],
+                        choices=["sharded", "rank0", "whole"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rows", type=int, default=4, help="sequences per update step (one micro-batch)")
     parser.add_argument("--prompt-len", type=int, default=32)

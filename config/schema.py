@@ -72,9 +72,10 @@ class FSDPConfig(Section):
     param_offload: bool = False
     optimizer_offload: bool = False
     reshard_after_forward: bool = True  # free each layer's gathered weights after its forward (FSDP2's default)
-    # Ours, not verl's: `sharded` builds the model on the meta device and reads each rank's shard from the
-    # safetensors files; `whole` loads the whole base on every rank first (peak host memory: one base per rank).
-    load_weights: Literal["sharded", "whole"] = "sharded"
+    # Ours, not verl's: `sharded` builds the model on the meta device and each rank reads its shard from the
+    # safetensors files; `rank0` builds it the same way but rank 0 reads every tensor and scatters the rows (verl's
+    # way); `whole` loads the whole base on every rank first (peak host memory: one base per rank).
+    load_weights: Literal["sharded", "rank0", "whole"] = "sharded"
 
     # verl keys refused here, with what to do instead (the unknown-key error prints these).
     REFUSED_VERL_KEYS: ClassVar[dict[str, str]] = {

@@ -81,7 +81,7 @@ class ActorWorker:
         arr = self.cfg.actor_rollout_ref
         dtype = resolve_dtype(arr.model.dtype, self.model_dir, self.device.type)
         self.compute_dtype = dtype
-        sharded = arr.actor.fsdp_config.load_weights == "sharded"
+        sharded = arr.actor.fsdp_config.load_weights in ("sharded", "rank0")
         # 1. The same seeded LoRA init on every rank (sharding then keeps each rank's slice of one tensor). With
         #    sharded loading the base is built on the meta device: no rank holds a whole copy of it.
         self.model = build_model(self.model_dir, arr.model, with_critic=self.with_critic, seed=self.cfg.trainer.seed,
@@ -95,7 +95,8 @@ class ActorWorker:
             fully_shard(layer, **shard_kwargs)
         fully_shard(self.model, **shard_kwargs)
         if sharded:  # each rank reads only the rows of each base tensor that its shard holds
-            fill_shards(self.model, self.model_dir, self.device, show_progress=self.rank == 0)
+            fill_shards(self.model, self.model_dir, self.device, show_progress=self.rank == 0,
+                        from_rank0=arr.actor.fsdp_config.load_weights == "rank0")
         # 3. Optimizers over trainable parameters only: the frozen base never enters AdamW's state.
         self.actor_params = [p for n, p in self.model.named_parameters() if p.requires_grad and gather.is_policy_lora(n)]
         self.optimizer, self.scheduler = self._optimizer(self.actor_params, arr.actor.optim)

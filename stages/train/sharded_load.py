@@ -145,8 +145,10 @@ def _owned_rows(param) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def fill_shards(model: nn.Module, model_dir: str, device: torch.device, show_progress: bool = False) -> dict:
-    """Give every meta parameter of the (already fully_shard-ed) model its real shard, read from the files.
+def fill_shards(model: nn.Module, model_dir: str, device: torch.device, show_progress: bool = False,
+                from_rank0: bool = False) -> dict:
+    """Give every meta parameter of the (already fully_shard-ed) model its real shard, read from the files
+    (from_rank0: rank 0 reads every tensor whole and scatters the rows; the others read only the headers).
 
     Real tensors (LoRA, value head, buffers) keep their values across the allocation. Returns
     {"bytes_read": int, "tensors": int}.
@@ -179,6 +181,9 @@ def fill_shards(model: nn.Module, model_dir: str, device: torch.device, show_pro
             raise StageError(f"Tensor `{key}` in {model_dir} has shape {shape}; the model built from its config.json "
                              f"expects {list(param.shape)}. The folder's config and weights do not belong together.")
         local = _local(param)
+        if from_rank0:
+            nbytes += _scatter_from_rank0(index, key, param, local)
+            continue
         if hasattr(param, "placements"):
             start, stop = _owned_rows(param)
         else:  # not sharded (a module outside fully_shard): the whole tensor
@@ -187,6 +192,32 @@ def fill_shards(model: nn.Module, model_dir: str, device: torch.device, show_pro
             index.read_rows_into(key, start, stop, local)
             nbytes += local.numel() * local.element_size()
     return {"bytes_read": nbytes, "tensors": len(meta)}
+
+
+def _scatter_from_rank0(index: SafetensorsIndex, key: str, param, local: torch.Tensor) -> int:
+    """verl's way, kept to compare (`load_weights=rank0`): rank 0 reads the whole tensor and scatters each rank
+    its rows (padded to equal chunks). Returns the bytes this rank read from the files."""
+    import torch.distributed as dist
+
+    mesh = param.device_mesh
+    group, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    rows = param.shape[0]
+    chunk = math.ceil(rows / world)
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    received = torch.empty((chunk, *param.shape[1:]), dtype=local.dtype, device=comm)
+    pieces, nbytes = None, 0
+    if rank == 0:
+        full = torch.empty(tuple(param.shape), dtype=local.dtype)
+        index.read_rows_into(key, 0, rows, full)
+        nbytes = full.numel() * full.element_size()
+        pieces = [torch.zeros_like(received) for _ in range(world)]
+        for piece, part in zip(pieces, full.split(chunk)):
+            piece[: part.shape[0]].copy_(part)
+        del full
+    dist.scatter(received, scatter_list=pieces, src=dist.get_global_rank(group, 0), group=group)
+    if local.numel():
+        local.copy_(received[: local.shape[0]])
+    return nbytes
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

@@ -111,4 +111,4 @@ def test_fsdp_config_is_typed_and_refuses_unknown_keys_with_the_supported_list(t
     assert "actor_rollout_ref.ref.fsdp_config.optimizer_offload" in msg and str(f) in msg
     assert "no optimizer" in msg and "supports: param_offload." in msg
     with pytest.raises(ConfigError, match="load_weights"):
-        load_config(None, ["actor_rollout_ref.actor.fsdp_config.load_weights=rank0"])
+        load_config(None, ["actor_rollout_ref.actor.fsdp_config.load_weights=rank_0"])

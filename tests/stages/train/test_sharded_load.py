@@ -3,8 +3,8 @@
 - Memory: each rank's peak resident memory after setup, on a ~470M-parameter bf16 model built here with random
   weights, grows over the same run on the tiny model by at most 60% of the big model's bytes. A rank's shard is
   50% of the model with 2 ranks; a whole copy per rank (`load_weights=whole`) would add >= 100%.
-- Equality: one update step on the tiny model gives the same adapter with sharded and whole loading (same seed);
-  then an actor continued from that adapter (`lora_adapter_path`) with sharded loading starts from exactly it.
+- Equality: one update step on the tiny model gives the same adapter with sharded, whole and rank-0-scatter loading
+  (same seed); then an actor continued from that adapter (`lora_adapter_path`) with sharded loading starts from exactly it.
 
 The workers are driven directly (setup + one update step, no vLLM engine), so this stays short.
 """
@@ -92,8 +92,9 @@ def test_setup_memory_per_rank_scales_with_the_shard(tiny_sharded, tmp_path_fact
     assert all(g >= 0.4 for g in growth), growth
 
 
-def test_sharded_and_whole_loading_train_the_same_adapter(tiny_sharded, tiny_model_dir):
-    group = _group(tiny_model_dir, tiny_sharded["root"], "whole")
+@pytest.mark.parametrize("other", ["whole", "rank0"])
+def test_sharded_and_whole_loading_train_the_same_adapter(tiny_sharded, tiny_model_dir, other):
+    group = _group(tiny_model_dir, tiny_sharded["root"], other)
     try:
         group.update_actor(_batch(), num_mini_batches=1, reuse_forward_as_old=True)
         whole = group.gather_lora(layered=False)
