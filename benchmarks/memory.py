@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -133,6 +134,7 @@ def main() -> None:
                 print(table(results[-world:], baseline, model).splitlines()[-1], flush=True)
     finally:
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # the random model is ~1 GB
     text = table(results, baseline, model)
     print(text)
     if args.out:
