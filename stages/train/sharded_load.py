@@ -43,7 +43,9 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 # ------------------------------------------------------------------------------------------------ meta build
 @contextlib.contextmanager
 def parameters_on_meta():
-    """Parameters created inside go to the meta device; buffers stay real (they are computed, not loaded)."""
+    """Parameters created inside go to the meta device; buffers stay real (they are computed, not loaded).
+
+    Patches `nn.Module.register_parameter` for the whole process while inside (a worker's setup is one thread)."""
     register = nn.Module.register_parameter
 
     def register_on_meta(module, name, param):
