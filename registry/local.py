@@ -39,7 +39,7 @@ from filelock import FileLock
 
 from ground.errors import RegistryError
 from ground.processes import pid_alive
-from registry.refs import NAME_RE
+from registry.refs import NAME_RE, VERSION_RE
 from registry.store import Store
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class LocalStore(Store):
             entries = os.listdir(self._adapter_dir(name) / "versions")
         except FileNotFoundError:
             return []
-        return sorted(int(e) for e in entries if e.isdigit())
+        return sorted(int(e) for e in entries if VERSION_RE.fullmatch(e))
 
     def latest_version(self, name: str) -> int | None:
         """Faster than sorting: one listdir and a max (the resolver calls this per request)."""
@@ -124,7 +124,7 @@ class LocalStore(Store):
             entries = os.listdir(self._adapter_dir(name) / "versions")
         except FileNotFoundError:
             return None
-        return max((int(e) for e in entries if e.isdigit()), default=None)
+        return max((int(e) for e in entries if VERSION_RE.fullmatch(e)), default=None)
 
     def version_dir(self, name: str, version: int) -> Path | None:
         path = self._adapter_dir(name) / "versions" / str(int(version))

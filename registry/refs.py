@@ -23,12 +23,20 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 RESERVED_ALIAS_RE = re.compile(r"latest|[vV]\d+")
 LATEST = "latest"
+VERSION_RE = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() and int() also take "१" or "٣" as digits
+SHOWN_CHARS = 80
+
+
+def shown(value) -> str:
+    """`repr(value)` cut to SHOWN_CHARS characters for messages: a 1 MB name must not come back as a 1 MB error."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def check_name(name: str, what: str = "adapter name") -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise RegistryError(
-            f"Invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
+            f"Invalid {what} {shown(name)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
             "digit, without '..' or path separators (e.g. `arithmetic-grpo`)."
         )
     return name
@@ -37,7 +45,7 @@ def check_name(name: str, what: str = "adapter name") -> str:
 def check_alias(alias: str) -> str:
     if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias):
         raise RegistryError(
-            f"Invalid alias {alias!r}: use 1-64 letters, digits, '_' or '-', starting with a letter "
+            f"Invalid alias {shown(alias)}: use 1-64 letters, digits, '_' or '-', starting with a letter "
             "(e.g. `prod`, `latest-good`)."
         )
     if RESERVED_ALIAS_RE.fullmatch(alias):
@@ -50,10 +58,10 @@ def check_alias(alias: str) -> str:
 
 def check_version(version) -> int:
     if isinstance(version, bool) or not isinstance(version, int):
-        try:
-            version = int(str(version), 10)
-        except ValueError:
-            raise RegistryError(f"Invalid version {version!r}: versions are positive integers (1, 2, 3, ...).") from None
+        if not VERSION_RE.fullmatch(str(version)):
+            raise RegistryError(f"Invalid version {shown(version)}: versions are positive integers written in ASCII "
+                                "digits (1, 2, 3, ...).")
+        version = int(str(version), 10)
     if version < 1:
         raise RegistryError(f"Invalid version {version}: versions are positive integers (1, 2, 3, ...).")
     return version
@@ -65,7 +73,7 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
     At most one of version and alias is set; both None means the latest version.
     """
     if not isinstance(ref, str) or not ref:
-        raise RegistryError(f"Invalid adapter reference {ref!r}: write NAME, NAME@VERSION or NAME@ALIAS.")
+        raise RegistryError(f"Invalid adapter reference {shown(ref)}: write NAME, NAME@VERSION or NAME@ALIAS.")
     text = ref
     if text.startswith("models:/"):
         text = text[len("models:/"):]
@@ -73,12 +81,15 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
             text = text.replace("/", "@", 1)
     name, sep, selector = text.partition("@")
     if sep and not selector:
-        raise RegistryError(f"Invalid adapter reference {ref!r}: nothing after '@'; write NAME@VERSION or NAME@ALIAS.")
+        raise RegistryError(f"Invalid adapter reference {shown(ref)}: nothing after '@'; write NAME@VERSION or NAME@ALIAS.")
     check_name(name)
     if not sep or selector == LATEST:
         return name, None, None
-    if selector.isdigit():
+    if VERSION_RE.fullmatch(selector):
         return name, check_version(int(selector)), None
+    if selector.isdigit():
+        raise RegistryError(f"Invalid version {shown(selector)} in {shown(ref)}: write versions in ASCII digits 0-9 "
+                            "(e.g. NAME@1).")
     return name, None, check_alias(selector)
 
 

@@ -46,8 +46,9 @@ class Resolved:
 
 class AdapterCatalog:
     def __init__(self, registry, base_fingerprint: str | None, base_name: str, ttl_s: float = 1.0,
-                 max_lora_rank: int | None = None, clock=time.monotonic):
+                 max_lora_rank: int | None = None, clock=time.monotonic, verified=None):
         self.registry = registry
+        self.verified = verified  # serve.verified.VerifiedCache, or None (paths straight from the registry)
         self.clock = clock
         self.max_lora_rank = max_lora_rank
         self.base_fingerprint = base_fingerprint
@@ -99,6 +100,16 @@ class AdapterCatalog:
                 "base model (pipeline serve --base ...), or publish an adapter trained on this base."
             )
 
+    # ------------------------------------------------------------------------------------ verified weights
+    def engine_path(self, resolved: Resolved) -> str:
+        """Where the engine loads `resolved` from: its verified read-only copy (see serve/verified.py)."""
+        return self.verified.path_for(resolved.ref, resolved.path) if self.verified else resolved.path
+
+    def check_current(self, resolved: Resolved) -> None:
+        """Per request: refuse a version deleted (NotFoundError) or changed (CorruptVersionError) since it loaded."""
+        if self.verified is not None:
+            self.verified.check_current(resolved.ref, self.registry.store.version_dir(resolved.name, resolved.version))
+
     def is_base(self, model: str) -> bool:
         return model == self.base_name
 
@@ -139,20 +150,26 @@ _catalog_lock = threading.Lock()
 def get_catalog() -> AdapterCatalog | None:
     """The process's catalog, built from PIPELINE_SERVE_* variables; None when not inside `pipeline serve`."""
     global _catalog
-    from serve.server import ENV_ALIAS_TTL, ENV_BASE_FINGERPRINT, ENV_BASE_NAME, ENV_MAX_LORA_RANK, ENV_REGISTRY
+    from serve.server import (ENV_ALIAS_TTL, ENV_BASE_DIR, ENV_BASE_FINGERPRINT, ENV_BASE_NAME, ENV_MAX_LORA_RANK,
+                              ENV_REGISTRY, ENV_RUN_DIR, ENV_VERIFY)
 
     if not os.environ.get(ENV_REGISTRY):
         return None
     with _catalog_lock:
         if _catalog is None:
             from registry import open_registry
+            from serve.verified import VerifiedCache
 
+            run_dir = os.environ.get(ENV_RUN_DIR)
+            verified = VerifiedCache(os.path.join(run_dir, "verified"), base_dir=os.environ.get(ENV_BASE_DIR) or None,
+                                     enabled=os.environ.get(ENV_VERIFY, "1") != "0") if run_dir else None
             _catalog = AdapterCatalog(
                 open_registry(os.environ[ENV_REGISTRY]),
                 base_fingerprint=os.environ.get(ENV_BASE_FINGERPRINT) or None,
                 base_name=os.environ.get(ENV_BASE_NAME, ""),
                 ttl_s=float(os.environ.get(ENV_ALIAS_TTL, "1.0")),
                 max_lora_rank=int(os.environ.get(ENV_MAX_LORA_RANK) or 0) or None,
+                verified=verified,
             )
             log.info("lora-pipeline catalog: registry %s, base %s", os.environ[ENV_REGISTRY], _catalog.base_name)
         return _catalog

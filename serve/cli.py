@@ -29,8 +29,10 @@ import click
 @click.option("--served-name", default=None, help="The base model's name in requests (default: its folder name).")
 @click.option("--alias-ttl", default=1.0, show_default=True, type=click.FloatRange(0),
               help="Seconds an alias or latest-version lookup is reused (bounds how fast alias moves apply).")
+@click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(0.001),
+              help="Largest request body in MiB; larger ones get 413 before they are read.")
 def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
-              kv_cache_gib, dtype, served_name, alias_ttl):
+              kv_cache_gib, dtype, served_name, alias_ttl, max_body_mb):
     """Serve the base model and the registry's adapters behind one OpenAI-compatible endpoint.
 
     A request's `model` may be the base model's name, NAME (latest version), NAME@7 or NAME@ALIAS. Stop with
@@ -46,7 +48,8 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
     try:
         handle = start_server(base_dir, registry_uri, host=host, port=port, api_key=api_key, max_loras=max_loras,
                               max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
-                              kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl)
+                              kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl,
+                              max_body_mb=max_body_mb)
     except KeyboardInterrupt:  # start_server already stopped the half-started server
         signal.signal(signal.SIGTERM, previous)
         click.echo("interrupted while starting; the server was stopped", err=True)

@@ -1,62 +1,100 @@
 """ASGI middleware for vLLM's API server (`--middleware serve.middleware.RegistryRefMiddleware`).
 
-Three jobs, all about the registry:
-1. Pin moving references. A JSON request whose `model` is `NAME` or `NAME@ALIAS` is rewritten to the `NAME@V`
+It is the outermost layer of the app (vLLM adds `--middleware` classes last), so it sees every request first.
+In order:
+1. Access (serve/access.py): with an API key set, every route needs it except /health and /ping; routes that
+   load adapters from a path or pick one by a header are closed (404) even with the key. Checked on the
+   headers, before a byte of the body is read, so an anonymous caller can neither make the server buffer a
+   body nor learn a registry name.
+2. Bounded input: a body over `--max-body-mb` is refused with 413 as soon as its Content-Length, or the bytes
+   streamed in so far, pass the limit. A JSON body that does not parse (including a nesting so deep that the
+   parser recurses out) or nests deeper than MAX_JSON_DEPTH is a 400, before vLLM parses it again.
+3. Pin moving references. A JSON request whose `model` is `NAME` or `NAME@ALIAS` is rewritten to the `NAME@V`
    it means now (looked up at most `ttl_s` ago). vLLM caches a resolved LoRA name forever, so without this an
    alias move would never reach `NAME@prod`; with it, requests already in flight keep their version (a
    distinct adapter to vLLM) and new requests get the new one, with no restart. The response's `model` field
-   then says which version answered. References that fail to resolve pass through unchanged, so the error is
-   raised by the resolver inside vLLM, after vLLM's API-key check (no registry names leak to anonymous callers).
-2. List what can be served. A successful `GET /v1/models` gets one card per servable reference appended
-   (every version, `NAME` and each alias), not only the adapters vLLM has loaded so far.
-3. Close `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`: the switch that enables resolvers also opens
-   them, and they would let any client load an arbitrary server path. The registry is the only source here.
+   then says which version answered. A version deleted or changed in the registry since this server loaded it
+   is refused here (404 / 422, see serve/verified.py), and so are unknown or invalid references (the caller
+   holds the key by now, so the 404 may list what exists; names are cut to 80 characters).
+4. List what can be served. A successful `GET /v1/models` lists the base and every servable reference from the
+   registry (every version, `NAME` and each alias); adapters vLLM still holds but the registry no longer has
+   are left out, and so are vLLM's paths.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
-BLOCKED_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
-MAX_BODY_TO_PARSE = 64 << 20
+MAX_JSON_DEPTH = 128  # OpenAI requests (tool schemas included) nest a few dozen levels at most
+BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+               413: "RequestEntityTooLargeError", 422: "UnprocessableEntityError"}
+
+
+class RequestRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class RegistryRefMiddleware:
     def __init__(self, app):
+        from serve.access import AccessPolicy
         from serve.catalog import get_catalog
+        from serve.server import DEFAULT_MAX_BODY_MB, ENV_MAX_BODY_BYTES, ENV_RUN_DIR
 
         self.app = app
         self.catalog = get_catalog()
+        # vLLM's own --api-key argument is not used by `pipeline serve` (it would show in `ps`): the key comes
+        # through VLLM_API_KEY, which vLLM's inner check reads as well
+        self.access = AccessPolicy(os.environ.get("VLLM_API_KEY") or None)
+        self.max_body = int(os.environ.get(ENV_MAX_BODY_BYTES) or DEFAULT_MAX_BODY_MB << 20)
+        self.run_dir = os.environ.get(ENV_RUN_DIR)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.catalog is None:
+        if self.catalog is None or scope["type"] not in ("http", "websocket", "lifespan"):
             return await self.app(scope, receive, send)
-        path, method = scope["path"], scope["method"]
-        if path in BLOCKED_PATHS:
-            return await _json_response(send, 404, {"error": {
-                "message": f"{path} is disabled by `pipeline serve`: adapters come from the registry. Publish with "
-                           "`pipeline registry publish` and request `NAME`, `NAME@VERSION` or `NAME@ALIAS`.",
-                "type": "NotFoundError", "param": None, "code": 404}})
-        if method == "POST":
-            return await self._rewrite_model(scope, receive, send)
-        if method == "GET" and path == "/v1/models":
+        if not self.access.bound and scope.get("app") is not None:
+            self.access.bind(scope["app"], self.run_dir)  # at lifespan start-up: every route is mounted by then
+        if scope["type"] == "lifespan":
+            return await self.app(scope, receive, send)
+        refusal = self.access.refusal(scope)
+        if refusal is not None:
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})  # before accept: the handshake fails
+            return await _error(send, *refusal)
+        if scope["type"] == "http" and scope["method"] in BODY_METHODS:
+            return await self._with_body(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/v1/models":
             return await self._extend_models(scope, receive, send)
         return await self.app(scope, receive, send)
 
-    # -------------------------------------------------------------------------------- 1. pin references
-    async def _rewrite_model(self, scope, receive, send):
-        chunks, more = [], True
-        while more:
+    # -------------------------------------------------------------------------------- 2. bounded body, 3. pin
+    async def _with_body(self, scope, receive, send):
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            return await _error(send, 413, self._too_large(declared))
+        chunks, size = [], 0
+        while True:
             message = await receive()
             if message["type"] != "http.request":  # client went away before sending the body
                 return await self.app(scope, _replay([message], receive), send)
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:  # chunked upload without a length: stop reading at the limit
+                return await _error(send, 413, self._too_large(f"over {self.max_body}"))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
         body = b"".join(chunks)
-        new_body = self._pinned_body(body)
+        try:
+            new_body = self._checked_body(scope, body)
+        except RequestRefused as refused:
+            return await _error(send, refused.status, str(refused))
         if new_body is not body:
             scope = dict(scope)
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
@@ -64,28 +102,38 @@ class RegistryRefMiddleware:
         replay = [{"type": "http.request", "body": new_body, "more_body": False}]
         return await self.app(scope, _replay(replay, receive), send)
 
-    def _pinned_body(self, body: bytes) -> bytes:
-        if b'"model"' not in body or len(body) > MAX_BODY_TO_PARSE:
-            return body
+    def _too_large(self, declared: str) -> str:
+        return (f"The request body ({declared[:20]} bytes) is larger than this server's limit of "
+                f"{self.max_body >> 20} MiB (`pipeline serve --max-body-mb`).")
+
+    def _checked_body(self, scope, body: bytes) -> bytes:
+        content_type = (_header(scope, b"content-type") or "").lower()
+        if not body.strip() or not ("json" in content_type or (not content_type and body.lstrip()[:1] in b"{[")):
+            return body  # not JSON (multipart audio, form): vLLM's route checks its own format
         try:
             data = json.loads(body)
-        except ValueError:
-            return body  # let vLLM report the malformed JSON
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+            raise RequestRefused(400, f"The request body is not valid JSON ({exc.__class__.__name__}: "
+                                      f"{str(exc)[:120]}).") from None
+        if _depth_over(data, MAX_JSON_DEPTH):
+            raise RequestRefused(400, f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.")
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model or self.catalog.is_base(model):
             return body
         from ground.errors import RegistryError
+        from serve.resolver import error_status
 
         try:
             resolved = self.catalog.lookup(model)
-        except RegistryError:
-            return body  # the resolver raises the same error inside vLLM, after authentication
+            self.catalog.check_current(resolved)  # deleted or changed in the registry since it was loaded here
+        except RegistryError as exc:
+            raise RequestRefused(int(error_status(exc)), str(exc)) from None
         if resolved.ref == model:
             return body
         data["model"] = resolved.ref
         return json.dumps(data).encode()
 
-    # -------------------------------------------------------------------------------- 2. list servable
+    # -------------------------------------------------------------------------------- 4. list servable
     async def _extend_models(self, scope, receive, send):
         start, parts = {}, []
 
@@ -103,8 +151,10 @@ class RegistryRefMiddleware:
         if start.get("status") == 200:
             try:
                 listing = json.loads(body)
-                loaded = {card.get("id") for card in listing.get("data", [])}
-                listing["data"] += [c for c in self.catalog.servable() if c["id"] not in loaded]
+                # vLLM's own cards: keep the base models; its adapter cards go (a version deleted from the
+                # registry stays loaded in vLLM, and its card carries a server path): the registry says what exists
+                bases = [card for card in listing.get("data", []) if not card.get("parent")]
+                listing["data"] = bases + self.catalog.servable()
                 body = json.dumps(listing).encode()
             except Exception:  # a listing problem must not take /v1/models down; vLLM's own list still answers
                 log.exception("could not add registry adapters to /v1/models")
@@ -124,6 +174,33 @@ def _replay(messages: list[dict], receive):
         return await receive()
 
     return replayed
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def _depth_over(data, limit: int) -> bool:
+    """True when containers nest deeper than `limit` (iterative: a deep document must not recurse here)."""
+    stack = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return False
+
+
+async def _error(send, status: int, message: str) -> None:
+    """An OpenAI-style error body, the shape vLLM's own errors have."""
+    await _json_response(send, status, {"error": {"message": message, "type": ERROR_TYPES.get(status, "Error"),
+                                                  "param": None, "code": status}})
 
 
 async def _json_response(send, status: int, payload: dict) -> None:

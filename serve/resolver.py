@@ -8,8 +8,9 @@ before vLLM sees them, so that cache only ever holds immutable versions and an a
 Errors: returning None would give the client a bare "model does not exist" 404. Instead the resolver raises
 vLLM's own exception types, which vLLM's exception handlers turn into a status and our message:
 unknown adapter -> 404 (the message lists the adapters that exist), invalid name -> 400, adapter trained on a
-different base (the message names both fingerprints) or of a rank above the server's max_lora_rank -> 422
-(not 409, which OpenAI clients retry).
+different base (the message names both fingerprints), of a rank above the server's max_lora_rank, whose files
+do not match its manifest or whose tensors do not fit the base -> 422 (not 409, which OpenAI clients retry).
+The engine is handed the version's verified read-only copy (serve/verified.py), never the registry folder.
 
 The plugin is loaded in EVERY vLLM process (the training rollout engine too), so `register()` does nothing
 unless PIPELINE_SERVE_REGISTRY is set, and never touches the registry until the first request.
@@ -31,17 +32,31 @@ def to_vllm_error(exc: Exception) -> Exception:
     from vllm.exceptions import GracefulHTTPError, VLLMNotFoundError, VLLMValidationError
 
     from ground.errors import NotFoundError
-    from serve.catalog import BaseMismatchError, RankTooLargeError
 
     if isinstance(exc, NotFoundError):
         return VLLMNotFoundError(str(exc))
-    if isinstance(exc, (BaseMismatchError, RankTooLargeError)):
+    if error_status(exc) == HTTPStatus.UNPROCESSABLE_ENTITY:
         return GracefulHTTPError(str(exc), HTTPStatus.UNPROCESSABLE_ENTITY)
     return VLLMValidationError(str(exc), parameter="model")
 
 
+def error_status(exc: Exception) -> HTTPStatus:
+    """The HTTP status for a registry error: 404 unknown, 422 known but not servable here, 400 malformed."""
+    from ground.errors import NotFoundError
+    from serve.catalog import BaseMismatchError, RankTooLargeError
+    from serve.verified import AdapterMismatchError, CorruptVersionError
+
+    if isinstance(exc, NotFoundError):
+        return HTTPStatus.NOT_FOUND
+    if isinstance(exc, (BaseMismatchError, RankTooLargeError, CorruptVersionError, AdapterMismatchError)):
+        return HTTPStatus.UNPROCESSABLE_ENTITY
+    return HTTPStatus.BAD_REQUEST
+
+
 def _make_resolver_class():
     # vLLM is imported only here: the plugin module must stay cheap to import in processes that don't serve
+    import asyncio
+
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
 
@@ -58,13 +73,16 @@ def _make_resolver_class():
                 return None
             try:
                 found = catalog.lookup(lora_name)
+                # hashing + copying is blocking file work: keep it off the event loop that serves other requests
+                path = await asyncio.to_thread(catalog.engine_path, found)
             except RegistryError as exc:
                 raise to_vllm_error(exc) from None
             log.info("resolved %s -> %s", lora_name, found.ref)
             # lora_name is the pinned NAME@V, so two versions are always two adapters to vLLM. vLLM 0.32
             # replaces lora_int_id with its own per-process counter after we return; the stable id below is
-            # what it would keep if it did not.
-            return LoRARequest(lora_name=found.ref, lora_int_id=stable_lora_id(found.ref), lora_path=found.path,
+            # what it would keep if it did not. vLLM keeps `path` for the server's life and reloads from it after
+            # an eviction: it is the verified read-only copy, never the registry folder.
+            return LoRARequest(lora_name=found.ref, lora_int_id=stable_lora_id(found.ref), lora_path=path,
                                base_model_name=catalog.base_name or base_model_name)
 
     return RegistryLoRAResolver

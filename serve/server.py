@@ -28,6 +28,8 @@ from pathlib import Path
 from ground.errors import StageError
 from ground.processes import shm_segments_of
 from ground.vllm_lora import VLLM_LORA_RANKS, max_lora_rank_for
+from serve import shm_owners
+from serve.verified import _remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,14 @@ ENV_BASE_FINGERPRINT = "PIPELINE_SERVE_BASE_FINGERPRINT"
 ENV_BASE_NAME = "PIPELINE_SERVE_BASE_NAME"
 ENV_ALIAS_TTL = "PIPELINE_SERVE_ALIAS_TTL_S"
 ENV_MAX_LORA_RANK = "PIPELINE_SERVE_MAX_LORA_RANK"
+ENV_BASE_DIR = "PIPELINE_SERVE_BASE_DIR"
+ENV_RUN_DIR = "PIPELINE_SERVE_RUN_DIR"  # the server's own folder: verified adapter copies, routes.json
+ENV_VERIFY = "PIPELINE_SERVE_VERIFY"  # "0" serves straight from the registry folders (benchmark baseline only)
+ENV_MAX_BODY_BYTES = "PIPELINE_SERVE_MAX_BODY_BYTES"
+
+# A request body limit with room for long prompts: 128k tokens as a JSON list of ids is ~1 MiB, as text a few
+# MiB; images or audio inline in base64 are what needs the rest.
+DEFAULT_MAX_BODY_MB = 32
 
 def round_lora_rank(rank: int) -> int:
     """`ground.vllm_lora.max_lora_rank_for` for the server: the smallest --max-lora-rank vLLM accepts that holds
@@ -95,6 +105,7 @@ class ServerHandle:
     process: subprocess.Popen
     log_path: Path
     api_key: str | None = None
+    run_dir: Path | None = None  # verified adapter copies and routes.json; removed at stop
     shm_segments: set[str] = field(default_factory=set)  # /dev/shm/psm_* its processes mapped, seen so far
 
     @property
@@ -114,8 +125,16 @@ class ServerHandle:
             return ""
 
     def _remember_shm(self) -> None:
-        # scanned while waiting for readiness and again at stop: a hard-killed engine never unlinks its segments
-        self.shm_segments |= shm_segments_of(session_pids(self.process.pid))
+        # scanned while waiting for readiness and again at stop: a hard-killed engine never unlinks its segments.
+        # New segments are also written to the owner record, so that if this process dies with the server the
+        # next start removes them (serve/shm_owners.py)
+        found = shm_segments_of(session_pids(self.process.pid))
+        if not found <= self.shm_segments:
+            self.shm_segments |= found
+            try:
+                shm_owners.record(self.process.pid, self.shm_segments, str(self.run_dir) if self.run_dir else None)
+            except OSError as exc:
+                log.warning("could not record the shared memory of server pid %d: %s", self.process.pid, exc)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the process group, wait, SIGKILL leftovers, remove this server's leaked shm segments."""
@@ -149,6 +168,9 @@ class ServerHandle:
                     os.unlink(path)
                 except OSError:
                     pass
+        if self.run_dir is not None:
+            _remove_tree(self.run_dir)
+        shm_owners.forget(self.process.pid)
 
     def __enter__(self) -> "ServerHandle":
         return self
@@ -225,15 +247,19 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
                  gpu_memory_utilization: float = 0.1, dtype: str = "auto", enforce_eager: bool = True,
                  base_name: str | None = None, alias_ttl_s: float = 1.0, enable_lora: bool = True,
                  ready_timeout_s: float = 300.0, log_path: str | Path | None = None,
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> ServerHandle:
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 max_body_mb: float = DEFAULT_MAX_BODY_MB, verify_weights: bool = True) -> ServerHandle:
     """Start the multi-adapter server and wait until /health answers; returns a `ServerHandle`.
 
     base_dir: the base model folder (must be the one the adapters were trained on: adapters whose recorded
     base fingerprint differs are refused per request). registry_uri: the registry (None: PIPELINE_REGISTRY,
     then ./registry-store). max_lora_rank: None takes the registry's largest rank, rounded up to a value vLLM
     accepts. kv_cache_gib: KV-cache size (None: vLLM sizes it from gpu_memory_utilization). alias_ttl_s: how
-    long an alias or "latest" lookup is reused; alias moves reach requests after at most this long. enable_lora=False serves the base model alone (benchmarks compare against it). The
-    server's output goes to `log_path` (default: a temp file).
+    long an alias or "latest" lookup is reused; alias moves reach requests after at most this long.
+    enable_lora=False serves the base model alone (benchmarks compare against it). max_body_mb: larger request
+    bodies get 413. verify_weights=False hands the engine the registry folders instead of verified read-only
+    copies (serve/verified.py): only for measuring what verification costs. The server's output goes to
+    `log_path` (default: a temp file).
     """
     from registry import open_registry
     from ground.model_files import fingerprint
@@ -250,6 +276,10 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
         max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
     base_name = base_name or base_dir.name
     url = f"http://{host}:{port}/v1"
+    removed = shm_owners.remove_orphans(session_pids)
+    if removed:
+        log.info("removed %d shared-memory segment(s) left by servers that died", len(removed))
+    run_dir = Path(tempfile.mkdtemp(prefix="pipeline-serve-run-"))
 
     cmd = build_command(base_dir, base_name, host, port, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
                         kv_cache_gib, gpu_memory_utilization, dtype, enforce_eager, extra_args or [])
@@ -264,6 +294,10 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
         ENV_BASE_NAME: base_name,
         ENV_ALIAS_TTL: str(alias_ttl_s),
         ENV_MAX_LORA_RANK: str(max_lora_rank or ""),
+        ENV_BASE_DIR: str(base_dir),
+        ENV_RUN_DIR: str(run_dir),
+        ENV_VERIFY: "1" if verify_weights else "0",
+        ENV_MAX_BODY_BYTES: str(int(max_body_mb * (1 << 20))),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                      child_env.get("PYTHONPATH")])),
     })
@@ -278,7 +312,12 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(cmd, env=child_env, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    handle = ServerHandle(url=url, base_name=base_name, process=process, log_path=log_path, api_key=api_key)
+    handle = ServerHandle(url=url, base_name=base_name, process=process, log_path=log_path, api_key=api_key,
+                          run_dir=run_dir)
+    try:  # the owner record exists from the first moment, so the run folder is found again after a crash
+        shm_owners.record(process.pid, set(), str(run_dir))
+    except OSError as exc:
+        log.warning("could not record server pid %d in %s: %s", process.pid, shm_owners.OWNERS_DIR, exc)
     try:
         _wait_ready(handle, ready_timeout_s)
     except BaseException:  # includes Ctrl-C while waiting

@@ -35,6 +35,17 @@ def test_parse_ref():
             parse_ref(bad)
 
 
+def test_versions_are_ascii_digits_and_long_names_are_cut_in_messages():
+    for bad in ["a@१", "a@٣", "a@1_0", "a@ 1"]:
+        with pytest.raises(RegistryError, match="Invalid"):
+            parse_ref(bad)
+    with pytest.raises(RegistryError, match="ASCII digits"):
+        parse_ref("alpha@१")
+    with pytest.raises(RegistryError) as info:
+        parse_ref("x" * 1_000_000)
+    assert len(str(info.value)) < 400 and "1000002 characters" in str(info.value)
+
+
 def test_uri_precedence(tmp_path, monkeypatch, lora):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PIPELINE_REGISTRY", raising=False)

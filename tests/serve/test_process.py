@@ -69,3 +69,40 @@ def test_lora_rank_rounds_up_to_what_vllm_accepts():
     assert [round_lora_rank(r) for r in (0, 1, 4, 8, 9, 16, 33, 300, 512)] == [1, 1, 8, 8, 16, 16, 64, 320, 512]
     with pytest.raises(StageError, match="at most rank 512"):
         round_lora_rank(1024)
+
+
+def test_next_start_removes_segments_of_a_recorded_server_that_was_sigkilled(tmp_path):
+    """The owner record that start_server writes, then a SIGKILL of the whole tree (nobody cleans up), then what
+    the next start runs: the dead server's segment and run folder go; a live recorded server's stay."""
+    from serve import shm_owners
+    from serve.server import shm_segments_of
+
+    dead_seg, live_seg = (f"/dev/shm/psm_lorapipelinetest{secrets.token_hex(4)}" for _ in range(2))
+    run_dir = tmp_path / "pipeline-serve-run-x"
+    run_dir.mkdir()
+    dead = live = None
+    try:
+        dead, live = _start_fake(dead_seg), _start_fake(live_seg)
+        for proc, seg in ((dead, dead_seg), (live, live_seg)):
+            assert shm_segments_of(session_pids(proc.pid)) == {seg}
+            shm_owners.record(proc.pid, {seg}, str(run_dir) if proc is dead else None)
+        for pid in session_pids(dead.pid):
+            os.kill(pid, signal.SIGKILL)
+        dead.wait()
+        deadline = time.monotonic() + 10
+        while session_pids(dead.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(dead_seg)  # what a SIGKILL leaves behind
+        removed = shm_owners.remove_orphans(session_pids)
+        assert dead_seg in removed and not os.path.exists(dead_seg) and not run_dir.exists()
+        assert os.path.exists(live_seg) and (shm_owners.OWNERS_DIR / f"{live.pid}.json").exists()
+        assert not (shm_owners.OWNERS_DIR / f"{dead.pid}.json").exists()
+    finally:
+        for proc in (dead, live):
+            for pid in session_pids(proc.pid) if proc else []:
+                os.kill(pid, signal.SIGKILL)
+            if proc:
+                shm_owners.forget(proc.pid)
+        for seg in (dead_seg, live_seg):
+            if os.path.exists(seg):
+                os.unlink(seg)

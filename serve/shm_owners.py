@@ -1,0 +1,95 @@
+"""Owner records for the shared memory of servers, so a server that died hard is cleaned up by the next start.
+
+vLLM's engine processes map `/dev/shm/psm_*` segments (hundreds of MiB) and unlink them on a clean exit. A
+SIGKILL of the whole server (an OOM kill, `kill -9` of its process group, a container stop past its grace)
+leaves them behind, and /dev/shm is RAM. So a running server is recorded with the segments it maps, in
+/dev/shm itself (a record then lives exactly as long as the segments can: both go at reboot):
+
+    /dev/shm/lora-pipeline-serve-owners/<session id>.json
+        {"session": 4242, "start_ticks": 123456, "segments": ["/dev/shm/psm_..."], "run_dir": "/tmp/..."}
+
+`remove_orphans()`, called when a server starts, removes the segments (and the run folder with its verified
+adapter copies) of every recorded server whose processes are all gone. A session counts as alive while any
+process of it lives, and its leader's start time guards against a recycled pid. Segments of servers that are
+not recorded (another program's engines) are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OWNERS_DIR = Path("/dev/shm/lora-pipeline-serve-owners")
+SEGMENT_RE = re.compile(r"/dev/shm/psm_[A-Za-z0-9_]+")
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def record(session_id: int, segments: set[str], run_dir: str | None) -> None:
+    """Write (or rewrite) the record of a live server's session."""
+    OWNERS_DIR.mkdir(mode=0o700, exist_ok=True)
+    data = {"session": session_id, "start_ticks": start_ticks(session_id), "segments": sorted(segments),
+            "run_dir": run_dir}
+    tmp = OWNERS_DIR / f".{session_id}.json.tmp"
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, OWNERS_DIR / f"{session_id}.json")
+
+
+def forget(session_id: int) -> None:
+    (OWNERS_DIR / f"{session_id}.json").unlink(missing_ok=True)
+
+
+def _session_alive(data: dict, session_pids) -> bool:
+    sid = int(data["session"])
+    ticks = start_ticks(sid)
+    if ticks is not None and data.get("start_ticks") not in (None, ticks):
+        return False  # the pid was recycled by another process: the server is gone
+    return bool(session_pids(sid))
+
+
+def remove_orphans(session_pids) -> list[str]:
+    """Remove what dead recorded servers left behind; returns the segments removed.
+
+    `session_pids(sid)` lists the live processes of a session (serve.server passes its own scanner).
+    """
+    from serve.verified import _remove_tree
+
+    removed: list[str] = []
+    try:
+        records = sorted(OWNERS_DIR.glob("*.json"))
+    except OSError:
+        return removed
+    for path in records:
+        try:
+            data = json.loads(path.read_text())
+            alive = _session_alive(data, session_pids)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable: not ours to judge
+        if alive:
+            continue
+        for segment in data.get("segments", []):
+            if SEGMENT_RE.fullmatch(segment) and os.path.exists(segment):
+                try:
+                    os.unlink(segment)
+                    removed.append(segment)
+                except OSError as exc:
+                    log.warning("could not remove %s left by dead server session %s: %s", segment, data["session"], exc)
+        run_dir = data.get("run_dir")
+        if run_dir and Path(run_dir).name.startswith("pipeline-serve-run-"):
+            _remove_tree(Path(run_dir))
+        path.unlink(missing_ok=True)
+        log.info("server session %s is gone: removed %d shared-memory segment(s) it left in /dev/shm",
+                 data["session"], sum(s in removed for s in data.get("segments", [])))
+    return removed
