@@ -97,9 +97,13 @@ class AccessPolicy:
                     return secrets.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self._key_hash)
         return False
 
+    def is_public(self, scope) -> bool:
+        """A public probe: passed to the app untouched (no body read, no registry lookup: it answers nothing)."""
+        return self._public(scope, _path(scope))
+
     def refusal(self, scope) -> tuple[int, str] | None:
         """(status, message) when the request must be refused; None when it may go on."""
-        path = scope["path"].removeprefix(scope.get("root_path", "") or "") or "/"
+        path = _path(scope)
         if not self.key_ok(scope.get("headers", [])) and not self._public(scope, path):
             # checked first: an anonymous caller learns nothing, not even which routes are closed
             return 401, "Unauthorized: send `Authorization: Bearer <API key>`."
@@ -116,3 +120,7 @@ class AccessPolicy:
             names = {k.lower() for k, _ in scope.get("headers", [])}
             return b"origin" in names and b"access-control-request-method" in names
         return False
+
+
+def _path(scope) -> str:
+    return scope["path"].removeprefix(scope.get("root_path", "") or "") or "/"

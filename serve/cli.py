@@ -58,7 +58,7 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
     try:
         click.echo(f"serving `{handle.base_name}` and registry adapters at {handle.url} (log: {handle.log_path}); "
                    "Ctrl-C stops")
-        died_with = handle.process.wait()
+        died_with = handle.wait()
     except KeyboardInterrupt:
         click.echo("stopping the server", err=True)
     finally:

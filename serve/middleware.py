@@ -60,7 +60,7 @@ class RegistryRefMiddleware:
             return await self.app(scope, receive, send)
         if not self.access.bound and scope.get("app") is not None:
             self.access.bind(scope["app"], self.run_dir)  # at lifespan start-up: every route is mounted by then
-        if scope["type"] == "lifespan":
+        if scope["type"] == "lifespan" or self.access.is_public(scope):
             return await self.app(scope, receive, send)
         refusal = self.access.refusal(scope)
         if refusal is not None:

@@ -136,6 +136,15 @@ class ServerHandle:
             except OSError as exc:
                 log.warning("could not record the shared memory of server pid %d: %s", self.process.pid, exc)
 
+    def wait(self, rescan_s: float = 10.0) -> int:
+        """Wait for the server to exit, re-scanning its shm segments now and then (so the owner record also
+        holds segments an engine maps after start-up). Returns its exit code."""
+        while True:
+            try:
+                return self.process.wait(timeout=rescan_s)
+            except subprocess.TimeoutExpired:
+                self._remember_shm()
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the process group, wait, SIGKILL leftovers, remove this server's leaked shm segments."""
         sid = self.process.pid

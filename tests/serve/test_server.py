@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -24,6 +22,7 @@ from ground.processes import shm_segments_of
 from serve.server import session_pids
 from ground.model_files import fingerprint
 from tests.serve.adapters import PROMPT, make_adapters
+from tests.serve.cli_server import free_port, start_cli
 from tests.tiny_model import build_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -47,18 +46,13 @@ def served(tmp_path_factory, tiny_model_dir):
     reg.publish(foreign[9], "foreign", base_dir=other_base)
 
     # the real command, as a user runs it; its teardown below is a Ctrl-C
-    port = _free_port()
-    pipeline_script = os.path.join(os.path.dirname(sys.executable), "pipeline")
-    cli = subprocess.Popen(
-        [pipeline_script, "serve", "--registry", str(root / "registry"), "--base", str(tiny_model_dir),
-         "--port", str(port), "--max-loras", "4", "--max-model-len", "256", "--kv-cache-gib", "0.0625",
-         "--dtype", "float32", "--served-name", "tiny-base", "--alias-ttl", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "PIPELINE_SERVE_API_KEY": API_KEY})
-    server = {}
+    port = free_port()
+    server, cli = {}, None
     try:
-        output = _read_until_ready(cli, timeout=300)
-        server_pid = next(p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if _ppid(p) == cli.pid)
+        cli, server_pid, output = start_cli(
+            ["--registry", str(root / "registry"), "--base", str(tiny_model_dir), "--port", str(port),
+             "--max-loras", "4", "--max-model-len", "256", "--kv-cache-gib", "0.0625", "--dtype", "float32",
+             "--served-name", "tiny-base", "--alias-ttl", "1"], env={"PIPELINE_SERVE_API_KEY": API_KEY})
         segments = shm_segments_of(session_pids(server_pid))
         url = f"http://127.0.0.1:{port}/v1"
         server.update(cli=cli, url=url, base_name="tiny-base", base_dir=tiny_model_dir, registry=reg,
@@ -73,43 +67,9 @@ def served(tmp_path_factory, tiny_model_dir):
         assert session_pids(server_pid) == []
         assert segments and not any(os.path.exists(s) for s in segments)
     finally:
-        if cli.poll() is None:
+        if cli is not None and cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
             cli.wait()
-
-
-def _read_until_ready(cli, timeout: float) -> str:
-    """The command prints `serving ... at URL` once the server answers /health."""
-    lines, done = [], threading.Event()
-
-    def read():
-        for line in cli.stdout:
-            lines.append(line)
-            if line.startswith("serving "):
-                break
-        done.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    done.wait(timeout)
-    text = "".join(lines)
-    assert lines and lines[-1].startswith("serving ") and cli.poll() is None, f"`pipeline serve` did not start:\n{text}"
-    return text
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _complete(client, model: str, max_tokens: int = MAX_TOKENS):
@@ -182,7 +142,7 @@ def test_adapter_for_another_base_is_refused_naming_both(served):
     assert served["base_name"] in message
 
 
-def test_api_key_is_required_but_health_and_metrics_stay_open(served):
+def test_api_key_is_required_but_health_stays_open(served):
     url = served["url"]
     with pytest.raises(openai.AuthenticationError) as info:
         openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).completions.create(
@@ -195,8 +155,11 @@ def test_api_key_is_required_but_health_and_metrics_stay_open(served):
     assert no_key.value.code == 401
     root = url.removesuffix("/v1")
     assert urllib.request.urlopen(root + "/health", timeout=30).status == 200
-    metrics = urllib.request.urlopen(root + "/metrics", timeout=30).read().decode()
-    assert "vllm:" in metrics
+    with pytest.raises(urllib.error.HTTPError) as anonymous_metrics:  # its labels name the loaded adapters
+        urllib.request.urlopen(root + "/metrics", timeout=30)
+    assert anonymous_metrics.value.code == 401
+    keyed = urllib.request.Request(root + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert "vllm:" in urllib.request.urlopen(keyed, timeout=30).read().decode()
 
 
 def test_runtime_load_routes_are_closed(served):
