@@ -14,6 +14,7 @@ PSS; RSS counts pages shared between the server's processes once per process, PS
 
     .venv/bin/python benchmarks/serve_multi_lora.py                 # SmolLM2-135M, about 10 minutes
     .venv/bin/python benchmarks/serve_multi_lora.py --adapters 1 32 --duration 30   # quicker
+    .venv/bin/python benchmarks/serve_multi_lora.py --adapters 32 --no-base-run --verify both   # verification cost
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import statistics
 import sys
@@ -163,17 +165,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def verification_ms(log_path: Path) -> list[float]:
+    """Per-adapter verification times the server logged (`verified NAME@V into ... in X ms`)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [float(ms) for ms in re.findall(r"verified \S+ into \S+ in ([0-9.]+) ms", text)]
+
+
 def run_config(label: str, n_adapters: int, args, base_dir: Path, registry_dir: Path, refs: list[str],
-               trace: list[dict]) -> dict:
+               trace: list[dict], verify: bool = True) -> dict:
     from serve.server import start_server
 
     lora = n_adapters > 0
     models = [refs[power_law_pick(item["u"], n_adapters, args.alpha)] if lora else "base" for item in trace]
     t0 = time.monotonic()
+    log_path = Path(tempfile.gettempdir()) / f"serve_multi_lora.{label}.log"
+    log_path.unlink(missing_ok=True)
     handle = start_server(base_dir, str(registry_dir), port=free_port(), base_name="base", enable_lora=lora,
                           max_loras=min(args.max_loras, max(n_adapters, 1)), max_cpu_loras=max(n_adapters, 1),
                           max_lora_rank=args.rank, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                          dtype=args.dtype, log_path=Path(tempfile.gettempdir()) / f"serve_multi_lora.{label}.log")
+                          dtype=args.dtype, log_path=log_path, verify_weights=verify)
     try:
         started = time.monotonic() - t0
         idle = handle.memory_mib()
@@ -181,6 +194,9 @@ def run_config(label: str, n_adapters: int, args, base_dir: Path, registry_dir: 
             result = asyncio.run(replay(handle.url, trace, models, args.drain_timeout))
     finally:
         handle.stop()
+    spent = verification_ms(log_path)
+    result.update(verified=verify and lora, verify_count=len(spent), verify_ms_total=sum(spent),
+                  verify_ms_max=max(spent, default=0.0))
     result.update(config=label, adapters=n_adapters, distinct_adapters_used=len(set(models)) if lora else 0,
                   start_s=started, idle_rss_mib=idle["rss_mib"], idle_pss_mib=idle["pss_mib"],
                   peak_rss_mib=mem.peak["rss_mib"], peak_pss_mib=mem.peak["pss_mib"], load_avg=os.getloadavg())
@@ -224,6 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--kv-cache-gib", type=float, default=0.5)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify", choices=["on", "off", "both"], default="on",
+                   help="adapter verification (verified read-only copies, serve/verified.py): on, off (registry folders "
+                        "straight to the engine), or both: every adapter configuration twice, to measure its cost")
     p.add_argument("--out", default="benchmarks/results/serve_multi_lora.json")
     p.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     args = p.parse_args(argv)
@@ -248,10 +267,12 @@ def main(argv=None) -> int:
                            config["vocab_size"], args.seed)
         log.info("trace: %d requests over %.0f s; model %s (%.0f MiB of weights); load average %s",
                  len(trace), args.duration, base_dir.name, weights_mib, load_before)
-        configs = ([] if args.no_base_run else [("base alone", 0)]) + [(f"{n} adapters", n) for n in args.adapters]
-        results = [run_config(label.replace(" ", "-"), n, args, base_dir, registry_dir, refs, trace)
-                   for label, n in configs]
-    for r, (label, _) in zip(results, configs):
+        modes = {"on": [True], "off": [False], "both": [True, False]}[args.verify]
+        configs = ([] if args.no_base_run else [("base alone", 0, True)]) + [
+            (f"{n} adapters" + ("" if verify else ", unverified"), n, verify) for n in args.adapters for verify in modes]
+        results = [run_config(label.replace(" ", "-").replace(",", ""), n, args, base_dir, registry_dir, refs, trace,
+                              verify) for label, n, verify in configs]
+    for r, (label, _, _) in zip(results, configs):
         r["config"] = label
     report = {"model": base_dir.name, "weights_mib": weights_mib, "args": vars(args), "load_before": load_before,
               "load_after": os.getloadavg(), "cpus": os.cpu_count(), "results": results}
@@ -259,6 +280,10 @@ def main(argv=None) -> int:
     print(f"\nmodel {base_dir.name}, {len(trace)} requests at {args.rate}/s for {args.duration:.0f} s, "
           f"load average before {load_before}, after {report['load_after']}\n")
     print(table(results, weights_mib))
+    for r in results:
+        if r.get("verify_count"):
+            print(f"{r['config']}: {r['verify_count']} adapters verified, {r['verify_ms_total']:.1f} ms in all "
+                  f"(slowest {r['verify_ms_max']:.1f} ms)")
     return 0
 
 

@@ -157,6 +157,7 @@ def get_catalog() -> AdapterCatalog | None:
         return None
     with _catalog_lock:
         if _catalog is None:
+            _log_to_server_output()
             from registry import open_registry
             from serve.verified import VerifiedCache
 
@@ -173,3 +174,18 @@ def get_catalog() -> AdapterCatalog | None:
             )
             log.info("lora-pipeline catalog: registry %s, base %s", os.environ[ENV_REGISTRY], _catalog.base_name)
         return _catalog
+
+
+def _log_to_server_output() -> None:
+    """Inside the server process nobody configures our loggers (vLLM sets up only `vllm.*`): send serve.* INFO
+    lines (verification times, the route table, resolutions) to the server's output, i.e. its log file."""
+    import sys
+
+    logger = logging.getLogger("serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("(pipeline serve) %(levelname)s %(asctime)s [%(name)s] %(message)s",
+                                               "%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
