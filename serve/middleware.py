@@ -76,7 +76,8 @@ class RegistryRefMiddleware:
     # -------------------------------------------------------------------------------- 2. bounded body, 3. pin
     async def _with_body(self, scope, receive, send):
         declared = _header(scope, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+        # ASCII digits only: latin-1 headers may carry "²", which isdigit() accepts and int() refuses
+        if declared is not None and (not declared.isascii() or not declared.isdigit() or int(declared) > self.max_body):
             return await _error(send, 413, self._too_large(declared))
         chunks, size = [], 0
         while True:

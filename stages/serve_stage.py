@@ -53,8 +53,7 @@ def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path)
             log.info("Serving on %s until Ctrl-C (model names: %s, NAME@VERSION, NAME@ALIAS)", handle.url,
                      published["name"])
             try:
-                while handle.alive():
-                    time.sleep(1.0)
+                handle.wait()  # also keeps the server's shm owner record current (serve/shm_owners.py)
             except KeyboardInterrupt:
                 log.info("Stopping the server")
     return outputs

@@ -208,7 +208,7 @@ def _send_large(port: int, size: int, key: str | None, chunked: bool) -> int:
     return int(status_line.split()[1])
 
 
-def test_large_bodies_are_refused_without_the_server_growing(served):
+def test_large_bodies_are_refused_without_the_server_growing(served, record_property):
     samples, stop = [], threading.Event()
 
     def sample():
@@ -228,6 +228,8 @@ def test_large_bodies_are_refused_without_the_server_growing(served):
         stop.set()
         sampler.join()
     growth = max(samples) - before
+    record_property("rss_growth_mib", round(growth, 1))  # in the JUnit XML report (--junitxml)
+    record_property("rss_before_mib", round(before, 1))
     assert (anonymous, anonymous_chunked, keyed_chunked, keyed) == (401, 401, 413, 413)
     assert growth <= 50, f"the server's processes grew by {growth:.0f} MiB RSS"
     assert _healthy(served)
