@@ -63,7 +63,11 @@ def _start_engine(cfg, model_dir: str, sync_mode: str, seed: int, device: str):
     # vLLM logs every engine detail at INFO; inside a Ray actor that floods the driver's console and buries
     # the training progress bar. Warnings still show; VLLM_LOGGING_LEVEL in the environment wins.
     level = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
-    options["runtime_env"] = {"env_vars": {"VLLM_LOGGING_LEVEL": level}}
+    # The engine core runs inside this actor's process, not in a subprocess of its own: a separate core starts
+    # stepping as soon as the first request of a `generate` call reaches it, so how many requests share each
+    # batch (and which draws of the seeded sampler each gets) would depend on timing, and the same seed would
+    # give different rollouts. In-process, every request is queued before the first step.
+    options["runtime_env"] = {"env_vars": {"VLLM_LOGGING_LEVEL": level, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
     return ray.remote(**options)(RolloutEngine).remote(
         model_dir, rollout.model_dump(), lora_rank=cfg.actor_rollout_ref.model.lora_rank, max_model_len=max_len,
         seed=seed, sync_mode=sync_mode)
