@@ -261,6 +261,9 @@ class TrainerConfig(Section):
     n_gpus_per_node: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_workers: int = 1  # actor workers on a CPU-only machine
+    # Ray placement group strategy for the actor ranks' bundles (stages/train/placement.py): PACK fills a node
+    # first, SPREAD puts ranks on different nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     total_epochs: int = 1
     total_training_steps: Optional[int] = None
     save_freq: int = -1

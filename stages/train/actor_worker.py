@@ -54,7 +54,7 @@ def _warmup_lambda(warmup_steps: int):
 class ActorWorker:
     """Rank `rank` of `world_size`; `setup()` must run on all ranks before anything else."""
 
-    def __init__(self, rank: int, world_size: int, master_port: int, cfg: dict, model_dir: str,
+    def __init__(self, rank: int, world_size: int, cfg: dict, model_dir: str,
                  with_critic: bool, total_steps: int, device: str, threads: int):
         from config import Config
 
@@ -65,10 +65,30 @@ class ActorWorker:
         self.total_steps = total_steps
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         torch.set_num_threads(max(1, threads))
+
+    # ------------------------------------------------------------------------------------------ rendezvous
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(this node's IP, a TCP port free on this node): asked of rank 0, whose node hosts the store."""
+        import ray
+
+        from stages.train.worker_group import free_port
+
+        return ray.util.get_node_ip_address(), free_port("")
+
+    def where(self) -> dict:
+        """Where Ray placed this rank: node id and IP, and the devices it sees."""
+        import ray
+
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+    def init_distributed(self, master_addr: str, master_port: int) -> None:
+        """Join the process group at rank 0's address: NCCL on CUDA, gloo on CPU."""
         # Ray assigns each GPU actor its own CUDA_VISIBLE_DEVICES, so device 0 is this worker's GPU.
-        backend = "nccl" if device == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{master_port}", rank=rank,
-                                world_size=world_size)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                world_size=self.world_size)
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> dict:

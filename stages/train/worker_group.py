@@ -16,9 +16,10 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on this machine at `host` ("" = every interface, for peers on other nodes)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -44,28 +45,50 @@ def split_batch(batch: dict, parts: int) -> list[dict]:
 
 
 class WorkerGroup:
-    def __init__(self, cfg, model_dir: str, *, with_critic: bool, total_steps: int, device: str):
+    """Starts one ActorWorker per bundle of `placement`, joins them into one process group, sets them up.
+
+    The constructor returns once the workers are created and their setup is queued; `wait_ready()` blocks until
+    every rank finished setup (so the caller can start the engine and load data meanwhile).
+    """
+
+    def __init__(self, cfg, model_dir: str, *, with_critic: bool, total_steps: int, placement):
         import ray
 
         from stages.train.actor_worker import ActorWorker
 
-        t = cfg.trainer
-        self.world_size = t.nnodes * t.n_gpus_per_node if device == "cuda" else t.cpu_workers
+        plan = placement.plan
+        self.world_size = plan.world_size
+        device = plan.device
         # CPU workers share the cores: each gets its share of threads (vLLM sleeps while they compute).
         threads = max(1, (os.cpu_count() or 1) // self.world_size) if device == "cpu" else 4
-        options = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1}
-        remote_cls = ray.remote(**options)(ActorWorker)
-        port = free_port()
+        remote_cls = ray.remote(ActorWorker)
         cfg_dict = cfg.to_dict()
         self.workers = [
-            remote_cls.remote(rank, self.world_size, port, cfg_dict, model_dir, with_critic, total_steps, device,
-                              threads)
+            remote_cls.options(**placement.worker_options(rank)).remote(
+                rank, self.world_size, cfg_dict, model_dir, with_critic, total_steps, device, threads)
             for rank in range(self.world_size)
         ]
-        info = self.call("setup")
-        self.info = info[0]
-        log.info("actor group: %d worker(s), %s trainable LoRA parameters, compute dtype %s", self.world_size,
-                 f"{self.info['trainable_params']:,}", self.info["dtype"])
+        # Rendezvous: rank 0's node hosts the store, on a port free there (not on the driver's host).
+        master_addr, master_port = ray.get(self.workers[0].rendezvous_address.remote())
+        log.info("actor group rendezvous at %s:%d (%s)", master_addr, master_port, "nccl" if device == "cuda" else "gloo")
+        # A Ray actor runs its calls in order, so each rank's setup follows its own join without waiting here.
+        for w in self.workers:
+            w.init_distributed.remote(master_addr, master_port)
+        self._setup_refs = [w.setup.remote() for w in self.workers]
+        self.info: dict = {}
+        self.placement_report: list[dict] = []
+
+    def wait_ready(self) -> dict:
+        """Wait for every rank's setup; returns rank 0's setup info (trainable params, dtype)."""
+        import ray
+
+        if not self.info:
+            self.info = ray.get(self._setup_refs)[0]
+            self.placement_report = self.call("where")
+            log.info("actor group: %d worker(s) on %d node(s), %s trainable LoRA parameters, compute dtype %s",
+                     self.world_size, len({p["node_id"] for p in self.placement_report}),
+                     f"{self.info['trainable_params']:,}", self.info["dtype"])
+        return self.info
 
     # ------------------------------------------------------------------------------------------------ calls
     def call(self, method: str, *args, **kwargs) -> list:
