@@ -284,6 +284,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)} must be > 0.")
     if actor.ppo_mini_batch_size <= 0 or actor.ppo_micro_batch_size_per_gpu <= 0:
         raise ConfigError("actor_rollout_ref.actor.ppo_mini_batch_size and ppo_micro_batch_size_per_gpu must be > 0.")
+    budgets = {"actor_rollout_ref.actor.ppo_max_token_len_per_gpu": actor.ppo_max_token_len_per_gpu,
+               "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu": rollout.log_prob_max_token_len_per_gpu}
+    for key, value in budgets.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0 (tokens per micro-batch with use_dynamic_bsz; verl's "
+                              "rule of thumb is 2-3x max_prompt_length + max_response_length).")
     loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else cfg.trainer.logger
     unknown = sorted(set(loggers) - set(SUPPORTED_LOGGERS))
     if unknown:

@@ -39,8 +39,8 @@ class ModelConfig(Section):
     lora_adapter_path: Optional[str] = None  # continue training from this PEFT adapter
     enable_gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-    # Accepted so verl command lines run unchanged; padding never enters our losses (they are masked), so
-    # it changes nothing here.
+    # Sort rows by length, bucket them into micro-batches and trim each to its longest row, so the actor's
+    # forward and backward skip pad columns (stages/train/micro_batching.py).
     use_remove_padding: bool = True
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -112,6 +112,9 @@ class ActorConfig(Section):
     grad_clip: float = 1.0
     ppo_mini_batch_size: int = 8  # in prompts, as in verl
     ppo_micro_batch_size_per_gpu: int = 8  # in sequences
+    # verl's dynamic batch size: micro-batches cut by tokens (rows x longest row) instead of rows
+    use_dynamic_bsz: bool = False
+    ppo_max_token_len_per_gpu: int = 16384
     ppo_epochs: int = 1
     shuffle: bool = False
     clip_ratio: float = 0.2
@@ -156,6 +159,8 @@ class RolloutConfig(Section):
     seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     log_prob_micro_batch_size_per_gpu: int = 16
+    log_prob_use_dynamic_bsz: Optional[bool] = None  # None: actor.use_dynamic_bsz
+    log_prob_max_token_len_per_gpu: Optional[int] = None  # None: actor.ppo_max_token_len_per_gpu
     val_kwargs: ValKwargs = Field(default_factory=ValKwargs)
 
 

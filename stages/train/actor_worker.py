@@ -158,21 +158,44 @@ class ActorWorker:
             entropy = entropy_from_logits(resp_logits)
         return log_probs, entropy
 
+    def _micro_batches(self, batch: dict, max_rows: int, max_tokens: int | None) -> list:
+        """Micro-batches of `batch` (micro_batching.py): sorted and trimmed with use_remove_padding, cut by
+        `max_tokens` with dynamic batch size; every rank gets as many as the rank that needs the most."""
+        from stages.train.micro_batching import plan_rows, row_lengths, split_to_count, take
+
+        trim = self.cfg.actor_rollout_ref.model.use_remove_padding
+        groups = plan_rows(row_lengths(batch).tolist(), max_rows=max_rows, max_tokens=max_tokens, sort=trim)
+        if max_tokens and self.world_size > 1:  # FSDP's collectives need the same count on every rank
+            count = torch.tensor([len(groups)], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            groups = split_to_count(groups, int(count.item()))
+        return [take(batch, g, trim) for g in groups]
+
+    def _log_prob_budget(self) -> int | None:
+        rollout, actor = self.cfg.actor_rollout_ref.rollout, self.cfg.actor_rollout_ref.actor
+        dynamic = actor.use_dynamic_bsz if rollout.log_prob_use_dynamic_bsz is None else rollout.log_prob_use_dynamic_bsz
+        if not dynamic:
+            return None
+        return rollout.log_prob_max_token_len_per_gpu or actor.ppo_max_token_len_per_gpu
+
     @torch.no_grad()
     def compute_log_probs(self, batch: dict, mode: str = "policy", with_entropy: bool = False) -> dict:
         """mode policy: old log-probs (current weights); mode ref: adapter disabled. Returns CPU tensors [b, R]."""
+        from stages.train.micro_batching import scatter_rows
+
         self.model.eval()
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
         size = self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
+        n, r = batch["responses"].shape
         outs, ents = [], []
-        for mb in micro_batches(self._to_device(batch), size):
-            lp, ent = self._forward_log_probs(mb, mode, temperature, with_entropy)
-            outs.append(lp.cpu())
+        for mb in self._micro_batches(self._to_device(batch), size, self._log_prob_budget()):
+            lp, ent = self._forward_log_probs(mb.data, mode, temperature, with_entropy)
+            outs.append((mb, lp.cpu()))
             if ent is not None:
-                ents.append(ent.cpu())
-        result = {"log_probs": torch.cat(outs)}
+                ents.append((mb, ent.cpu()))
+        result = {"log_probs": scatter_rows(outs, n, r)}
         if ents:
-            result["entropy"] = torch.cat(ents)
+            result["entropy"] = scatter_rows(ents, n, r)
         return result
 
     @torch.no_grad()
@@ -195,6 +218,7 @@ class ActorWorker:
         the separate old-log-prob pass.
         """
         from stages.train.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
+        from stages.train.micro_batching import loss_weight
 
         actor = self.cfg.actor_rollout_ref.actor
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
@@ -213,9 +237,13 @@ class ActorWorker:
         for _ in range(actor.ppo_epochs):
             for m_start in range(0, n, mini):
                 mini_batch = {k: v[m_start : m_start + mini] for k, v in batch.items()}
-                mbs = list(micro_batches(mini_batch, actor.ppo_micro_batch_size_per_gpu))
+                budget = actor.ppo_max_token_len_per_gpu if actor.use_dynamic_bsz else None
+                mbs = self._micro_batches(mini_batch, actor.ppo_micro_batch_size_per_gpu, budget)
                 self.optimizer.zero_grad(set_to_none=True)
-                for mb in mbs:
+                for micro in mbs:
+                    # Each micro-batch's share of the mini-batch loss, so grouping does not change the gradient.
+                    weight = loss_weight(micro, mini_batch["response_mask"], actor.loss_agg_mode)
+                    mb = micro.data
                     mask = mb["response_mask"]
                     want_entropy = True  # entropy is a per-step metric; it costs one softmax over the response
                     log_prob, entropy = self._forward_log_probs(mb, "policy", temperature, want_entropy)
@@ -230,7 +258,7 @@ class ActorWorker:
                         record("actor/kl_loss", kl.item())
                     if mask.sum() == 0:  # a padding-only micro-batch still joins FSDP's collectives
                         loss = log_prob.sum() * 0.0
-                    (loss / len(mbs)).backward()
+                    (loss * weight).backward()
                     record("actor/pg_loss", loss.item())
                     record("actor/entropy", agg_loss(entropy.detach(), mask, "token-mean").item() if mask.sum() else 0.0)
                     for key, value in pg_metrics.items():

@@ -1,0 +1,128 @@
+"""Packed micro-batches (use_remove_padding, use_dynamic_bsz) give the padded computation's numbers.
+
+The worker tests run one real ActorWorker (tiny model, FSDP2, world size 1 over gloo) in this process.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from stages.train.batch import build_tensors
+from stages.train.losses import LOSS_AGG_MODES, agg_loss
+from stages.train.micro_batching import loss_weight, plan_rows, row_lengths, split_to_count, take
+
+
+def _batch(seed: int = 0, rows: int = 12, vocab: int = 300) -> dict:
+    """Rows of very different prompt and response lengths (some responses empty), as the trainer builds them."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(5, vocab) for _ in range(rng.randint(3, 30))] for _ in range(rows)]
+    responses = [[rng.randrange(5, vocab) for _ in range(rng.choice([0, 1, 2, 7, 16]))] for _ in range(rows)]
+    batch = build_tensors(prompts, responses, pad_id=0)
+    gen = torch.Generator().manual_seed(seed)
+    r = batch["responses"].shape[1]
+    batch["advantages"] = torch.randn((rows, r), generator=gen) * batch["response_mask"]
+    batch["old_log_probs"] = -torch.rand((rows, r), generator=gen) * 3
+    return batch
+
+
+@pytest.mark.parametrize("mode", sorted(LOSS_AGG_MODES))
+@pytest.mark.parametrize("budget", [None, 40, 1])
+def test_weighted_micro_batch_losses_sum_to_the_padded_loss(mode, budget):
+    batch = _batch(seed=3)
+    loss_mat = torch.randn(batch["response_mask"].shape, dtype=torch.float64)
+    batch["loss_mat"] = loss_mat
+    whole = agg_loss(loss_mat, batch["response_mask"], mode)
+    groups = plan_rows(row_lengths(batch).tolist(), max_rows=5, max_tokens=budget, sort=True)
+    groups = split_to_count(groups, len(groups) + 3)  # as when another rank needs more micro-batches
+    total = 0.0
+    for g in groups:
+        mb = take(batch, g, trim=True)
+        if mb.dummy:
+            assert loss_weight(mb, batch["response_mask"], mode) == 0.0
+            continue
+        assert mb.data["loss_mat"].shape[1] <= loss_mat.shape[1]
+        total += float(agg_loss(mb.data["loss_mat"], mb.data["response_mask"], mode)) * loss_weight(
+            mb, batch["response_mask"], mode)
+    assert total == pytest.approx(float(whole), rel=1e-9, abs=1e-12)
+
+
+def test_plans_respect_the_token_budget_and_keep_every_row():
+    lengths = [5, 40, 12, 33, 7, 7, 60, 2]
+    groups = plan_rows(lengths, max_rows=100, max_tokens=70, sort=True)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 70
+    assert [lengths[g[0]] for g in groups] == sorted((lengths[g[0]] for g in groups), reverse=True)
+    more = split_to_count(groups, 9)
+    assert len(more) == 9 and sorted(i for g in more for i in g) == list(range(len(lengths)))
+
+
+# --------------------------------------------------------------------------------------- the real worker
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir, tmp_path_factory):
+    import torch.distributed as dist
+
+    from pipeline.config import load_config
+    from stages.train.actor_worker import ActorWorker
+    from stages.train.worker_group import free_port
+    from tests.stages.train.toy_task import toy_overrides
+
+    cfg = load_config(None, toy_overrides(tiny_model_dir, tmp_path_factory.mktemp("mb"), steps=1, extra={
+        "actor_rollout_ref.model.target_modules": "[q_proj,v_proj]",
+        "actor_rollout_ref.actor.optim.lr": 0.0,  # the weights stay put, so every pass sees the same model
+        "actor_rollout_ref.actor.optim.weight_decay": 0.0,
+        "actor_rollout_ref.actor.grad_clip": 1e9,
+        "trainer.cpu_workers": 1,
+    }))
+    w = ActorWorker(0, 1, cfg.to_dict(), str(tiny_model_dir), False, 1, "cpu", 1)
+    w.init_distributed("127.0.0.1", free_port())
+    w.setup()
+    yield w
+    w.shutdown()
+    assert not dist.is_initialized()
+
+
+def _configure(worker, *, remove_padding: bool, micro: int, budget: int | None):
+    arr = worker.cfg.actor_rollout_ref
+    arr.model.use_remove_padding = remove_padding
+    arr.actor.ppo_micro_batch_size_per_gpu = micro
+    arr.rollout.log_prob_micro_batch_size_per_gpu = micro
+    arr.actor.use_dynamic_bsz = budget is not None
+    arr.actor.ppo_max_token_len_per_gpu = budget or 16384
+
+
+def _grads(worker, batch) -> list[torch.Tensor]:
+    worker.update_actor(batch, num_mini_batches=1, reuse_forward_as_old=False)
+    return [p.grad.full_tensor().clone() for p in worker.actor_params]
+
+
+PACKED = [dict(remove_padding=True, micro=3, budget=None), dict(remove_padding=True, micro=64, budget=120),
+          dict(remove_padding=False, micro=5, budget=None)]
+
+
+def test_log_probs_equal_the_padded_computation(worker):
+    batch = _batch(seed=1)
+    mask = batch["response_mask"].bool()
+    _configure(worker, remove_padding=False, micro=64, budget=None)
+    padded = worker.compute_log_probs(batch, with_entropy=True)
+    for setting in PACKED:
+        _configure(worker, **setting)
+        packed = worker.compute_log_probs(batch, with_entropy=True)
+        for key in ("log_probs", "entropy"):
+            torch.testing.assert_close(packed[key][mask], padded[key][mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+def test_update_gradients_equal_the_padded_computation(worker, mode):
+    batch = _batch(seed=2)
+    worker.cfg.actor_rollout_ref.actor.loss_agg_mode = mode
+    _configure(worker, remove_padding=False, micro=64, budget=None)  # one padded pass over the whole batch
+    reference = _grads(worker, batch)
+    assert any(float(g.abs().sum()) > 0 for g in reference)
+    for setting in PACKED:
+        _configure(worker, **setting)
+        for got, want in zip(_grads(worker, batch), reference):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
