@@ -152,6 +152,9 @@ class RolloutConfig(Section):
     response_length: Optional[int] = None  # None: data.max_response_length
     gpu_memory_utilization: float = 0.5
     tensor_model_parallel_size: int = 1
+    # verl's hybrid engine: on CUDA the engine frees its KV cache and offloads its weights while the actor
+    # computes on the same GPU (vLLM sleep mode) and wakes before the weight sync. No effect on CPU.
+    free_cache_engine: bool = True
     max_num_seqs: int = 256
     max_model_len: Optional[int] = None
     max_lora_rank: Optional[int] = None  # None: lora_rank rounded up to a value vLLM accepts

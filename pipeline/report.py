@@ -67,6 +67,7 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
         "decision": evaluation.get("decision"),
         "published_ref": publish.get("ref"),
         "phase_seconds": train.get("phase_seconds") or {},
+        "startup_seconds": train.get("startup_seconds") or {},
         "steps": train.get("steps"),
         "history_path": train.get("history_path"),
         "mlflow_parent_run_id": m.get("mlflow_parent_run_id"),
@@ -139,6 +140,11 @@ def render_text(s: dict[str, Any]) -> list[str]:
     if s["phase_seconds"]:
         lines += ["", "## Time per training step, by phase (mean seconds)", "", "| phase | seconds |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v, 2)} |" for k, v in s["phase_seconds"].items()]
+    if s["startup_seconds"]:
+        lines += ["", "## Training start-up (seconds per part)", "",
+                  "Engine and workers count from their common launch; data, tracking and validation overlap them.", "",
+                  "| part | seconds |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v, 1)} |" for k, v in s["startup_seconds"].items()]
     if s["mlflow_parent_run_id"]:
         lines += ["", f"MLflow parent run: `{s['mlflow_parent_run_id']}`"]
     return lines

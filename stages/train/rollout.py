@@ -52,6 +52,12 @@ def resolve_sync_mode(lora_sync: str, device: str) -> str:
     return "adapter" if str(device).startswith("cuda") else "merged"
 
 
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class RolloutEngine:
     """vLLM `LLM` with the policy's current weights. See the module docstring for the two sync modes.
 
@@ -83,6 +89,13 @@ class RolloutEngine:
             max_model_len=self.max_model_len,
             max_num_seqs=rollout_cfg.get("max_num_seqs", 256),
         )
+        self._sleeping = False
+        self.sleep_mode = bool(rollout_cfg.get("free_cache_engine")) and _on_cuda()
+        if self.sleep_mode:  # colocated with an actor rank: give the GPU memory back while the actor computes
+            kwargs["enable_sleep_mode"] = True
+        if int(kwargs["tensor_parallel_size"]) > 1 and _on_cuda():
+            # shards started by vLLM's Ray executor inside our placement group (stages/train/placement.py)
+            kwargs["distributed_executor_backend"] = "ray"
         if sync_mode == "adapter":
             configured = rollout_cfg.get("max_lora_rank")
             max_rank = vllm_max_lora_rank(max(lora_rank, configured or 0))
@@ -178,6 +191,17 @@ class RolloutEngine:
         self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
         self._llm.reset_prefix_cache()  # KV cached under the old weights is stale
         return {"seconds": time.perf_counter() - t0}
+
+    def sleep(self) -> None:
+        """Free the KV cache and offload the weights (CUDA sleep mode only; a no-op otherwise)."""
+        if self.sleep_mode and not self._sleeping:
+            self._llm.sleep(level=1)
+            self._sleeping = True
+
+    def wake_up(self) -> None:
+        if self._sleeping:
+            self._llm.wake_up()
+            self._sleeping = False
 
     @property
     def lora_ids(self) -> set[int]:

@@ -140,6 +140,7 @@ class Trainer:
             base = dict(zip(g.index, g.scores))
             reward_baselines = torch.tensor([base[i] for i in r.index])
 
+        self._call_engine("sleep")  # CUDA: the actor's passes get the engine's GPU memory (a no-op on CPU)
         if self.use_critic:
             t0 = time.perf_counter()
             batch["values"] = self.workers.compute_values(batch)
@@ -202,6 +203,7 @@ class Trainer:
         target = self.sync_dir / self.sync_mode
         wrote = self.workers.sync_weights(str(target), self.sync_mode, layered)
         t0 = time.perf_counter()
+        self._call_engine("wake_up")
         self._call_engine("update_adapter" if self.sync_mode == "adapter" else "update_merged", str(target))
         return {"bytes": wrote["bytes"], "gather_write_s": wrote["seconds"], "load_s": time.perf_counter() - t0}
 
