@@ -151,7 +151,9 @@ class ActorWorker:
     def _forward_log_probs(self, mb: dict, mode: str, temperature: float, with_entropy: bool):
         from stages.train.core_algos import entropy_from_logits
 
-        logits = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode=mode)
+        # Only the R + 1 last positions' logits are read (response_log_probs slices [-R-1:-1]).
+        logits = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode=mode,
+                            logits_to_keep=mb["responses"].shape[1] + 1)
         log_probs, resp_logits = response_log_probs(logits, mb["responses"], temperature)
         entropy = None
         if with_entropy:

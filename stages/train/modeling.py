@@ -77,11 +77,14 @@ class PolicyValueModel(nn.Module):
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.peft.get_base_model().model.layers)
 
-    def forward(self, input_ids, attention_mask, position_ids, mode: str = "policy"):
+    def forward(self, input_ids, attention_mask, position_ids, mode: str = "policy", logits_to_keep: int = 0):
+        """logits_to_keep > 0 (policy, ref): logits of the last that many positions only, [B, logits_to_keep, V];
+        the response's log-probs need R + 1 of them, and the lm_head over the prompt positions is wasted work."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        lm_kwargs = {**kwargs, "logits_to_keep": logits_to_keep}
         if mode == "ref":
             with self.peft.disable_adapter():
-                return self.peft(**kwargs).logits
+                return self.peft(**lm_kwargs).logits
         if mode == "value":
             with active_adapter(self.peft, CRITIC):
                 hidden = self.peft.get_base_model().model(**kwargs).last_hidden_state
@@ -91,7 +94,7 @@ class PolicyValueModel(nn.Module):
             raise ValueError(f"unknown forward mode {mode!r}")
         ctx = active_adapter(self.peft, POLICY) if self.with_critic else contextlib.nullcontext()
         with ctx:
-            return self.peft(**kwargs).logits
+            return self.peft(**lm_kwargs).logits
 
 
 def response_log_probs(logits: torch.Tensor, responses: torch.Tensor, temperature: float = 1.0):

@@ -84,7 +84,7 @@ class WorkerGroup:
 
         if not self.info:
             self.info = ray.get(self._setup_refs)[0]
-            self.placement_report = self.call("where")
+            self.placement_report = ray.get([w.where.remote() for w in self.workers])
             log.info("actor group: %d worker(s) on %d node(s), %s trainable LoRA parameters, compute dtype %s",
                      self.world_size, len({p["node_id"] for p in self.placement_report}),
                      f"{self.info['trainable_params']:,}", self.info["dtype"])
@@ -92,15 +92,17 @@ class WorkerGroup:
 
     # ------------------------------------------------------------------------------------------------ calls
     def call(self, method: str, *args, **kwargs) -> list:
-        """The same call on every rank; waits for all."""
+        """The same call on every rank; waits for all (and, the first time, for the ranks' setup)."""
         import ray
 
+        self.wait_ready()
         return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
 
     def call_sharded(self, method: str, batch: dict, **kwargs) -> list:
         """Each rank gets its slice of `batch` (padded to a multiple of the world size)."""
         import ray
 
+        self.wait_ready()
         padded, _ = pad_batch(batch, self.world_size)
         shards = split_batch(padded, self.world_size)
         return ray.get([getattr(w, method).remote(shard, **kwargs) for w, shard in zip(self.workers, shards)])

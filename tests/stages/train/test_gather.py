@@ -35,12 +35,15 @@ def ray_session():
 def setup(ray_session, tiny_model_dir, tmp_path_factory):
     """Two workers with an all-linear rank-8 LoRA, after one update so lora_B is no longer zero."""
     from stages.train.batch import build_tensors
+    from stages.train.placement import Placement, plan_placement
     from stages.train.worker_group import WorkerGroup
 
     root = tmp_path_factory.mktemp("gather")
     cfg = load_config(None, toy_overrides(tiny_model_dir, root, 1, {
         "actor_rollout_ref.model.target_modules": "all-linear", "actor_rollout_ref.actor.optim.lr": 2e-2}))
-    group = WorkerGroup(cfg, str(tiny_model_dir), with_critic=False, total_steps=1, device="cpu")
+    placement = Placement(plan_placement(cfg, "cpu"))
+    placement.wait()
+    group = WorkerGroup(cfg, str(tiny_model_dir), with_critic=False, total_steps=1, placement=placement)
     fixed = build_tensors([PROMPT], [RESPONSE], pad_id=0)
     before = group.compute_log_probs(fixed)["log_probs"][0]
     g = torch.Generator().manual_seed(0)
@@ -54,6 +57,7 @@ def setup(ray_session, tiny_model_dir, tmp_path_factory):
     assert (after - before).abs().max() > 0.05, "the update must move the log-probs well beyond the tolerance"
     yield {"group": group, "cfg": cfg, "actor_lp": after, "root": root}
     group.shutdown()
+    placement.remove()
 
 
 def test_layered_gather_equals_whole_gather(setup):

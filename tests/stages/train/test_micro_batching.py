@@ -126,3 +126,19 @@ def test_update_gradients_equal_the_padded_computation(worker, mode):
         _configure(worker, **setting)
         for got, want in zip(_grads(worker, batch), reference):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_log_probs_from_the_kept_response_logits_equal_the_full_forward(worker):
+    """The worker asks the model for the last R + 1 positions' logits only; same log-probs as all positions."""
+    from stages.train.modeling import response_log_probs
+
+    batch = _batch(seed=4)
+    _configure(worker, remove_padding=True, micro=4, budget=None)
+    got = worker.compute_log_probs(batch)["log_probs"]
+    worker.model.eval()
+    with torch.no_grad():
+        logits = worker.model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    assert logits.shape[1] == batch["input_ids"].shape[1]
+    want, _ = response_log_probs(logits, batch["responses"], worker.cfg.actor_rollout_ref.rollout.temperature)
+    mask = batch["response_mask"].bool()
+    torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5)
