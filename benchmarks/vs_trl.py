@@ -36,8 +36,8 @@ PROMPTS, RESPONSES, MAX_NEW, RANK, ALPHA, LR = 4, 4, 32, 16, 32, 2e-4
 def run_ours(steps: int, work: Path, out_json: Path) -> None:
     import logging
 
-    from pipeline.config import load_config
-    from stages.stage_model import resolve_model_path
+    from config import load_config
+    from ground.base_model import resolve_model_path
     from stages.train import train
 
     logging.basicConfig(level=logging.WARNING)
@@ -167,7 +167,7 @@ def main() -> int:
         run_trl(args.steps, Path(args.work), Path(args.json), args.model_dir)
         return 0
 
-    from stages.stage_model import resolve_model_path
+    from ground.base_model import resolve_model_path
 
     trl_python = ensure_trl_venv(Path(args.trl_venv))
     # The packaged model is converted once (cached); do that before either side's clock starts.

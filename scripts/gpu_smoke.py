@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     device = "cpu" if args.cpu else "cuda"
     dtype = torch.bfloat16
 
-    from pipeline.config import load_config
+    from config import load_config
     from stages.train.actor_worker import ActorWorker
     from stages.train.worker_group import free_port
 

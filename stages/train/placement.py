@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from pipeline.errors import ConfigError, StageError
+from ground.errors import ConfigError, StageError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ def resolve_device(setting: str) -> str:
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if setting == "cuda" and not torch.cuda.is_available():
-        from pipeline.errors import ConfigError
+        from ground.errors import ConfigError
 
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; set trainer.device=auto or cpu.")
     return setting
@@ -205,8 +205,8 @@ class TrainRecipe:
     def _load_data(self) -> int:
         from transformers import AutoTokenizer
 
-        from stages.model_files import fingerprint
-        from stages.prepare_data import ensure_data
+        from ground.model_files import fingerprint
+        from stages.train.prepare_data import ensure_data
         from stages.train.data import BatchIterator, PromptDataset, data_fingerprint
         from stages.train.rewards import RewardFunction
 

@@ -65,7 +65,7 @@ def test_plans_respect_the_token_budget_and_keep_every_row():
 def worker(tiny_model_dir, tmp_path_factory):
     import torch.distributed as dist
 
-    from pipeline.config import load_config
+    from config import load_config
     from stages.train.actor_worker import ActorWorker
     from stages.train.worker_group import free_port
     from tests.stages.train.toy_task import toy_overrides

@@ -21,7 +21,7 @@ def test_two_ranks_train_on_two_nodes(tiny_model_dir, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.config import load_config
+    from config import load_config
     from stages.train import train
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, StageError
+from config import load_config
+from ground.errors import ConfigError, StageError
 
 ROOT = Path(__file__).resolve().parents[3]
 SEED_EXAMPLE = ROOT / "examples" / "qwen2_5_3b_gsm8k_grpo_lora.yaml"
