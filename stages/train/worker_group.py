@@ -51,11 +51,20 @@ class WorkerGroup:
     every rank finished setup (so the caller can start the engine and load data meanwhile).
     """
 
-    def __init__(self, cfg, model_dir: str, *, with_critic: bool, total_steps: int, placement):
+    def __init__(self, cfg, model_dir: str, *, with_critic: bool, total_steps: int, placement=None,
+                 device: str | None = None):
+        """`placement`: a stages.train.placement.Placement whose group is reserved; without one (tests,
+        benchmarks) the group makes its own for `device` and releases it at shutdown."""
         import ray
 
         from stages.train.actor_worker import ActorWorker
 
+        self._own_placement = None
+        if placement is None:
+            from stages.train.placement import Placement, plan_placement
+
+            placement = self._own_placement = Placement(plan_placement(cfg, device or "cpu"))
+            placement.wait()
         plan = placement.plan
         self.world_size = plan.world_size
         device = plan.device
@@ -152,6 +161,9 @@ class WorkerGroup:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+        if self._own_placement is not None:
+            self._own_placement.remove()
+            self._own_placement = None
 
 
 def _mean_metrics(parts: list[dict]) -> dict:
