@@ -29,6 +29,18 @@ def console_log(message: str, *args) -> None:
     logging.getLogger(CONSOLE_LOGGER).info(message, *args)
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes through tqdm, so a line logged while a progress bar is drawn lands above the bar, not inside it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
 class _ConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == CONSOLE_LOGGER or record.levelno >= logging.ERROR:
@@ -37,13 +49,37 @@ class _ConsoleFilter(logging.Filter):
         return ours and record.levelno >= logging.WARNING
 
 
+# Libraries that give their loggers a console handler of their own (and stop propagation), which would bypass
+# ours: their records are sent through the root logger instead, to the run's log file.
+LIBRARY_LOGGERS = ("ray", "mlflow", "vllm")
+
+
+def console_is_ours() -> bool:
+    return any(getattr(h, "_pipeline_console", False) for h in logging.getLogger().handlers)
+
+
+def adopt_library_loggers() -> None:
+    """Once `setup_logging` owns the console: make the loggers of Ray, MLflow and vLLM (those already imported)
+    propagate to the root logger instead of printing through handlers of their own. Call it after importing
+    them; outside the CLI (our console handler absent) it changes nothing."""
+    if not console_is_ours():
+        return
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
+                        and not isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Console handler for the CLI: quiet by default (see the module docstring), everything with `verbose`."""
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow's records reach our handlers instead
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in [h for h in root.handlers if getattr(h, "_pipeline_console", False)]:
         root.removeHandler(handler)
-    console = logging.StreamHandler(sys.stderr)
+    console = _ConsoleHandler(sys.stderr)
     console._pipeline_console = True
     if verbose:
         console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
@@ -52,6 +88,7 @@ def setup_logging(verbose: bool = False) -> None:
         console.addFilter(_ConsoleFilter())
     root.addHandler(console)
     logging.captureWarnings(True)  # library deprecation warnings become records of `py.warnings`: file only
+    adopt_library_loggers()
 
 
 def log_to_file(path: str | os.PathLike) -> Path:
@@ -91,3 +128,4 @@ def redirect_process_output(prefix: str) -> None:
                                            datefmt="%Y-%m-%d %H:%M:%S"))
     root.addHandler(handler)
     logging.captureWarnings(True)
+    logging.getLogger(__name__).info("process %d (%s) writes its output here", os.getpid(), prefix)

@@ -20,6 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ground.logs import redirect_process_output
 from stages.train import gather
 from stages.train.modeling import build_model, peft_config_dict, response_log_probs
 
@@ -58,6 +59,7 @@ class ActorWorker:
                  with_critic: bool, total_steps: int, device: str, threads: int):
         from config import Config
 
+        redirect_process_output(f"rank {rank}")  # into the run's log file: Ray would copy it to the console
         self.rank, self.world_size = rank, world_size
         self.cfg = Config.model_validate(cfg)
         self.model_dir = model_dir

@@ -25,6 +25,8 @@ import os
 import time
 from pathlib import Path
 
+from ground.logs import LOG_FILE_ENV, adopt_library_loggers, console_is_ours, console_log
+
 log = logging.getLogger(__name__)
 
 
@@ -54,13 +56,19 @@ def init_ray(cfg, bundles: list[dict]) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.ray_init.address
+    # The run's log file, so every actor (and vLLM inside it) writes its output there, not to the console.
+    log_file = os.environ.get(LOG_FILE_ENV)
+    options = {"log_to_driver": True, "runtime_env": {"env_vars": {LOG_FILE_ENV: log_file}} if log_file else None}
+    if console_is_ours():  # Ray's own notices go to the run's log file, through our handlers
+        adopt_library_loggers()
+        options["configure_logging"] = False
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **options)
     else:
         # Logical CPUs: enough for the placement group's bundles; on a 2-core machine they time-share the cores.
         needed = int(sum(b.get("CPU", 0) for b in bundles))
         num_cpus = cfg.ray_init.num_cpus or max(os.cpu_count() or 1, needed + 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
     return True
 
 
@@ -257,10 +265,12 @@ class TrainRecipe:
         return trainer
 
     def _validate_before(self) -> None:
+        from stages.train.trainer import brief_metrics
+
         t = time.perf_counter()
         self.val_before = self.trainer.validate()
         self.trainer.record({"step": self.start_step, **self.val_before})
-        log.info("validation before training: %s", self.val_before)
+        console_log("validation before training: %s", brief_metrics(self.val_before))
         self._mark("val_before", t)
 
     # -------------------------------------------------------------------------------------------------- fit

@@ -17,6 +17,7 @@ import logging
 import time
 
 from ground.errors import ConfigError
+from ground.logs import redirect_process_output
 from ground.processes import child_pids, remove_files, shm_segments_of
 from ground.vllm_lora import VLLM_LORA_RANKS, max_lora_rank_for, stable_lora_id
 
@@ -69,6 +70,7 @@ class RolloutEngine:
                  sync_mode: str):
         if sync_mode not in SYNC_MODES:
             raise ConfigError(f"sync_mode={sync_mode!r} must be one of {SYNC_MODES} (resolve `auto` first).")
+        redirect_process_output("rollout")  # vLLM's own output too: into the run's log file, not the console
         from vllm import LLM
 
         self.model_dir = str(model_dir)

@@ -259,12 +259,12 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                                 s_step=f"{metrics.get('timing/step', float('nan')):.1f}")
-                log.info("step %d/%d %s", self.global_step, self.total_steps, _brief(metrics))
+                log.info("step %d/%d %s", self.global_step, self.total_steps, brief_metrics(metrics))
                 last = self.global_step == self.total_steps
                 if t.test_freq > 0 and (self.global_step % t.test_freq == 0 or last):
                     last_val = self.validate()
                     self.record({"step": self.global_step, **last_val})
-                    console_log("validation at step %d: %s", self.global_step, _brief(last_val))
+                    console_log("validation at step %d: %s", self.global_step, brief_metrics(last_val))
                 if t.save_freq > 0 and (self.global_step % t.save_freq == 0 or last):
                     self.save_checkpoint(extra_state)
         finally:
@@ -272,7 +272,8 @@ class Trainer:
         return last_val
 
 
-def _brief(metrics: dict) -> str:
+def brief_metrics(metrics: dict) -> str:
+    """The few metrics a person follows, as `key=value` pairs."""
     keys = ("reward/mean", "reward/acc", "val/reward", "val/acc", "actor/entropy", "actor/grad_norm",
             "response_length/mean", "timing/step")
     return " ".join(f"{k}={metrics[k]:.3g}" for k in keys if k in metrics)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ def _overrides(tiny_model_dir, tmp_path, steps, extra=None):
     return toy_overrides(tiny_model_dir, tmp_path, steps=steps, extra=base)
 
 
-def test_train_and_publish_end_to_end_with_serving(tiny_model_dir, tmp_path):
+def test_train_and_publish_end_to_end_with_serving(tiny_model_dir, tmp_path, capfd):
     from mlflow.tracking import MlflowClient
 
     from registry import open_registry
@@ -61,6 +62,19 @@ def test_train_and_publish_end_to_end_with_serving(tiny_model_dir, tmp_path):
                 "serve.enable": True, "serve.port": _free_port(), "serve.gpu_memory_utilization": 0.1,
                 "serve.api_key": "test-key"})]
     assert cli_entry(args) == 0
+
+    # a readable console: stage lines, progress, validation and the summary; Ray, vLLM and our INFO lines go
+    # to the run's log file, written by every process of the run (driver, actor ranks, rollout engine)
+    console = capfd.readouterr()
+    lines = [ln for ln in (console.out + console.err).replace("\r", "\n").splitlines() if ln.strip()]
+    bar_free = [ln for ln in lines if not re.search(r"\d+/\d+ \[", ln)]  # each redraw of a tqdm bar is a line
+    assert any(ln.startswith("stage train: started") for ln in lines), lines
+    assert any(ln.startswith("validation at step 12:") for ln in lines), lines
+    assert len(bar_free) <= 60, "\n".join(bar_free)
+    assert not [ln for ln in lines if " INFO " in ln or "(RolloutEngine" in ln or "(ActorWorker" in ln], lines
+    log_text = (run_dir / "pipeline.log").read_text()
+    assert "[rollout]" in log_text and "[rank 0]" in log_text and "[rank 1]" in log_text
+    assert "INFO stages.stage_model: Base model" in log_text
 
     m = read_manifest(run_dir)
     assert m["status"] == "succeeded"
