@@ -28,24 +28,36 @@ def resolve_uri(uri: str | None = None) -> str:
 
 
 def open_registry(uri: str | None = None, *, mlflow_tracking_uri: str | None = None,
-                  mirror_mlflow: bool | None = None) -> Registry:
-    """Open (lazily create) the registry at `uri` (see resolve_uri); a `file://` URI or a path is a local store.
+                  mirror_mlflow: bool | None = None, cache_dir=None, cache_bytes: int | None = None) -> Registry:
+    """Open (lazily create) the registry at `uri` (see resolve_uri).
 
-    MLflow mirroring is on when `mlflow_tracking_uri` is given (e.g. from trainer.mlflow_tracking_uri) or
-    $MLFLOW_TRACKING_URI is set; `mirror_mlflow=False` turns it off.
+    A `file://` URI or a path is a local store; `mlflow+http://HOST:PORT` or `mlflow+https://HOST[:PORT]` is an
+    MLflow tracking server (registry/mlflow_store.py), read through a verified local cache (`cache_dir`, default
+    $PIPELINE_REGISTRY_CACHE or ~/.cache/lora-pipeline/registry; `cache_bytes`, default
+    $PIPELINE_REGISTRY_CACHE_MAX_GB or 20 GB).
+
+    MLflow mirroring (of a local store) is on when `mlflow_tracking_uri` is given (e.g. from
+    trainer.mlflow_tracking_uri) or $MLFLOW_TRACKING_URI is set; `mirror_mlflow=False` turns it off.
     """
     from registry.local import LocalStore
 
     location = resolve_uri(uri)
     parsed = urlparse(location)
+    if parsed.scheme in ("mlflow+http", "mlflow+https"):
+        from registry.mlflow_store import MlflowStore
+
+        return Registry(MlflowStore(location, cache_dir=cache_dir, cache_bytes=cache_bytes))  # no mirror of itself
+    if parsed.scheme.startswith("mlflow") or parsed.scheme in ("http", "https"):
+        raise RegistryError(f"Registry URI `{location}`: an MLflow tracking server is written mlflow+http://HOST:PORT "
+                            "or mlflow+https://HOST[:PORT] (the server started with --serve-artifacts).")
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise RegistryError(f"Registry URI `{location}` names host `{parsed.netloc}`; file URIs must be local "
                                 "(file:///abs/path).")
         store = LocalStore(Path(unquote(parsed.path)))
     elif parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, i.e. a path
-        raise RegistryError(f"Registry URI `{location}` uses scheme `{parsed.scheme}://`, which has no backend yet; use "
-                            "a local folder or file:///path (an object-store backend implements registry.store.Store).")
+        raise RegistryError(f"Registry URI `{location}` uses scheme `{parsed.scheme}://`, which has no backend; use "
+                            "a local folder, file:///path, or an MLflow server: mlflow+http://HOST:PORT.")
     else:
         store = LocalStore(Path(location))
 

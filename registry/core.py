@@ -19,12 +19,12 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from ground.errors import NotFoundError, RegistryError
-from registry.integrity import MANIFEST, METADATA, PAYLOAD, VerifyReport, verify_folder
+from registry.integrity import MANIFEST, METADATA, PAYLOAD, VerifyReport
 from registry.refs import check_alias, check_name, check_version, format_versions, parse_ref
 from registry.store import Store
 from registry.validate import CONFIG, validate_adapter
@@ -35,14 +35,33 @@ CHUNK = 8 << 20
 DEFAULT_URI = "./registry-store"
 
 
-@dataclass(frozen=True)
 class AdapterVersion:
-    """One immutable adapter version. `path` is a folder PEFT and vLLM load directly."""
+    """One immutable adapter version. `path` is a local folder PEFT and vLLM load directly (for a remote store,
+    a verified cache folder, downloaded the first time `path` is read). Equal when name and version are."""
 
-    name: str
-    version: int
-    path: Path
-    metadata: dict = field(default_factory=dict, compare=False, repr=False)
+    __slots__ = ("name", "version", "metadata", "_path", "_fetch")
+
+    def __init__(self, name: str, version: int, path: Path | None = None, metadata: dict | None = None,
+                 fetch: Callable[[], Path] | None = None):
+        self.name, self.version, self.metadata = name, int(version), dict(metadata or {})
+        self._path, self._fetch = (Path(path) if path is not None else None), fetch
+        if self.metadata.get("version") is None:  # remote stores number at the visible step: see Store.commit
+            self.metadata["version"] = self.version
+
+    def __repr__(self) -> str:
+        return f"AdapterVersion({self.name!r}, {self.version})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AdapterVersion) and (self.name, self.version) == (other.name, other.version)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.version))
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = Path(self._fetch())
+        return self._path
 
     @property
     def ref(self) -> str:
@@ -120,19 +139,15 @@ class Registry:
     def get_version(self, name: str, version: int) -> AdapterVersion:
         check_name(name)
         version = check_version(version)
-        path = self.store.version_dir(name, version)
-        if path is None:
+        found = self.store.open_version(name, version)
+        if found is None:
             versions = self.store.version_numbers(name)
             if not versions:
                 raise self._no_adapter(name)
             raise NotFoundError(f"`{name}@{version}` does not exist; versions of `{name}`: "
                                 f"{format_versions(versions)}; aliases: {self._alias_text(name)}.")
-        try:
-            metadata = json.loads((path / METADATA).read_text())
-        except (OSError, ValueError) as exc:
-            raise RegistryError(f"`{name}@{version}` has an unreadable {METADATA} ({exc}); run "
-                                f"`pipeline registry verify {name}@{version}`.") from None
-        return AdapterVersion(name, version, path, metadata)
+        metadata, fetch = found
+        return AdapterVersion(name, version, metadata=metadata, fetch=fetch)
 
     def _alias_text(self, name: str) -> str:
         aliases = self.store.read_aliases(name)
@@ -158,16 +173,10 @@ class Registry:
 
     def list_versions(self, name: str) -> list[AdapterVersion]:
         check_name(name)
-        versions = self.store.version_numbers(name)
-        if not versions:
+        found = self.store.list_versions(name)
+        if not found:
             raise self._no_adapter(name)
-        out = []
-        for v in versions:
-            try:
-                out.append(self.get_version(name, v))
-            except NotFoundError:  # deleted between listing and reading
-                continue
-        return out
+        return [AdapterVersion(name, v, metadata=md, fetch=fetch) for v, md, fetch in found]
 
     def aliases(self, name: str) -> dict[str, int]:
         return dict(self.store.read_aliases(check_name(name)))
@@ -228,7 +237,7 @@ class Registry:
                 "publisher": {"host": socket.gethostname(), "pid": os.getpid()},
             }
 
-            def finish(folder: Path, version: int) -> None:
+            def finish(folder: Path, version: int | None) -> None:
                 metadata["version"] = version
                 entries[METADATA] = _write_json(folder / METADATA, metadata)
                 _write_json(folder / MANIFEST, {"algorithm": "sha256", "files": entries})
@@ -265,7 +274,7 @@ class Registry:
 
         def change(aliases):
             # re-check under the lock: the version could have been deleted since
-            if self.store.version_dir(name, target) is None:
+            if self.store.open_version(name, target) is None:
                 raise NotFoundError(f"`{name}@{target}` was deleted; cannot point alias `{alias}` at it.")
             return {**aliases, alias: target}
 
@@ -317,11 +326,12 @@ class Registry:
             targets = [v for n in self.list_adapters() for v in self._versions_for_verify(n, report)]
         for av in targets:
             report.checked.append(av.ref)
-            report.problems.extend(verify_folder(av.ref, av.path))
+            report.problems.extend(self.store.verify_version(av.ref, av.name, av.version))
         if ref is None:
             for name in self.list_adapters():
+                existing = set(self.store.version_numbers(name))
                 for alias, v in self.store.read_aliases(name).items():
-                    if self.store.version_dir(name, v) is None:
+                    if v not in existing:
                         report.problems.append(f"alias {name}@{alias} points at missing version {v}")
         return report
 
@@ -331,10 +341,14 @@ class Registry:
             try:
                 out.append(self.get_version(name, v))
             except RegistryError as exc:
-                path = self.store.version_dir(name, v)
                 report.checked.append(f"{name}@{v}")
-                report.problems.extend(verify_folder(f"{name}@{v}", path) if path else [str(exc)])
+                problems = self.store.verify_version(f"{name}@{v}", name, v)
+                report.problems.extend(problems or [str(exc)])
         return out
+
+    def cleanup(self, max_age_s: float | None = None) -> list[str]:
+        """Remove what writers that died left behind (staged uploads, work folders); one line per leftover."""
+        return self.store.cleanup(max_age_s)
 
     # ------------------------------------------------------------------------------------------- transfer
     def import_adapter(self, src: str, name: str, **publish_kwargs) -> AdapterVersion:

@@ -13,6 +13,7 @@ from registry.validate import CONFIG, WEIGHTS
 METADATA = "metadata.json"
 MANIFEST = "manifest.json"
 PAYLOAD = (WEIGHTS, CONFIG)
+CACHE_MARKER = ".verified"  # written by registry/cache.py into a cached copy it has checked
 CHUNK = 8 << 20
 
 
@@ -51,7 +52,7 @@ def verify_folder(ref: str, path: Path) -> list[str]:
         if h.hexdigest() != entry.get("sha256"):
             problems.append(f"{ref}: {fname} is corrupted (sha256 {h.hexdigest()[:16]}..., manifest says "
                             f"{str(entry.get('sha256'))[:16]}...)")
-    for extra in sorted(set(os.listdir(path)) - set(files) - {MANIFEST}):
+    for extra in sorted(set(os.listdir(path)) - set(files) - {MANIFEST, CACHE_MARKER}):
         problems.append(f"{ref}: unexpected file {extra} (not in the manifest)")
     for required in (*PAYLOAD, METADATA):
         if required not in files:

@@ -182,12 +182,15 @@ class LocalStore(Store):
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)
 
-    def commit(self, name: str, staged: Path, finish: Callable[[Path, int], None],
-               after: Callable[[int], None] | None = None) -> int:
+    def commit(self, name: str, staged: Path, finish: Callable[[Path, int | None], None],
+               after: Callable[[int], None] | None = None, expect_version: int | None = None) -> int:
         with self.locked(name):
             versions_dir = self._adapter_dir(name) / "versions"
             versions_dir.mkdir(exist_ok=True)
             version = max(self._read_counter(name), self.latest_version(name) or 0) + 1
+            if expect_version is not None and version != expect_version:
+                raise RegistryError(f"{self.uri}: the next version of `{name}` would be {version}, not "
+                                    f"{expect_version}; refusing to renumber it.")
             finish(staged, version)
             fsync_dir(staged)
             os.rename(staged, versions_dir / str(version))  # atomic; refuses to replace a non-empty folder
@@ -202,6 +205,11 @@ class LocalStore(Store):
             new = change(self.read_aliases(name))
             self._atomic_write(self._adapter_dir(name) / "aliases.json", json.dumps(new, indent=1, sort_keys=True) + "\n")
             return new
+
+    def retire_numbers(self, name: str, upto: int) -> None:
+        with self.locked(name):
+            if upto > max(self._read_counter(name), self.latest_version(name) or 0):
+                self._atomic_write(self._adapter_dir(name) / "last_version", f"{int(upto)}\n")
 
     def remove_version(self, name: str, version: int, check: Callable[[dict[str, int]], dict[str, int]]) -> None:
         with self.locked(name):
@@ -220,13 +228,14 @@ class LocalStore(Store):
             fsync_dir(path.parent)
         shutil.rmtree(gone, ignore_errors=True)
 
-    def cleanup(self) -> int:
+    def cleanup(self, max_age_s: float | None = None) -> list[str]:
         tmp = self.root / ".tmp"
         try:
             entries = os.listdir(tmp)
         except FileNotFoundError:
-            return 0
-        removed, now = 0, time.time()
+            return []
+        removed, now = [], time.time()
+        stale_after = STALE_AFTER_S if max_age_s is None else max_age_s
         for entry in entries:
             parts = entry.split("-")
             if len(parts) != 4 or not parts[2].isdigit():
@@ -238,11 +247,11 @@ class LocalStore(Store):
             except FileNotFoundError:
                 continue
             dead = host == HOST and int(pid) != os.getpid() and not pid_alive(int(pid))
-            if dead or age > STALE_AFTER_S:
+            if dead or age > stale_after:
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-                removed += 1
+                removed.append(f"{path} (age {age:.0f} s, writer pid {pid} {'gone' if dead else 'too old'})")
                 log.debug("removed leftover %s (age %.0f s)", path, age)
         return removed

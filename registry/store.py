@@ -2,14 +2,16 @@
 
 The registry (registry/core.py) decides *what* a version holds and validates it; a Store only knows how to keep
 immutable numbered folders and a small alias table per adapter, atomically. The local filesystem store
-(registry/local.py) is the embedded default; an object-store backend implements the same methods (numbering
-with a conditional write instead of a file lock, `version_dir` returning a local cache of the objects).
+(registry/local.py) is the embedded default; the MLflow store (registry/mlflow_store.py) keeps versions on an
+MLflow tracking server, numbers them with the server's Model Registry and hands out folders from a verified
+local cache (registry/cache.py).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import json
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,6 +38,45 @@ class Store(abc.ABC):
     def read_aliases(self, name: str) -> dict[str, int]:
         """alias -> version; a consistent snapshot even while another process moves an alias."""
 
+    def latest_version(self, name: str) -> int | None:
+        """The highest existing version (None when there is none)."""
+        return max(self.version_numbers(name), default=None)
+
+    def open_version(self, name: str, version: int) -> tuple[dict, Callable[[], Path]] | None:
+        """(metadata.json's content, a function giving the local folder), or None when the version does not exist.
+
+        A remote store answers from what it already knows and downloads the files only when the folder is asked
+        for, so that listing 1,000 versions does not fetch 1,000 adapters. Raises RegistryError when the metadata
+        is unreadable.
+        """
+        from ground.errors import RegistryError
+
+        path = self.version_dir(name, version)
+        if path is None:
+            return None
+        try:
+            metadata = json.loads((path / "metadata.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"`{name}@{version}` has an unreadable metadata.json ({exc}); run "
+                                f"`pipeline registry verify {name}@{version}`.") from None
+        return metadata, lambda: path
+
+    def list_versions(self, name: str) -> list[tuple[int, dict, Callable[[], Path]]]:
+        """(version, metadata, folder getter) of every version, ascending; versions deleted meanwhile skipped."""
+        out = []
+        for v in self.version_numbers(name):
+            found = self.open_version(name, v)
+            if found is not None:
+                out.append((v, *found))
+        return out
+
+    def verify_version(self, ref: str, name: str, version: int) -> list[str]:
+        """Recompute the version's hashes where it is stored; one line per problem."""
+        from registry.integrity import verify_folder
+
+        path = self.version_dir(name, version)
+        return verify_folder(ref, path) if path is not None else [f"{ref} does not exist"]
+
     # ---- writing
     @abc.abstractmethod
     @contextlib.contextmanager
@@ -43,14 +84,24 @@ class Store(abc.ABC):
         """An empty private folder to build a version in; removed on exit unless it was committed."""
 
     @abc.abstractmethod
-    def commit(self, name: str, staged: Path, finish: Callable[[Path, int], None],
-               after: Callable[[int], None] | None = None) -> int:
+    def commit(self, name: str, staged: Path, finish: Callable[[Path, int | None], None],
+               after: Callable[[int], None] | None = None, expect_version: int | None = None) -> int:
         """Give `staged` the next version number of `name` and make it visible in one atomic step.
 
-        `finish(staged, version)` runs once the number is known, before the version becomes visible (it writes
-        the files that carry the number). `after(version)` runs while the numbering is still held, so that
-        mirrors can register versions in the same order. Returns the version number.
+        `finish(staged, version)` runs before the version becomes visible and writes metadata.json and the
+        manifest; a store that learns the number only at the visible step (MLflow's registry) passes None, and
+        the number then lives in the store rather than in metadata.json. `after(version)` runs once the version
+        is visible (for a local store, while its numbering is still held, so that mirrors register versions in
+        the same order). `expect_version`: refuse (RegistryError) unless the new version gets exactly this
+        number (copying between stores keeps numbers). Returns the version number.
         """
+
+    def retire_numbers(self, name: str, upto: int) -> None:
+        """Make sure the next version of `name` is numbered above `upto` (numbers of deleted versions, when a
+        copy recreates a history with gaps). Stores that cannot do this raise RegistryError."""
+        from ground.errors import RegistryError
+
+        raise RegistryError(f"{self.uri} cannot reserve version numbers; copy into an empty adapter instead.")
 
     @abc.abstractmethod
     def update_aliases(self, name: str, change: Callable[[dict[str, int]], dict[str, int]]) -> dict[str, int]:
@@ -65,6 +116,7 @@ class Store(abc.ABC):
     def locked(self, name: str) -> Iterator[None]:
         """Exclusive access to `name`'s numbering and aliases (re-entrant within one process)."""
 
-    def cleanup(self) -> int:
-        """Remove leftovers of writers that died; returns how many. Optional for backends without leftovers."""
-        return 0
+    def cleanup(self, max_age_s: float | None = None) -> list[str]:
+        """Remove leftovers of writers that died (or, with `max_age_s`, any older than that); returns one line per
+        leftover removed. Optional for backends without leftovers."""
+        return []

@@ -1,0 +1,90 @@
+"""`pipeline registry copy SRC DST [NAME...]`: move adapters between registries, keeping what identifies them.
+
+Each version keeps its number (a deleted number stays retired in the destination too), its metadata (lineage,
+metrics, tags, base fingerprint, creation time) and its PEFT files byte for byte, checked against the source's
+manifest on the way. Aliases are set to the source's. A copy can be repeated: versions already in the destination
+with the same file hashes are skipped, so an interrupted copy is finished by running it again; a destination
+version with other files under the same number is a conflict and stops the copy of that adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from ground.errors import NotFoundError, RegistryError
+from registry.core import Registry, _copy_hashed, _write_json
+from registry.integrity import MANIFEST, METADATA, PAYLOAD, verify_folder
+from registry.refs import check_name
+from registry.validate import validate_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CopyReport:
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    aliases: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def _payload_hashes(av) -> dict[str, str]:
+    manifest = json.loads((av.path / MANIFEST).read_text())["files"]
+    return {f: manifest[f]["sha256"] for f in PAYLOAD}
+
+
+def copy_registry(src: Registry, dst: Registry, names: list[str] | None = None) -> CopyReport:
+    """Copy `names` (default: every adapter of `src`) into `dst`; see the module docstring."""
+    names = [check_name(n) for n in names] if names else src.list_adapters()
+    report = CopyReport()
+    for name in names:
+        source_versions = src.list_versions(name)  # NotFoundError names what exists
+        present = {}
+        try:
+            present = {av.version: av for av in dst.list_versions(name)}
+        except NotFoundError:
+            pass
+        for av in tqdm(source_versions, desc=f"copy {name}", unit="version", leave=False,
+                       disable=len(source_versions) < 10):
+            if av.version in present:
+                if _payload_hashes(present[av.version]) != _payload_hashes(av):
+                    raise RegistryError(f"Cannot copy {av.ref} from {src.uri} to {dst.uri}: the destination already "
+                                        f"has a different {av.ref} (other file hashes). Copy into another registry "
+                                        "or delete the destination's adapter first.")
+                report.skipped.append(av.ref)
+                continue
+            _copy_version(av, dst)
+            report.copied.append(av.ref)
+        aliases = src.aliases(name)
+        current = dst.aliases(name)
+        for alias, version in sorted(aliases.items()):
+            if current.get(alias) != version:
+                dst.set_alias(name, alias, version)
+        for alias in sorted(set(current) - set(aliases)):
+            dst.delete_alias(name, alias)
+        report.aliases[name] = aliases
+    return report
+
+
+def _copy_version(av, dst: Registry) -> None:
+    problems = verify_folder(av.ref, av.path)  # never carry damaged files to another store
+    if problems:
+        raise RegistryError(f"Not copying {av.ref}: {'; '.join(problems)}.")
+    store = dst.store
+    if av.version > 1:
+        store.retire_numbers(av.name, av.version - 1)
+    with store.staging() as staged:
+        entries = {fname: _copy_hashed(av.path / fname, staged / fname) for fname in PAYLOAD}
+        validate_adapter(staged, None)
+        metadata = dict(av.metadata)
+
+        def finish(folder, version):
+            metadata["version"] = version
+            entries[METADATA] = _write_json(folder / METADATA, metadata)
+            _write_json(folder / MANIFEST, {"algorithm": "sha256", "files": entries})
+
+        store.commit(av.name, staged, finish, expect_version=av.version)
+    log.info("copied %s to %s", av.ref, dst.uri)
