@@ -1,4 +1,4 @@
-"""`pipeline registry ...`: publish, list, show, alias, verify, delete, import, export, push."""
+"""`pipeline registry ...`: publish, list, show, alias, verify, delete, import, export, push, copy, cleanup."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def _echo_json(obj) -> None:
 
 @click.group("registry")
 @click.option("--registry", "uri", default=None, metavar="URI",
-              help="Registry location (folder or file:// URI). Default: -c config's registry.uri, "
-                   "$PIPELINE_REGISTRY, else ./registry-store.")
+              help="Registry location: a folder, file:///path, or an MLflow server mlflow+http://HOST:PORT "
+                   "(mlflow+https:// for TLS). Default: -c config's registry.uri, $PIPELINE_REGISTRY, else "
+                   "./registry-store.")
 @click.option("-c", "--config", "config", type=click.Path(), default=None,
               help="Take registry.uri and trainer.mlflow_tracking_uri from this config.")
 @click.option("--mlflow-tracking-uri", "tracking", default=None,
@@ -237,3 +238,43 @@ def push(ctx, ref, repo_id, private):
     """Upload a version's PEFT files and metadata to a Hugging Face Hub model repo."""
     url = _open(ctx).push(ref, repo_id, private=private)
     click.echo(f"pushed {ref} to {repo_id}: {url}")
+
+
+@registry_cli.command()
+@click.argument("src_uri")
+@click.argument("dst_uri")
+@click.argument("names", nargs=-1)
+@click.pass_context
+def copy(ctx, src_uri, dst_uri, names):
+    """Copy adapters (default: all) from SRC_URI to DST_URI with their numbers, aliases, lineage and hashes.
+
+    Repeating a copy skips versions already there with the same files; e.g. a local registry to a server:
+    pipeline registry copy ./registry-store mlflow+http://mlflow.internal:5000
+    """
+    from registry import open_registry
+    from registry.copy import copy_registry
+
+    src, dst = open_registry(src_uri, mirror_mlflow=False), open_registry(dst_uri, mirror_mlflow=False)
+    if src.uri == dst.uri:
+        raise RegistryError(f"copy: source and destination are the same registry ({src.uri}).")
+    report = copy_registry(src, dst, list(names) or None)
+    for name, aliases in sorted(report.aliases.items()):
+        copied = [r for r in report.copied if r.startswith(f"{name}@")]
+        skipped = [r for r in report.skipped if r.startswith(f"{name}@")]
+        alias_text = ", ".join(f"{a}->{v}" for a, v in sorted(aliases.items())) or "no aliases"
+        click.echo(f"{name}: copied {len(copied)} version(s), {len(skipped)} already there; {alias_text}")
+    click.echo(f"copied {len(report.copied)} version(s) from {src.uri} to {dst.uri}")
+
+
+@registry_cli.command()
+@click.option("--older-than", "older_than", type=float, default=None, metavar="SECONDS",
+              help="Also remove unfinished uploads / work folders older than this, whatever their writer "
+                   "(default: only those whose writer is gone, or older than 6 h on a server, 1 day locally).")
+@click.pass_context
+def cleanup(ctx, older_than):
+    """Report and remove what interrupted publishes left behind (staged uploads, work folders)."""
+    reg = _open(ctx)
+    lines = reg.cleanup(older_than)
+    for line in lines:
+        click.echo(f"  {line}")
+    click.echo(f"cleanup of {reg.uri}: {len(lines)} leftover(s) handled")

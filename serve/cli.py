@@ -9,7 +9,8 @@ import click
 
 @click.command("serve")
 @click.option("--registry", "registry_uri", default=None,
-              help="Registry location (default: $PIPELINE_REGISTRY, then ./registry-store).")
+              help="Registry: a folder, file:///path or mlflow+http(s)://HOST:PORT (default: $PIPELINE_REGISTRY, "
+                   "then ./registry-store).")
 @click.option("--base", "base", default="default", show_default=True,
               help="Base model folder, or `default` for the packaged SmolLM2-135M-Instruct.")
 @click.option("--host", default="127.0.0.1", show_default=True)

@@ -39,6 +39,7 @@ def _isolated_stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("stores")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["PIPELINE_REGISTRY"] = str(root / "registry")
+    os.environ["PIPELINE_REGISTRY_CACHE"] = str(root / "registry-cache")
     yield root
 
 
@@ -60,3 +61,14 @@ def tiny_model_copy(tiny_model_dir, tmp_path) -> Path:
     dst = tmp_path / "model"
     shutil.copytree(tiny_model_dir, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow tracking server for the session (tests/mlflow_server.py): sqlite backend, artifacts through
+    its proxy, a free port. Tests that use it empty it first (`tests.mlflow_server.wipe`)."""
+    from tests.mlflow_server import MlflowServerProcess
+
+    server = MlflowServerProcess(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()

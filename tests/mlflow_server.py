@@ -83,3 +83,13 @@ class MlflowServerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wipe(server: MlflowServerProcess) -> None:
+    """Delete every registered model (and so every version and alias): each test starts from an empty registry.
+    Numbers restart at 1 afterwards, which the cache must tell apart from the old ones (it keys by upload)."""
+    from registry.mlflow_http import MlflowServer
+
+    client = MlflowServer(server.url)
+    for model in client.search("registered-models/search", "registered_models", "wiping", max_results=1000):
+        client.delete("registered-models/delete", "wiping", {"name": model["name"]})

@@ -1,0 +1,72 @@
+"""`pipeline serve --registry mlflow+http://...`: the same server, its adapters on a real MLflow tracking server.
+
+The server process and vLLM read the registry through the registry API only; the adapter folders vLLM loads are
+this machine's verified cache of the server's files. One vLLM start for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+from registry import open_registry
+from tests.mlflow_server import wipe
+from tests.serve.adapters import make_adapters
+from tests.serve.test_server import MAX_TOKENS, _complete, _free_port, _ids, _read_until_ready, _until_eos
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+def test_serves_from_an_mlflow_registry_and_follows_an_alias_move(mlflow_server, tiny_model_dir, tmp_path):
+    wipe(mlflow_server)
+    cache = tmp_path / "serve-cache"
+    reg = open_registry(mlflow_server.uri, cache_dir=tmp_path / "publisher-cache")
+    dirs, answers = make_adapters(tiny_model_dir, tmp_path, seeds=[1, 2], max_new_tokens=MAX_TOKENS)
+    reg.publish(dirs[1], "alpha", base_dir=tiny_model_dir, alias="prod")
+    reg.publish(dirs[2], "alpha", base_dir=tiny_model_dir)
+
+    port = _free_port()
+    env = {**os.environ, "PIPELINE_REGISTRY_CACHE": str(cache)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cli = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "pipeline"), "serve", "--registry", mlflow_server.uri,
+         "--base", str(tiny_model_dir), "--port", str(port), "--max-loras", "2", "--max-model-len", "256",
+         "--kv-cache-gib", "0.0625", "--dtype", "float32", "--served-name", "tiny-base", "--alias-ttl", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    try:
+        _read_until_ready(cli, timeout=300)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        eos = json.loads((tiny_model_dir / "generation_config.json").read_text())["eos_token_id"]
+
+        def answer(model):
+            resp = _complete(client, model)
+            return resp.model, _until_eos(_ids(resp.choices[0]), eos)
+
+        assert answer("alpha@prod") == ("alpha@1", _until_eos(answers[1], eos))
+        assert answer("alpha") == ("alpha@2", _until_eos(answers[2], eos))
+        assert {m.id for m in client.models.list().data} >= {"alpha@1", "alpha@2", "alpha", "alpha@prod"}
+
+        reg.set_alias("alpha", "prod", 2)  # on the server; no restart
+        time.sleep(1.0)  # the alias TTL
+        assert answer("alpha@prod") == ("alpha@2", _until_eos(answers[2], eos))
+
+        # what vLLM loaded came from this machine's verified cache of the server's files
+        cached = sorted(p.name.split("-")[0] for p in cache.glob("*/versions/alpha/*"))
+        assert cached == ["1", "2"], cached
+        assert not list(cache.glob("*/.tmp/*"))
+    finally:
+        if cli.poll() is None:
+            cli.send_signal(signal.SIGINT)
+            try:
+                cli.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(cli.pid, signal.SIGKILL)
+                cli.wait()
+    assert cli.returncode == 0
