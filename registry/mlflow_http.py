@@ -154,13 +154,15 @@ class MlflowServer:
         return self._send("GET", f"{self.base_url}{API}/{endpoint}", what, READ_RETRIES, READ_TIMEOUT_S,
                           params=params).json()
 
-    def post(self, endpoint: str, what: str, body: dict, method: str = "POST") -> dict:
-        """A write: sent once (a retried write could be applied twice); callers that can check retry themselves."""
-        resp = self._send(method, f"{self.base_url}{API}/{endpoint}", what, 0, READ_TIMEOUT_S, json=body)
+    def post(self, endpoint: str, what: str, body: dict, method: str = "POST", idempotent: bool = False) -> dict:
+        """A write: sent once unless `idempotent` (applying it twice is harmless), because a retried write could
+        be applied twice; callers that can check what happened retry themselves."""
+        resp = self._send(method, f"{self.base_url}{API}/{endpoint}", what, READ_RETRIES if idempotent else 0,
+                          READ_TIMEOUT_S, json=body)
         return resp.json() if resp.content else {}
 
     def delete(self, endpoint: str, what: str, body: dict) -> dict:
-        return self.post(endpoint, what, body, method="DELETE")
+        return self.post(endpoint, what, body, method="DELETE", idempotent=True)
 
     def search(self, endpoint: str, key: str, what: str, **params) -> list[dict]:
         """Every page of a search endpoint (`key` names the list in each page)."""
@@ -178,7 +180,15 @@ class MlflowServer:
 
     def upload(self, src: Path, path: str) -> None:
         with open(src, "rb") as f:
-            self._send("PUT", self._artifact_url(path), f"uploading {src.name}", 0, TRANSFER_TIMEOUT_S, data=f)
+            for attempt in range(READ_RETRIES + 1):  # a PUT replaces the file: safe to repeat
+                try:
+                    f.seek(0)
+                    self._send("PUT", self._artifact_url(path), f"uploading {src.name}", 0, TRANSFER_TIMEOUT_S, data=f)
+                    return
+                except ServerUnavailableError:
+                    if attempt == READ_RETRIES:
+                        raise
+                    time.sleep(0.2 * 2 ** attempt)
 
     def download(self, path: str, dst: Path) -> str:
         """Stream one artifact to `dst`; returns the sha256 of what was written."""

@@ -256,10 +256,10 @@ class MlflowStore(Store):
                 try:
                     self._experiment_id = self.server.post("experiments/create", "creating the registry's experiment",
                                                            {"name": EXPERIMENT})["experiment_id"]
-                except ApiError as exc:
-                    if exc.code != "RESOURCE_ALREADY_EXISTS":
-                        raise
-                    return self._experiment()
+                except (ApiError, ServerUnavailableError):  # created by another publisher at the same moment?
+                    exp = self.server.get("experiments/get-by-name", "finding the registry's experiment",
+                                          experiment_name=EXPERIMENT)["experiment"]
+                    self._experiment_id = exp["experiment_id"]
         return self._experiment_id
 
     def _ensure_model(self, name: str) -> None:
@@ -270,13 +270,16 @@ class MlflowStore(Store):
         except ApiError as exc:
             if exc.code != "RESOURCE_ALREADY_EXISTS":
                 raise
+        except ServerUnavailableError:  # e.g. a database conflict with another publisher creating it
+            self.server.get("registered-models/get", f"reading adapter {name}", name=name)
 
     def _start_upload(self, name: str) -> tuple[str, str]:
         """A staging run for one upload; returns (run id, artifact path of its adapter/ folder on the proxy)."""
         tags = {STATE_TAG: "staging", "pipeline.adapter": name, "pipeline.host": HOST, "pipeline.pid": str(os.getpid())}
         run = self.server.post("runs/create", f"starting an upload of {name}", {
             "experiment_id": self._experiment(), "start_time": int(time.time() * 1000), "run_name": f"upload-{name}",
-            "tags": [{"key": k, "value": v} for k, v in tags.items()]})["run"]["info"]
+            "tags": [{"key": k, "value": v} for k, v in tags.items()]},
+            idempotent=True)["run"]["info"]  # a repeat leaves one more staging run, which cleanup removes
         uri = urlparse(run["artifact_uri"])
         if uri.scheme != "mlflow-artifacts":
             raise RegistryError(f"MLflow server {self.server.base_url} stores artifacts at `{run['artifact_uri']}`, "
@@ -332,7 +335,10 @@ class MlflowStore(Store):
         if len(metadata_text) <= TAG_VALUE_MAX:
             tags[METADATA_TAG] = metadata_text
         version = self._create_version(name, run_id, art, tags, str(metadata.get("tags", {}).get("description", "")))
-        self._finish_upload(run_id, version)
+        try:
+            self._finish_upload(run_id, version)
+        except RegistryError as exc:  # the version is published; cleanup marks the run finished later
+            log.warning("%s@%d is published; marking its upload run finished failed (%s)", name, version, exc)
         self.cache.adopt(name, version, run_id, staged, json.loads(manifest_text))
         if expect_version is not None and version != expect_version:
             self._delete_version(name, version)
@@ -344,16 +350,18 @@ class MlflowStore(Store):
 
     def _finish_upload(self, run_id: str, version: int | None) -> None:
         self.server.post("runs/update", "finishing an upload", {"run_id": run_id, "status": "FINISHED",
-                                                                 "end_time": int(time.time() * 1000)})
+                                                                 "end_time": int(time.time() * 1000)}, idempotent=True)
         self.server.post("runs/set-tag", "finishing an upload", {"run_id": run_id, "key": STATE_TAG,
-                                                                  "value": "published" if version else "removed"})
+                                                                  "value": "published" if version else "removed"},
+                         idempotent=True)
 
     def retire_numbers(self, name: str, upto: int) -> None:
         """Consume numbers up to `upto` with placeholder versions deleted at once (MLflow never reuses a number)."""
         self._ensure_model(name)
         while (self.latest_version(name) or 0) < upto:
             mv = self.server.post("model-versions/create", f"retiring a number of {name}", {
-                "name": name, "source": "lora-pipeline:retired-number", "tags": [{"key": RETIRED_TAG, "value": "1"}]})
+                "name": name, "source": f"lora-pipeline:/retired-numbers/{name}",
+                "tags": [{"key": RETIRED_TAG, "value": "1"}]})
             number = int(mv["model_version"]["version"])
             self.server.delete("model-versions/delete", f"retiring {name}@{number}", {"name": name, "version": str(number)})
             if number >= upto:
@@ -366,7 +374,7 @@ class MlflowStore(Store):
             for alias, version in sorted(new.items()):
                 if old.get(alias) != version:
                     self.server.post("registered-models/alias", f"pointing {name}@{alias} at {version}",
-                                     {"name": name, "alias": alias, "version": str(version)})
+                                     {"name": name, "alias": alias, "version": str(version)}, idempotent=True)
             for alias in sorted(set(old) - set(new)):
                 self.server.delete("registered-models/alias", f"deleting alias {name}@{alias}",
                                    {"name": name, "alias": alias})
@@ -413,7 +421,7 @@ class MlflowStore(Store):
             while True:
                 page = self.server.post("runs/search", "listing unfinished uploads", {
                     "experiment_ids": [exp], "filter": f"tags.`{STATE_TAG}` = 'staging'", "max_results": 1000,
-                    **({"page_token": token} if token else {})})
+                    **({"page_token": token} if token else {})}, idempotent=True)
                 runs += page.get("runs", [])
                 token = page.get("next_page_token")
                 if not token:
@@ -437,7 +445,7 @@ class MlflowStore(Store):
                     self.server.delete_artifacts(path)
                 except NotFoundError:
                     pass
-                self.server.post("runs/delete", "removing a dead upload", {"run_id": info["run_id"]})
+                self.server.post("runs/delete", "removing a dead upload", {"run_id": info["run_id"]}, idempotent=True)
                 lines.append(f"upload {info['run_id']} of {name} ({age_s:.0f} s old, writer "
                              f"{'gone' if dead else 'too old'}): never became a version; files removed")
         for mv in self.server.search("model-versions/search", "model_versions", "listing retired numbers",

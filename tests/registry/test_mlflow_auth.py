@@ -28,8 +28,8 @@ def auth_server(tmp_path_factory):
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = admin\nadmin_password = {PASSWORD}\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    server = MlflowServerProcess(root / "server", app_name="basic-auth", env={"MLFLOW_AUTH_CONFIG_PATH": str(ini)},
-                                 workers=1).start()
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+    server = MlflowServerProcess(root / "server", app_name="basic-auth", env=env, workers=1).start()
     yield server
     server.stop()
 

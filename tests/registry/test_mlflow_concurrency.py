@@ -123,12 +123,13 @@ def test_server_stopped_mid_upload_publishes_nothing(mlflow_server, tmp_path):
                                                                     "gate_proj", "up_proj", "down_proj"))
     env = {**os.environ, "PIPELINE_REGISTRY_CACHE": str(tmp_path / "cache")}
     env.pop("MLFLOW_TRACKING_URI", None)
+    before = set(mlflow_server.artifacts.rglob("adapter_model.safetensors"))  # earlier tests' uploads
     cli = subprocess.Popen([PIPELINE, "registry", "--registry", mlflow_server.uri, "publish", str(big), "--name", "big"],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         # wait until the upload is under way: the adapter's weights file is arriving in the artifact store
-        while time.monotonic() < deadline and not list(mlflow_server.artifacts.rglob("adapter_model.safetensors")):
+        while time.monotonic() < deadline and not set(mlflow_server.artifacts.rglob("adapter_model.safetensors")) - before:
             time.sleep(0.005)
         mlflow_server.stop(signal.SIGKILL)
         out, err = cli.communicate(timeout=120)
