@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import RegistryError
+from ground.errors import RegistryError
 from registry import open_registry
 from registry.synthetic import write_lora
 from tests.mlflow_server import MlflowServerProcess

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from pipeline.cli import cli_entry
-from pipeline.errors import RegistryError
+from ground.errors import RegistryError
 from registry import open_registry
 from registry.synthetic import write_lora
 from tests.mlflow_server import free_port
