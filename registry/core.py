@@ -157,14 +157,13 @@ class Registry:
         """`NAME` (latest), `NAME@7` or `NAME@prod` -> the version. Raises NotFoundError listing what exists."""
         name, version, alias = parse_ref(ref)
         if alias is not None:
-            aliases = self.store.read_aliases(name)
-            if alias not in aliases:
+            version = self.store.resolve_alias(name, alias)
+            if version is None:
                 if not self.store.latest_version(name):
                     raise self._no_adapter(name)
                 raise NotFoundError(f"Alias `{alias}` of adapter `{name}` does not exist (aliases: "
                                     f"{self._alias_text(name)}; versions: "
                                     f"{format_versions(self.store.version_numbers(name))}).")
-            version = aliases[alias]
         elif version is None:
             version = self.store.latest_version(name)
             if version is None:

@@ -38,6 +38,10 @@ class Store(abc.ABC):
     def read_aliases(self, name: str) -> dict[str, int]:
         """alias -> version; a consistent snapshot even while another process moves an alias."""
 
+    def resolve_alias(self, name: str, alias: str) -> int | None:
+        """The version `alias` points at now (None when it does not exist); per request, so keep it cheap."""
+        return self.read_aliases(name).get(alias)
+
     def latest_version(self, name: str) -> int | None:
         """The highest existing version (None when there is none)."""
         return max(self.version_numbers(name), default=None)
