@@ -201,6 +201,10 @@ class MlflowStore(Store):
             mv = self.server.get("registered-models/alias", f"resolving {name}@{alias}", name=name, alias=alias)
         except NotFoundError:
             return None
+        except ApiError as exc:  # MLflow 3 answers an unknown alias with INVALID_PARAMETER_VALUE "... not found"
+            if exc.code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc):
+                return None
+            raise
         return int(mv["model_version"]["version"])
 
     def verify_version(self, ref: str, name: str, version: int) -> list[str]:
