@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ground.new_files import existing, write_new_text  # noqa: E402
+from ground.new_files import refuse_existing_out, write_new_text  # noqa: E402
 
 log = logging.getLogger("rollout_sync")
 
@@ -170,14 +170,6 @@ def print_table(r: dict) -> None:
         ratio = f"{tps / base:.2f}" if base else "-"
         w, rl = med(e["write_s"]), med(e["reload_s"])
         print(f"| {mode} | {tps:.0f} | {ratio} | {e['sync_bytes'] / 1e6:.1f} MB | {w:.2f} | {rl:.2f} | {w + rl:.2f} |")
-
-
-def refuse_existing_out(parser: argparse.ArgumentParser, outs: list[str], force: bool) -> None:
-    """Stop before measuring when --out (a committed result, say) exists and --force was not given."""
-    there = existing(Path(o) for o in outs)
-    if there and not force:
-        parser.error(f"{' and '.join(map(str, there))} already exist(s); pass --force to replace, or choose "
-                     "another --out")
 
 
 if __name__ == "__main__":

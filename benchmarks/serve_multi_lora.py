@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ground.new_files import existing, write_new_text  # noqa: E402
+from ground.new_files import refuse_existing_out, write_new_text  # noqa: E402
 
 log = logging.getLogger("serve_multi_lora")
 
@@ -285,14 +285,6 @@ def main(argv=None) -> int:
             print(f"{r['config']}: {r['verify_count']} adapters verified, {r['verify_ms_total']:.1f} ms in all "
                   f"(slowest {r['verify_ms_max']:.1f} ms)")
     return 0
-
-
-def refuse_existing_out(parser: argparse.ArgumentParser, outs: list[str], force: bool) -> None:
-    """Stop before measuring when --out (a committed result, say) exists and --force was not given."""
-    there = existing(Path(o) for o in outs)
-    if there and not force:
-        parser.error(f"{' and '.join(map(str, there))} already exist(s); pass --force to replace, or choose "
-                     "another --out")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ground.new_files import existing, write_new_text  # noqa: E402
+from ground.new_files import refuse_existing_out, write_new_text  # noqa: E402
 
 PHASES = ("generate", "old_log_prob", "reference", "update", "sync", "step")
 
@@ -133,14 +133,6 @@ def main() -> int:
         write_new_text(args.out, text + "\n", replace=args.force)
         write_new_text(Path(args.out).with_suffix(".json"), json.dumps(results, indent=2), replace=args.force)
     return 0
-
-
-def refuse_existing_out(parser: argparse.ArgumentParser, outs: list[str], force: bool) -> None:
-    """Stop before measuring when --out (a committed result, say) exists and --force was not given."""
-    there = existing(Path(o) for o in outs)
-    if there and not force:
-        parser.error(f"{' and '.join(map(str, there))} already exist(s); pass --force to replace, or choose "
-                     "another --out")
 
 
 if __name__ == "__main__":

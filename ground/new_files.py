@@ -66,3 +66,12 @@ def write_new_file(target: str | Path, write: Callable[[Path], None], replace: b
 
 def write_new_text(target: str | Path, text: str, replace: bool = False) -> Path:
     return write_new_file(target, lambda tmp: tmp.write_text(text), replace=replace)
+
+
+def refuse_existing_out(parser, outs: list[str], force: bool) -> None:
+    """Stop a script (the benchmarks) before it measures anything when an --out file (a committed result, say)
+    exists and --force was not given; `parser` is its argparse parser, whose error exits with code 2."""
+    there = existing(Path(o) for o in outs)
+    if there and not force:
+        parser.error(f"{' and '.join(map(str, there))} already exist(s); pass --force to replace, or choose "
+                     "another --out")
