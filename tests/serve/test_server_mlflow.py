@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import openai
@@ -19,7 +18,8 @@ import pytest
 from registry import open_registry
 from tests.mlflow_server import wipe
 from tests.serve.adapters import make_adapters
-from tests.serve.test_server import MAX_TOKENS, _complete, _free_port, _ids, _read_until_ready, _until_eos
+from tests.serve.cli_server import free_port, start_cli
+from tests.serve.test_server import MAX_TOKENS, _complete, _ids, _until_eos
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -32,16 +32,12 @@ def test_serves_from_an_mlflow_registry_and_follows_an_alias_move(mlflow_server,
     reg.publish(dirs[1], "alpha", base_dir=tiny_model_dir, alias="prod")
     reg.publish(dirs[2], "alpha", base_dir=tiny_model_dir)
 
-    port = _free_port()
-    env = {**os.environ, "PIPELINE_REGISTRY_CACHE": str(cache)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cli = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "pipeline"), "serve", "--registry", mlflow_server.uri,
-         "--base", str(tiny_model_dir), "--port", str(port), "--max-loras", "2", "--max-model-len", "256",
-         "--kv-cache-gib", "0.0625", "--dtype", "float32", "--served-name", "tiny-base", "--alias-ttl", "0.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    port = free_port()
+    env = {"PIPELINE_REGISTRY_CACHE": str(cache), "MLFLOW_TRACKING_URI": ""}
+    cli, _, _ = start_cli(["--registry", mlflow_server.uri, "--base", str(tiny_model_dir), "--port", str(port),
+                           "--max-loras", "2", "--max-model-len", "256", "--kv-cache-gib", "0.0625", "--dtype",
+                           "float32", "--served-name", "tiny-base", "--alias-ttl", "0.5"], env=env)
     try:
-        _read_until_ready(cli, timeout=300)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         eos = json.loads((tiny_model_dir / "generation_config.json").read_text())["eos_token_id"]
 
