@@ -8,7 +8,7 @@ pipeline run. `-v` shows everything on the console too.
 
 Processes that Ray starts (actor workers, the rollout engine and its engine-core subprocess) write to their own
 stdout/stderr, which Ray would copy to the driver's console. `redirect_process_output()` sends a process's
-output, and that of the processes it starts, to the log file named by $PIPELINE_LOG_FILE instead.
+output, and that of the processes it starts, to the run's log file instead.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-LOG_FILE_ENV = "PIPELINE_LOG_FILE"
+# Set only in the runtime environment of the Ray job a run starts (never in the driver's own environment, so
+# no other child process of the driver, nor a later run in the same process, picks it up).
+WORKER_LOG_FILE_ENV = "PIPELINE_WORKER_LOG_FILE"
 OUR_PACKAGES = ("ground", "config", "registry", "stages", "serve", "pipeline")
 CONSOLE_LOGGER = "console"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -92,8 +94,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def log_to_file(path: str | os.PathLike) -> Path:
-    """Append every record (INFO and up; DEBUG when the root logger is at DEBUG) to `path`, and name it in
-    $PIPELINE_LOG_FILE so processes started from here (Ray workers, vLLM) write their output there too."""
+    """Append every record (INFO and up; DEBUG when the root logger is at DEBUG) to `path`; the Ray actors of a
+    run started from here write their output there too (see `worker_log_env`)."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -104,15 +106,20 @@ def log_to_file(path: str | os.PathLike) -> Path:
     handler._pipeline_file = True
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
     root.addHandler(handler)
-    os.environ[LOG_FILE_ENV] = str(path)
     return path
 
 
+def worker_log_env() -> dict[str, str]:
+    """Environment variables for the processes Ray starts for this run: the run's log file, when there is one."""
+    files = [h.baseFilename for h in logging.getLogger().handlers if getattr(h, "_pipeline_file", False)]
+    return {WORKER_LOG_FILE_ENV: files[-1]} if files else {}
+
+
 def redirect_process_output(prefix: str) -> None:
-    """In a process started by Ray: send stdout and stderr (file descriptors 1 and 2, so child processes and C
-    libraries follow) to $PIPELINE_LOG_FILE, and log this process's records there with `prefix`. Does nothing
-    when the variable is unset (a plain `ray.init` outside the pipeline keeps Ray's own behaviour)."""
-    path = os.environ.get(LOG_FILE_ENV)
+    """In a process started by Ray for a run: send stdout and stderr (file descriptors 1 and 2, so child
+    processes and C libraries follow) to the run's log file, and log this process's records there with `prefix`.
+    Does nothing where the run set no log file (a plain `ray.init`, or the class used outside Ray)."""
+    path = os.environ.get(WORKER_LOG_FILE_ENV)
     if not path:
         return
     sys.stdout.flush()

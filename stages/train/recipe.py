@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from ground.logs import LOG_FILE_ENV, adopt_library_loggers, console_is_ours, console_log
+from ground.logs import adopt_library_loggers, console_is_ours, console_log, worker_log_env
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ def init_ray(cfg, bundles: list[dict]) -> bool:
         return False
     address = cfg.ray_init.address
     # The run's log file, so every actor (and vLLM inside it) writes its output there, not to the console.
-    log_file = os.environ.get(LOG_FILE_ENV)
-    options = {"log_to_driver": True, "runtime_env": {"env_vars": {LOG_FILE_ENV: log_file}} if log_file else None}
+    log_env = worker_log_env()
+    options = {"log_to_driver": True, "runtime_env": {"env_vars": log_env} if log_env else None}
     if console_is_ours():  # Ray's own notices go to the run's log file, through our handlers
         adopt_library_loggers()
         options["configure_logging"] = False
