@@ -18,6 +18,16 @@ log = logging.getLogger(__name__)
 SHM_SEGMENT_PREFIX = "/dev/shm/psm_"
 
 
+def stat_field(pid: int, index: int) -> str | None:
+    """Field `index` of /proc/PID/stat counted after the command name (0: state, 1: parent pid, 19: start time
+    in clock ticks since boot); None when the process is gone or the file cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[index]
+    except (OSError, IndexError):
+        return None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether `pid` is a running process. A zombie (killed, not yet reaped) counts as dead."""
     try:
@@ -26,11 +36,7 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # it exists; it is just not ours to signal
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return stat_field(pid, 0) != "Z"  # unreadable (None) counts as alive: kill(0) just said it exists
 
 
 def child_pids(pid: int | None = None) -> set[int]:

@@ -22,6 +22,8 @@ import os
 import re
 from pathlib import Path
 
+from ground.processes import stat_field
+
 log = logging.getLogger(__name__)
 
 OWNERS_DIR = Path("/dev/shm/lora-pipeline-serve-owners")
@@ -30,11 +32,8 @@ SEGMENT_RE = re.compile(r"/dev/shm/psm_[A-Za-z0-9_]+")
 
 def start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc/PID/stat field 22); None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    ticks = stat_field(pid, 19)
+    return int(ticks) if ticks is not None else None
 
 
 def record(session_id: int, segments: set[str], run_dir: str | None) -> None:

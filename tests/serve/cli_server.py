@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 
+from ground.processes import stat_field
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -16,11 +18,8 @@ def free_port() -> int:
 
 
 def ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    parent = stat_field(pid, 1)
+    return int(parent) if parent is not None else None
 
 
 def start_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> tuple[subprocess.Popen, int, str]:
