@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 from registry import open_registry  # noqa: E402
-from registry.synthetic import write_lora  # noqa: E402
+from tests.synthetic_lora import write_lora  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

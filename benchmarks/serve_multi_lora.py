@@ -77,7 +77,7 @@ def publish_adapters(base_dir: Path, registry_dir: Path, count: int, rank: int) 
     from tqdm import tqdm
 
     from registry import open_registry
-    from registry.synthetic import write_lora
+    from tests.synthetic_lora import write_lora
     from ground.model_files import fingerprint
 
     reg = open_registry(str(registry_dir))

@@ -10,7 +10,7 @@ import pytest
 
 from ground.errors import NotFoundError, RegistryError
 from registry import open_registry, parse_ref
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 from tests.registry.conftest import stored_file
 
 # `reg` (tests/registry/conftest.py) is the local store and a real MLflow server in turn: the same contract

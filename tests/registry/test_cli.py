@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.cli import cli_entry
 from registry import open_registry
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from registry import open_registry
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import pytest
 
 from ground.errors import RegistryError
 from registry import open_registry
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 from tests.mlflow_server import MlflowServerProcess
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")

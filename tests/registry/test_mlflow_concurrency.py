@@ -15,7 +15,7 @@ import pytest
 
 from registry import open_registry
 from registry.mlflow_store import EXPERIMENT, STATE_TAG
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 from tests.mlflow_server import wipe
 from tests.registry.test_concurrency import PUBLISHER, _wait_ready
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from registry import open_registry
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ import pytest
 from pipeline.cli import cli_entry
 from ground.errors import RegistryError
 from registry import open_registry
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 from tests.mlflow_server import free_port
 from tests.registry.conftest import stored_file
 

@@ -10,7 +10,7 @@ import pytest
 
 from ground.errors import NotFoundError, RegistryError
 from registry import open_registry
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 from ground.vllm_lora import stable_lora_id
 from serve.catalog import AdapterCatalog, BaseMismatchError
 from ground.model_files import fingerprint

@@ -24,7 +24,7 @@ import openai
 import pytest
 
 from registry import open_registry
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 from serve.server import session_pids, shm_segments_of, tree_memory_mib
 from tests.serve.adapters import PROMPT, make_adapters
 from tests.serve.cli_server import free_port, server_env, start_cli

@@ -10,7 +10,7 @@ import pytest
 
 from ground.errors import NotFoundError
 from registry import open_registry
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 from serve.verified import AdapterMismatchError, CorruptVersionError, VerifiedCache
 
 WEIGHTS = "adapter_model.safetensors"

@@ -1,8 +1,9 @@
 """Random LoRA adapter folders in PEFT's exact file format, written with numpy + safetensors (no torch).
 
-For benchmarks and tests that need many adapters fast (a publisher subprocess that imports torch spends
-seconds starting). The tensors follow PEFT's naming and shapes (lora_A [r, in], lora_B [out, r]); the
-default module shapes are those of tests/tiny_model.py (hidden 64, head_dim 32, 2 heads, 1 KV head, MLP 128).
+A test fixture, kept out of the installed packages, for benchmarks and tests that need many adapters fast (a
+publisher subprocess that imports torch spends seconds starting). The tensors follow PEFT's naming and shapes
+(lora_A [r, in], lora_B [out, r]); the default module shapes are those of tests/tiny_model.py (hidden 64,
+head_dim 32, 2 heads, 1 KV head, MLP 128).
 """
 
 from __future__ import annotations
