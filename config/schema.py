@@ -10,7 +10,7 @@ import json
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 def _flatten(d: dict[str, Any], prefix: str = ""):
     for key, value in d.items():
@@ -304,8 +304,31 @@ class PublishConfig(Section):
     force: bool = False
 
 
+class AutoscalingConfig(Section):
+    """Ray Serve's autoscaler for the replicated mode; unset (None) keeps a fixed `serve.replicas`."""
+
+    min_replicas: Optional[int] = Field(default=None, ge=0)
+    max_replicas: Optional[int] = Field(default=None, ge=1)
+    target_ongoing_requests: Optional[float] = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _min_below_max(self):
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.autoscaling.min_replicas ({self.min_replicas}) is above max_replicas "
+                             f"({self.max_replicas}); set min_replicas <= max_replicas")
+        return self
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class ServeConfig(Section):
     enable: bool = False  # end the pipeline by serving what it published
+    # above 1 (or with autoscaling / a Ray address): N vLLM replicas on Ray Serve behind one endpoint
+    replicas: int = Field(default=1, ge=1)
+    ray_address: Optional[str] = None  # None: start a local Ray; "auto" or host:port joins a cluster
+    routing: Literal["multiplexed", "round_robin"] = "multiplexed"
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: Optional[str] = None

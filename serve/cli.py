@@ -32,8 +32,20 @@ import click
               help="Seconds an alias or latest-version lookup is reused (bounds how fast alias moves apply).")
 @click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(0.001),
               help="Largest request body in MiB; larger ones get 413 before they are read.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1),
+              help="vLLM replicas behind one endpoint; above 1 they run on Ray Serve (one engine each).")
+@click.option("--ray-address", default=None,
+              help="With --replicas > 1: join this Ray cluster (`auto`, HOST:PORT); default: start a local one.")
+@click.option("--routing", default="multiplexed", show_default=True, type=click.Choice(["multiplexed", "round_robin"]),
+              help="With --replicas > 1: send each adapter to a replica that holds it, or plain Serve routing.")
+@click.option("--min-replicas", default=None, type=click.IntRange(0),
+              help="Autoscale between --min-replicas and --max-replicas (Ray Serve's autoscaler).")
+@click.option("--max-replicas", default=None, type=click.IntRange(1))
+@click.option("--target-ongoing-requests", default=None, type=click.FloatRange(0.01),
+              help="Autoscaling target of requests in flight per replica.")
 def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
-              kv_cache_gib, dtype, served_name, alias_ttl, max_body_mb):
+              kv_cache_gib, dtype, served_name, alias_ttl, max_body_mb, replicas, ray_address, routing, min_replicas,
+              max_replicas, target_ongoing_requests):
     """Serve the base model and the registry's adapters behind one OpenAI-compatible endpoint.
 
     A request's `model` may be the base model's name, NAME (latest version), NAME@7 or NAME@ALIAS. Stop with
@@ -44,6 +56,18 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
     from ground.base_model import resolve_model_path
 
     base_dir = resolve_model_path(base)
+    autoscaling = {k: v for k, v in [("min_replicas", min_replicas), ("max_replicas", max_replicas),
+                                     ("target_ongoing_requests", target_ongoing_requests)] if v is not None}
+    if replicas > 1 or autoscaling or ray_address:
+        from serve.replicas.app import start_replicated
+
+        _serve_replicated(lambda: start_replicated(
+            base_dir, registry_uri, replicas=replicas, ray_address=ray_address, routing=routing,
+            autoscaling=autoscaling, host=host, port=port, api_key=api_key, max_loras=max_loras,
+            max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+            kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl,
+            max_body_mb=max_body_mb))
+        return
     # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C, also while the server starts
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -68,6 +92,23 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
     if died_with is not None:
         raise StageError(f"The vLLM server exited on its own with code {died_with}; last lines of "
                          f"{handle.log_path}:\n{handle.log_tail()}")
+
+
+def _serve_replicated(start) -> None:
+    """Start the replicated server, serve until Ctrl-C/SIGTERM, stop it (Serve, Ray if ours, engines, /dev/shm)."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    server = None
+    try:
+        server = start()
+        how = f"{server.replicas} replica(s), routing {server.routing}"
+        click.echo(f"serving `{server.base_name}` and registry adapters at {server.url} ({how}); Ctrl-C stops")
+        server.wait()
+    except KeyboardInterrupt:
+        click.echo("stopping the server", err=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            server.stop()
 
 
 def _raise_interrupt(signum, frame):

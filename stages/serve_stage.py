@@ -28,12 +28,21 @@ def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path)
 
     s = cfg.serve
     max_len = cfg.data.max_prompt_length + cfg.data.max_response_length
-    handle = start_server(
-        staged["model_dir"], registry_uri=published.get("registry") or cfg.registry.uri, host=s.host, port=s.port,
-        api_key=s.api_key, max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras,
-        gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=max(256, max_len),
-        log_path=stage_dir / "server.log",
-    )
+    registry_uri = published.get("registry") or cfg.registry.uri
+    if s.replicas > 1 or s.autoscaling.as_dict() or s.ray_address:
+        from serve.replicas.app import start_replicated
+
+        handle = start_replicated(
+            staged["model_dir"], registry_uri, replicas=s.replicas, ray_address=s.ray_address, routing=s.routing,
+            autoscaling=s.autoscaling.as_dict(), host=s.host, port=s.port, api_key=s.api_key,
+            max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, max_model_len=max(256, max_len))
+    else:
+        handle = start_server(
+            staged["model_dir"], registry_uri=registry_uri, host=s.host, port=s.port,
+            api_key=s.api_key, max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras,
+            gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=max(256, max_len),
+            log_path=stage_dir / "server.log",
+        )
     with handle:
         client = OpenAI(base_url=handle.url, api_key=s.api_key or "none", max_retries=0, timeout=120)
         t0 = time.monotonic()

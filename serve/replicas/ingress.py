@@ -1,0 +1,169 @@
+"""The one endpoint in front of the replicas: a FastAPI app wrapped in the single server's own middleware.
+
+`RegistryRefMiddleware` (serve/middleware.py) is the outermost layer here exactly as in the single vLLM server:
+API key and closed routes (serve/access.py), bounded bodies, JSON checks, pinning `NAME` / `NAME@alias` to
+`NAME@V` through the catalog, and the registry listing on `GET /v1/models`. It reads its settings from the
+process environment, which `Ingress.__init__` sets before the app's middleware stack is built (on the first
+request). So there is no second implementation of pinning, validation or access: the routes below only see
+requests that passed, with `model` already pinned.
+
+Routing: with `routing="multiplexed"` the pinned `NAME@V` is Serve's multiplexed model id, so Serve sends a
+request to a replica that already holds the adapter when one has room; `round_robin` sends no id (plain Serve
+routing, for comparison). Requests for the base model carry no id in either mode.
+
+A dead replica costs no request: a call that fails because its replica died (or its engine did) before a byte
+was answered is sent again, with a short pause while Serve notices and routes around it. A streamed request
+is retried only until its first chunk arrived; after that the client sees the stream end early.
+"""
+
+
+import asyncio
+import logging
+import os
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+log = logging.getLogger(__name__)
+
+REPLICA_HEADER = "x-served-by-replica"
+RETRY_BUDGET_S = 120.0  # a replica restart (engine start) takes ~30-60 s on 2 busy cores
+RETRY_PAUSE_S = 0.5
+
+
+def _retryable(exc: BaseException) -> bool:
+    """The replica (or its engine) died under the call: nothing was answered, so sending it again is safe."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError)):
+        return True
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        return type(cause).__name__ in ("EngineDeadError", "EngineGenerateError")
+    return False
+
+
+def _ingress_class():
+    from ray import serve
+
+    @serve.ingress()
+    class Ingress:
+        def __init__(self, replica, settings: dict, environment: dict):
+            os.environ.update(environment)  # read by the middleware and its catalog (see serve.catalog.get_catalog)
+            self.replica = replica
+            self.settings = settings
+            self.base_name = settings["base_name"]
+            self.routing = settings["routing"]
+            self.loads: dict[str, int] = {}  # replica -> adapter loads it reported last (its own counter)
+            self.served: dict[str, int] = {}  # replica -> requests it answered
+            self.retries = 0
+            self.started = int(time.time())
+
+        def __serve_build_asgi_app__(self):
+            """Called by Serve after __init__: the environment is set, so the middleware reads the right one."""
+            from serve.middleware import RegistryRefMiddleware
+
+            app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+            app.add_middleware(RegistryRefMiddleware)
+
+            @app.get("/health")
+            async def health() -> Response:
+                return Response(status_code=200)
+
+            @app.get("/ping")
+            async def ping() -> Response:
+                return Response(status_code=200)
+
+            @app.get("/v1/models")
+            async def models() -> JSONResponse:
+                # the base card; the middleware appends every servable registry reference
+                return JSONResponse({"object": "list", "data": [
+                    {"id": self.base_name, "object": "model", "created": self.started, "owned_by": "lora-pipeline",
+                     "root": self.base_name, "parent": None}]})
+
+            @app.post("/v1/completions")
+            async def completions(request: Request) -> Response:
+                return await self._forward("completions", await request.json())
+
+            @app.post("/v1/chat/completions")
+            async def chat(request: Request) -> Response:
+                return await self._forward("chat", await request.json())
+
+            @app.get("/metrics")
+            async def metrics() -> PlainTextResponse:
+                return PlainTextResponse(self._metrics_text(), media_type="text/plain; version=0.0.4")
+
+            return app
+
+        def _metrics_text(self) -> str:
+            lines = ["# HELP pipeline_adapter_loads_total Adapters loaded into a replica's engine (registry -> "
+                     "verified copy -> engine), as last reported by the replica.",
+                     "# TYPE pipeline_adapter_loads_total counter"]
+            lines += [f'pipeline_adapter_loads_total{{replica="{r}"}} {n}' for r, n in sorted(self.loads.items())]
+            lines += ["# HELP pipeline_replica_requests_total Requests each replica answered.",
+                      "# TYPE pipeline_replica_requests_total counter"]
+            lines += [f'pipeline_replica_requests_total{{replica="{r}"}} {n}' for r, n in sorted(self.served.items())]
+            lines += ["# HELP pipeline_request_retries_total Requests sent again because their replica died.",
+                      "# TYPE pipeline_request_retries_total counter", f"pipeline_request_retries_total {self.retries}"]
+            return "\n".join(lines) + "\n"
+
+        # -------------------------------------------------------------------------------- forwarding
+        def _handle_for(self, body: dict, stream: bool):
+            handle = self.replica.options(stream=True) if stream else self.replica
+            model = body.get("model")
+            if self.routing == "multiplexed" and isinstance(model, str) and model and model != self.base_name:
+                handle = handle.options(multiplexed_model_id=model)
+            return handle
+
+        def _note(self, meta: dict) -> dict:
+            name = meta["replica"]
+            self.loads[name] = max(self.loads.get(name, 0), int(meta.get("loads", 0)))
+            self.served[name] = self.served.get(name, 0) + 1
+            return {REPLICA_HEADER: name}
+
+        async def _retry_pause(self, exc: BaseException, deadline: float) -> None:
+            if time.monotonic() > deadline:
+                raise exc
+            self.retries += 1
+            log.warning("a replica died under a request (%s); sending it again", type(exc).__name__)
+            await asyncio.sleep(RETRY_PAUSE_S)
+
+        async def _forward(self, kind: str, body: dict) -> Response:
+            deadline = time.monotonic() + RETRY_BUDGET_S
+            if body.get("stream"):
+                return await self._forward_stream(kind, body, deadline)
+            while True:
+                try:
+                    result = await self._handle_for(body, stream=False).handle.remote(kind, body)
+                    break
+                except Exception as exc:
+                    if not _retryable(exc):
+                        raise
+                    await self._retry_pause(exc, deadline)
+            headers = self._note(result)
+            if isinstance(result["body"], str):
+                return Response(result["body"], status_code=result["status"], headers=headers)
+            return JSONResponse(result["body"], status_code=result["status"], headers=headers)
+
+        async def _forward_stream(self, kind: str, body: dict, deadline: float) -> Response:
+            while True:
+                chunks = self._handle_for(body, stream=True).stream.remote(kind, body)
+                try:
+                    meta = await chunks.__anext__()
+                    break
+                except Exception as exc:
+                    if not _retryable(exc):
+                        raise
+                    await self._retry_pause(exc, deadline)
+            headers = self._note(meta)
+            if "body" in meta:  # refused, or answered whole
+                return JSONResponse(meta["body"], status_code=meta["status"], headers=headers)
+
+            async def rest():
+                async for chunk in chunks:
+                    yield chunk
+
+            return StreamingResponse(rest(), media_type="text/event-stream", headers=headers)
+
+    return Ingress

@@ -1,0 +1,187 @@
+"""`pipeline serve --replicas 2` on Ray Serve (tiny model, vLLM CPU, 4 registry adapters), driven by `openai`.
+
+One server for the whole module (two engines and a local Ray take ~1 min on 2 cores), started with the real
+command and stopped with Ctrl-C, after which no replica process and none of its shared memory may remain.
+The last test SIGKILLs a replica under load; it runs last because it costs a replica restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from registry import open_registry
+from tests.serve.adapters import PROMPT, make_adapters
+from tests.serve.cli_server import free_port, read_until_ready
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+API_KEY = "replica-key-456"
+MAX_TOKENS = 8
+ADAPTERS = ["alpha@1", "alpha@2", "beta@1", "gamma@1"]
+REPLICA_TITLE = "ServeReplica:lora-pipeline:LoraReplica"
+
+
+def replica_pids() -> dict[int, str]:
+    """Live replica actor processes on this host: {pid: cmdline} (Ray names them by deployment)."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if REPLICA_TITLE in cmdline:
+            found[int(entry)] = cmdline
+    return found
+
+
+def psm_segments() -> set[str]:
+    return {f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+
+
+def start_replicated_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 420):
+    import subprocess
+    import sys
+
+    pipeline_script = os.path.join(os.path.dirname(sys.executable), "pipeline")
+    cli = subprocess.Popen([pipeline_script, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True, env={**os.environ, **(env or {})})
+    try:
+        return cli, read_until_ready(cli, timeout)
+    except BaseException:
+        os.killpg(cli.pid, signal.SIGKILL)
+        cli.wait()
+        raise
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("replicas")
+    reg = open_registry(str(root / "registry"))
+    dirs, answers = make_adapters(tiny_model_dir, root, seeds=[1, 2, 3, 4], max_new_tokens=MAX_TOKENS)
+    expected = {"base": answers[None]}
+    for seed, name in zip([1, 2, 3, 4], ["alpha", "alpha", "beta", "gamma"]):
+        expected[reg.publish(dirs[seed], name, base_dir=tiny_model_dir).ref] = answers[seed]
+    reg.set_alias("alpha", "prod", 1)
+    segments_before = psm_segments()
+    port = free_port()
+    cli = None
+    try:
+        cli, output = start_replicated_cli(
+            ["--registry", str(root / "registry"), "--base", str(tiny_model_dir), "--port", str(port),
+             "--replicas", "2", "--max-loras", "2", "--max-cpu-loras", "2", "--max-model-len", "256",
+             "--kv-cache-gib", "0.0625", "--dtype", "float32", "--served-name", "tiny-base", "--alias-ttl", "1"],
+            env={"PIPELINE_SERVE_API_KEY": API_KEY})
+        url = f"http://127.0.0.1:{port}/v1"
+        yield {"url": url, "registry": reg, "expected": expected, "base_dir": tiny_model_dir, "root": root,
+               "client": openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)}
+        cli.send_signal(signal.SIGINT)
+        rest, _ = cli.communicate(timeout=180)
+        assert cli.returncode == 0 and "stopping the server" in rest, output + rest
+        deadline = time.monotonic() + 30
+        while replica_pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert replica_pids() == {}
+        assert psm_segments() <= segments_before, f"left behind: {psm_segments() - segments_before}"
+    finally:
+        if cli is not None and cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+
+
+def _complete(client, model: str, max_tokens: int = MAX_TOKENS):
+    """(response, replica that answered)"""
+    raw = client.completions.with_raw_response.create(model=model, prompt=PROMPT, max_tokens=max_tokens,
+                                                      temperature=0, extra_body={"return_token_ids": True})
+    return raw.parse(), raw.headers.get("x-served-by-replica")
+
+
+def _until_eos(ids, eos: int) -> list[int]:
+    ids = list(ids)
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def _metrics(url: str, key: str | None = API_KEY) -> str:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url.removesuffix("/v1") + "/metrics", headers=headers)
+    return urllib.request.urlopen(request, timeout=30).read().decode()
+
+
+def test_each_adapter_answers_with_its_own_weights(served):
+    client, expected = served["client"], served["expected"]
+    eos = json.loads((served["base_dir"] / "generation_config.json").read_text())["eos_token_id"]
+    for model, key in [("tiny-base", "base"), ("alpha@1", "alpha@1"), ("alpha@2", "alpha@2"), ("alpha", "alpha@2"),
+                       ("alpha@prod", "alpha@1"), ("beta", "beta@1"), ("gamma@1", "gamma@1")]:
+        resp, replica = _complete(client, model)
+        ids = _until_eos(resp.choices[0].model_extra["token_ids"], eos)
+        assert ids == _until_eos(expected[key], eos), f"{model}: replica {replica} {ids} != PEFT {expected[key]}"
+        assert resp.model == ("tiny-base" if key == "base" else key)
+        assert replica, "the response must name the replica that answered"
+
+
+def test_chat_and_streaming(served):
+    client = served["client"]
+    chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=4, temperature=0)
+    assert chat.model == "beta@1" and chat.choices[0].message.content is not None
+    chunks = list(client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": PROMPT}],
+                                                 max_tokens=4, temperature=0, stream=True))
+    assert len(chunks) >= 2 and {c.model for c in chunks} == {"gamma@1"}
+    text = list(client.completions.create(model="alpha@prod", prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
+    assert text and {c.model for c in text} == {"alpha@1"}
+
+
+def test_models_404_401_and_metrics_contract(served):
+    client, url = served["client"], served["url"]
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "tiny-base" and {"alpha@1", "alpha@2", "alpha", "alpha@prod", "beta", "gamma@1"} <= set(ids)
+    with pytest.raises(openai.NotFoundError, match="`nope` does not exist"):
+        _complete(client, "nope")
+    with pytest.raises(openai.NotFoundError, match="versions of `alpha`: 1-2"):
+        _complete(client, "alpha@99")
+    with pytest.raises(openai.BadRequestError, match="Invalid adapter name"):
+        _complete(client, "../etc")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).completions.create(
+            model="alpha", prompt=PROMPT, max_tokens=2)
+    assert urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30).status == 200
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        _metrics(url, key=None)
+    assert anonymous.value.code == 401
+    assert re.search(r'pipeline_adapter_loads_total\{replica="[^"]+"\} [1-9]', _metrics(url))
+
+
+def test_alias_move_is_followed_without_restart(served):
+    client, reg = served["client"], served["registry"]
+    assert _complete(client, "alpha@prod")[0].model == "alpha@1"
+    reg.set_alias("alpha", "prod", 2)
+    try:
+        deadline = time.monotonic() + 10
+        while _complete(client, "alpha@prod")[0].model != "alpha@2":
+            assert time.monotonic() < deadline, "the alias move never reached the replicas"
+            time.sleep(0.5)
+    finally:
+        reg.set_alias("alpha", "prod", 1)
+
+
+def test_after_warm_up_each_adapter_stays_on_one_replica(served):
+    client = served["client"]
+    for _ in range(2):  # warm-up: each adapter lands on a replica (the first burst may spread them)
+        for ref in ADAPTERS:
+            _complete(client, ref, max_tokens=2)
+    with ThreadPoolExecutor(4) as pool:
+        answered = list(pool.map(lambda ref: (ref, _complete(client, ref, max_tokens=2)[1]), ADAPTERS * 5))
+    by_adapter = {ref: {r for a, r in answered if a == ref} for ref in ADAPTERS}
+    assert all(len(replicas) == 1 for replicas in by_adapter.values()), by_adapter
+    assert len(set().union(*by_adapter.values())) == 2, f"both replicas should hold adapters: {by_adapter}"
