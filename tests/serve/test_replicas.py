@@ -185,3 +185,61 @@ def test_after_warm_up_each_adapter_stays_on_one_replica(served):
     by_adapter = {ref: {r for a, r in answered if a == ref} for ref in ADAPTERS}
     assert all(len(replicas) == 1 for replicas in by_adapter.values()), by_adapter
     assert len(set().union(*by_adapter.values())) == 2, f"both replicas should hold adapters: {by_adapter}"
+
+
+def test_sigkill_of_a_replica_costs_no_request(served):
+    """100 non-streamed requests at concurrency 8; one replica process is SIGKILLed once 10 have answered: none
+    fails (the ingress sends the dead replica's requests again), Serve starts a new replica, and the dead
+    engine's processes and /dev/shm segments are gone (the new replica sweeps them when it starts)."""
+    from ground.processes import child_pids, pid_alive, shm_segments_of
+
+    client = served["client"]
+    before = replica_pids()
+    assert len(before) == 2, before
+    with ThreadPoolExecutor(4) as pool:  # the names of both replicas, from base requests Serve spreads over them
+        original = {r for _, r in pool.map(lambda _: _complete(client, "tiny-base", max_tokens=1), range(16))}
+    assert len(original) == 2, original
+    victim = sorted(before)[0]
+    engine = child_pids(victim)
+    segments = shm_segments_of(engine | {victim})
+    assert segments, "the replica's engine should map /dev/shm segments"
+    models = ADAPTERS + ["tiny-base"]
+    answered, failed, killed, killed_at = [], [], threading.Event(), []
+
+    def one(i: int):
+        try:
+            resp, replica = _complete(client, models[i % len(models)], max_tokens=32)
+            answered.append((resp.model, replica))
+        except Exception as exc:  # any failure fails the test, reported below
+            failed.append(repr(exc))
+        if len(answered) >= 10 and not killed.is_set():
+            killed.set()
+            os.kill(victim, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(100)))
+    assert killed.is_set()
+    assert not failed, failed[:3]
+    assert len(answered) == 100
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        now = replica_pids()
+        if len(now) == 2 and victim not in now and not any(os.path.exists(s) for s in segments):
+            break
+        time.sleep(1)
+    now = replica_pids()
+    assert len(now) == 2 and victim not in now, f"the replica did not come back: {now}"
+    assert not any(pid_alive(p) for p in engine), "the dead replica's engine processes still run"
+    assert not any(os.path.exists(s) for s in segments), f"left in /dev/shm: {[s for s in segments if os.path.exists(s)]}"
+    load_done = time.monotonic()
+    # the replica is back when a replica that is neither of the first two answers (base requests are spread)
+    newcomer = set()
+    while not newcomer and time.monotonic() < deadline:
+        with ThreadPoolExecutor(4) as pool:
+            newcomer = {r for _, r in pool.map(lambda _: _complete(client, "tiny-base", max_tokens=1), range(8))}
+        newcomer -= original
+    assert newcomer, "no new replica answered"
+    retries = int(re.search(r"pipeline_request_retries_total (\d+)", _metrics(served["url"])).group(1))
+    print(f"\nSIGKILL under load: 100 requests answered {load_done - killed_at[0]:.1f} s after the kill, "
+          f"{retries} retried; a new replica answered {time.monotonic() - killed_at[0]:.1f} s after the kill")
