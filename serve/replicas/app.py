@@ -28,7 +28,10 @@ INGRESS_CPUS = 0.1
 MAX_ONGOING_REQUESTS = 32  # per replica: vLLM batches them; Serve's default of 5 would queue at the router
 
 
-def check_autoscaling(autoscaling: dict | None, source: str = "serve.autoscaling") -> dict | None:
+AUTOSCALING_SOURCE = "serve.autoscaling (--min-replicas / --max-replicas / --target-ongoing-requests)"
+
+
+def check_autoscaling(autoscaling: dict | None, source: str = AUTOSCALING_SOURCE) -> dict | None:
     """Validate {min_replicas, max_replicas, target_ongoing_requests}; None or {} means a fixed replica count."""
     if not autoscaling:
         return None
@@ -41,7 +44,7 @@ def check_autoscaling(autoscaling: dict | None, source: str = "serve.autoscaling
         raise ConfigError(f"{source}: need 0 <= min_replicas <= max_replicas and max_replicas >= 1 "
                           f"(got min_replicas={lo!r}, max_replicas={hi!r}).")
     if not isinstance(target, (int, float)) or target <= 0:
-        raise ConfigError(f"{source}.target_ongoing_requests must be a positive number (got {target!r}).")
+        raise ConfigError(f"{source}: target_ongoing_requests must be a positive number (got {target!r}).")
     return {"min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": float(target)}
 
 
