@@ -46,8 +46,14 @@ def replica_pids() -> dict[int, str]:
     return found
 
 
-def psm_segments() -> set[str]:
-    return {f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+def _replica_segments() -> set[str]:
+    """/dev/shm/psm_* segments that the replica processes and their engine processes have mapped now."""
+    from ground.processes import child_pids, shm_segments_of
+
+    pids = set(replica_pids())
+    for pid in list(pids):
+        pids |= child_pids(pid)
+    return shm_segments_of(pids)
 
 
 def start_replicated_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 420):
@@ -74,7 +80,6 @@ def served(tmp_path_factory, tiny_model_dir):
     for seed, name in zip([1, 2, 3, 4], ["alpha", "alpha", "beta", "gamma"]):
         expected[reg.publish(dirs[seed], name, base_dir=tiny_model_dir).ref] = answers[seed]
     reg.set_alias("alpha", "prod", 1)
-    segments_before = psm_segments()
     port = free_port()
     cli = None
     try:
@@ -84,8 +89,11 @@ def served(tmp_path_factory, tiny_model_dir):
              "--kv-cache-gib", "0.0625", "--dtype", "float32", "--served-name", "tiny-base", "--alias-ttl", "1"],
             env={"PIPELINE_SERVE_API_KEY": API_KEY})
         url = f"http://127.0.0.1:{port}/v1"
+        started_with = _replica_segments()
         yield {"url": url, "registry": reg, "expected": expected, "base_dir": tiny_model_dir, "root": root,
                "client": openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)}
+        mine = _replica_segments() | started_with  # only this server's: other engines may run on the machine
+        assert mine, "the replicas' engines should map /dev/shm segments"
         cli.send_signal(signal.SIGINT)
         rest, _ = cli.communicate(timeout=180)
         assert cli.returncode == 0 and "stopping the server" in rest, output + rest
@@ -93,7 +101,7 @@ def served(tmp_path_factory, tiny_model_dir):
         while replica_pids() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert replica_pids() == {}
-        assert psm_segments() <= segments_before, f"left behind: {psm_segments() - segments_before}"
+        assert not any(os.path.exists(s) for s in mine), f"left behind: {[s for s in mine if os.path.exists(s)]}"
     finally:
         if cli is not None and cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)

@@ -1,4 +1,7 @@
-"""The replicated mode on a 2-node Ray cluster started on this host: one replica on each node, one endpoint."""
+"""The replicated mode on a 2-node Ray cluster started on this host: one replica on each node, one endpoint.
+
+It runs with `routing="round_robin"` (no multiplexed id), so the plain-routing path is exercised too
+(test_replicas.py covers multiplexed routing)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ def test_replicas_on_two_nodes_answer_behind_one_endpoint(tiny_model_dir, tmp_pa
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
+    from ground.processes import child_pids, shm_segments_of
     from serve.replicas.app import start_replicated
 
     reg = open_registry(str(tmp_path / "registry"))
@@ -27,22 +31,22 @@ def test_replicas_on_two_nodes_answer_behind_one_endpoint(tiny_model_dir, tmp_pa
     for seed, name in [(1, "alpha"), (2, "beta")]:
         reg.publish(dirs[seed], name, base_dir=tiny_model_dir)
     eos = json.loads((tiny_model_dir / "generation_config.json").read_text())["eos_token_id"]
-    segments_before = {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    server = None
+    server, mine = None, set()
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         server = start_replicated(tiny_model_dir, str(tmp_path / "registry"), replicas=2,
                                   ray_address=cluster.address, port=free_port(), max_loras=2, max_model_len=256,
                                   kv_cache_gib=0.0625, dtype="float32", base_name="tiny-base",
-                                  max_replicas_per_node=1)
+                                  max_replicas_per_node=1, routing="round_robin")
         replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
                     if a.class_name.endswith("LoraReplica")]
         assert len({a.node_id for a in replicas}) == 2, [(a.class_name, a.node_id) for a in replicas]
         client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
         served_by = set()
-        for model, seed in [("alpha", 1), ("beta", 2), ("tiny-base", None)] * 3:
+        # plain routing picks between idle replicas at random: 30 requests all on one would be a 2**-29 chance
+        for model, seed in [("alpha", 1), ("beta", 2), ("tiny-base", None)] * 10:
             raw = client.completions.with_raw_response.create(model=model, prompt=PROMPT, max_tokens=4,
                                                               temperature=0, extra_body={"return_token_ids": True})
             resp = raw.parse()
@@ -50,13 +54,16 @@ def test_replicas_on_two_nodes_answer_behind_one_endpoint(tiny_model_dir, tmp_pa
             ids = list(resp.choices[0].model_extra["token_ids"])
             assert _until_eos(ids, eos) == _until_eos(answers[seed], eos), model
         assert len(served_by) == 2, f"both nodes' replicas should answer: {served_by}"
+        pids = {a.pid for a in replicas}
+        mine = shm_segments_of(pids.union(*(child_pids(p) for p in pids)))  # this test's engines only
+        assert mine
     finally:
         if server is not None:
             server.stop()
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
-    left = {n for n in os.listdir("/dev/shm") if n.startswith("psm_")} - segments_before
+    left = [s for s in mine if os.path.exists(s)]
     assert not left, f"left in /dev/shm: {left}"
 
 
