@@ -14,6 +14,7 @@ Two ways to bring the engine up to date after an actor update (`actor_rollout_re
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from ground.errors import ConfigError
@@ -59,6 +60,20 @@ def _on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _use_every_allowed_core() -> None:
+    """Compute threads = the cores this process may run on, set before vLLM's CPU worker freezes the count.
+
+    Ray gives an actor with num_cpus=1 OMP_NUM_THREADS=1, and vLLM 0.32's CPU backend binds threads to cores only
+    in its multiprocess executor, not in the single-process one a one-shard engine uses, so the engine decoded
+    on one thread (one core of two here, measured: 99.9% CPU, 74 tokens/s). The engine and the actor workers take
+    turns (generate, then update), so while it generates the engine can have every core.
+    """
+    import torch
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads))
+
+
 class RolloutEngine:
     """vLLM `LLM` with the policy's current weights. See the module docstring for the two sync modes.
 
@@ -102,6 +117,8 @@ class RolloutEngine:
             configured = rollout_cfg.get("max_lora_rank")
             max_rank = vllm_max_lora_rank(max(lora_rank, configured or 0))
             kwargs.update(enable_lora=True, max_lora_rank=max_rank, max_loras=1, max_cpu_loras=1)
+        if not _on_cuda():
+            _use_every_allowed_core()
         log.info("starting vLLM rollout engine (%s sync) on %s", sync_mode, self.model_dir)
         t0 = time.perf_counter()
         children_before = child_pids()
