@@ -32,23 +32,30 @@ STAGE_MODEL = Stage(
 )
 
 def _train(ctx: StageContext) -> dict:
+    from stages.start_adapter import resolve_start_adapter, with_start_folder
     from stages.train import train
 
     staged = ctx.outputs["stage_model"]
     parent = ctx.tracking.parent_run_id if ctx.tracking is not None else None
+    # A registry reference in lora_adapter_path becomes a verified local folder here, pinned in the stage folder
+    # so that a resumed run starts from the same version even if the alias has moved meanwhile.
+    start = resolve_start_adapter(ctx.config, pin_dir=ctx.stage_dir)
     # Checkpoints live in the run directory, so `--resume RUN_DIR` continues from this run's latest one and
     # a new run never picks up another run's (verl's shared default_local_dir would).
-    cfg = ctx.config.model_copy(deep=True)
+    cfg = with_start_folder(ctx.config, start).model_copy(deep=True)
     cfg.trainer.default_local_dir = str(ctx.stage_dir / "checkpoints")
     # The stage folder is this run's own (the run directory was new), so a rerun after a failure may replace it.
-    return train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=str(ctx.stage_dir), parent_run_id=parent,
-                 replace_outputs=True)
+    outputs = train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=str(ctx.stage_dir),
+                    parent_run_id=parent, replace_outputs=True)
+    return {**outputs, "start_adapter": start}
 
 
-def _check_train_data(config) -> None:
+def _check_train(config) -> None:
+    from stages.start_adapter import check_start_adapter
     from stages.train.prepare_data import ensure_data
 
     ensure_data(config)  # the demo's files are written here when missing; a user's missing file is an error
+    check_start_adapter(config)  # a reference that resolves nowhere fails before the run directory exists
 
 
 def _evaluate(ctx: StageContext) -> dict:
@@ -76,7 +83,7 @@ def _serve(ctx: StageContext) -> dict:
 
 
 TRAIN = Stage("train", _train, "RL-train a LoRA adapter: FSDP2 actor on Ray workers, vLLM rollouts, MLflow",
-              own_tracking=True, check=_check_train_data)
+              own_tracking=True, check=_check_train)
 EVALUATE = Stage("evaluate", _evaluate, "compare base and adapter validation reward; decide whether to publish")
 PUBLISH = Stage("publish", _publish, "store the adapter as a new immutable registry version with lineage")
 SERVE = Stage("serve", _serve, "when serve.enable: serve the published version behind the multi-adapter endpoint")

@@ -22,12 +22,19 @@ def train_command(config_file, overrides, out_dir, force):
     """Train a LoRA adapter with RL: FSDP2 actor workers on Ray, vLLM rollouts (no publishing)."""
     from pipeline.runner import load_run_config
     from stages.stage_model import cleanup, stage_model
+    from stages.start_adapter import check_start_adapter, resolve_start_adapter, with_start_folder
     from stages.train import train
     from stages.train.prepare_data import ensure_data
 
     cfg = load_run_config(config_file, overrides)
     ensure_data(cfg)  # a missing data file fails here, before any log file, model staging or Ray
-    click.echo(f"log: {log_to_file(Path(out_dir or cfg.trainer.default_local_dir) / 'pipeline.log')}")
+    check_start_adapter(cfg)  # so does a lora_adapter_path that is neither a folder nor a registry reference
+    out_root = Path(out_dir or cfg.trainer.default_local_dir)
+    click.echo(f"log: {log_to_file(out_root / 'pipeline.log')}")
+    start = resolve_start_adapter(cfg)
+    if start.get("ref"):
+        click.echo(f"start adapter: {start['reference']} = {start['ref']} from {start['registry']}")
+    cfg = with_start_folder(cfg, start)  # training only ever sees a local folder
     staged = stage_model(cfg)
     try:
         outputs = train(cfg, staged["model_dir"], staged["fingerprint"], out_dir=out_dir,

@@ -32,7 +32,10 @@ def evaluate(cfg: Config, train_outputs: dict) -> dict:
     else:
         publish, why = False, (f"adapter does not beat its start: {improvement:+.3f} <= publish.min_improvement={threshold}; "
                                "set publish.force=True to publish anyway")
+    start = train_outputs.get("start_adapter") or {}
     start_from = cfg.actor_rollout_ref.model.lora_adapter_path
+    if start.get("ref") and start["ref"] != start_from:  # a registry reference: say which version it was
+        start_from = f"{start_from} (= {start['ref']} in {start['registry']})"
     return {
         "start_point": f"adapter {start_from}" if start_from else "base model",
         "start_reward": base,

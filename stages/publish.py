@@ -42,11 +42,19 @@ def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dic
         "steps": train.get("steps"),
         "decision": evaluation.get("decision"),
     }
+    parent = None
+    start = train.get("start_adapter") or {}
+    if start.get("ref"):  # trained from a registry version: the reference as configured and the version pinned
+        lineage["start_adapter"] = {k: start[k] for k in ("reference", "ref", "registry", "weights_sha256")}
+        parent = start["version"] if start["name"] == cfg.publish.name else start["ref"]
+    elif start.get("path"):
+        lineage["start_adapter"] = {"path": start["path"]}
     metrics = {k: evaluation[k] for k in ("start_reward", "adapter_reward", "improvement", "start_acc", "adapter_acc")
                if evaluation.get(k) is not None}
     version = reg.publish(
         train["adapter_dir"], name, base_dir=staged["source_dir"], base_fingerprint=staged["fingerprint"],
         alias=cfg.publish.alias, tags=dict(cfg.publish.tags), lineage=lineage, metrics=metrics,
+        parent_version=parent,
     )
     return _outputs(version, reg, cfg)
 
