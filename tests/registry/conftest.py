@@ -37,7 +37,7 @@ def stored_file(reg, av, fname: str) -> Path:
     """Where the store itself keeps one file of a version (not a cached copy): for corrupting it in tests."""
     if getattr(reg, "test_server", None) is None:
         return av.path / fname
-    from registry.mlflow_store import PATH_TAG, _tags
+    from registry.mlflow_layout import PATH_TAG, tags_of
 
     mv = reg.store._model_version(av.name, av.version)
-    return reg.test_server.artifacts / _tags(mv)[PATH_TAG] / fname
+    return reg.test_server.artifacts / tags_of(mv)[PATH_TAG] / fname

@@ -131,7 +131,7 @@ def test_flipped_byte_reported(reg, lora):
 
 def _store_snapshot(reg):
     if getattr(reg, "test_server", None) is not None:  # what a client of the server can see, and every upload
-        from registry.mlflow_store import EXPERIMENT
+        from registry.mlflow_layout import EXPERIMENT
 
         names = reg.list_adapters()
         uploads = sorted(str(p.relative_to(reg.test_server.artifacts)) for p in reg.test_server.artifacts.rglob("*"))

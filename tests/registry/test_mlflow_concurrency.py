@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from registry import open_registry
-from registry.mlflow_store import EXPERIMENT, STATE_TAG
+from registry.mlflow_layout import EXPERIMENT, STATE_TAG
 from tests.synthetic_lora import write_lora
 from tests.mlflow_server import wipe
 from tests.registry.test_concurrency import PUBLISHER, _wait_ready
