@@ -6,6 +6,7 @@ lineage, and it resolves and verifies from the server through a fresh cache."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,26 @@ def test_train_from_a_server_version_and_publish_back_to_it(mlflow_server, tiny_
     assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]  # the start's shape
     assert (Path(version.path) / "adapter_model.safetensors").read_bytes() != \
         (start / "adapter_model.safetensors").read_bytes()  # and two steps moved it
+
+
+def test_pipeline_train_starts_from_a_local_registry_reference(tiny_model_dir, tmp_path, capsys):
+    """`pipeline train` (no pipeline run) with a file:// registry and `NAME` (its latest version)."""
+    store = tmp_path / "registry"
+    reg = open_registry(store.as_uri(), mirror_mlflow=False)
+    start = write_lora(tmp_path / "start", rank=4, alpha=8.0, seed=5, base_model=str(tiny_model_dir))
+    reg.publish(start, "warm-start", base_dir=tiny_model_dir)
+    reg.publish(write_lora(tmp_path / "newer", rank=4, alpha=8.0, seed=6), "warm-start", base_dir=tiny_model_dir)
+    out_dir = tmp_path / "out"
+    overrides = toy_overrides(tiny_model_dir, tmp_path, steps=1, extra={
+        "registry.uri": store.as_uri(),
+        "actor_rollout_ref.model.lora_adapter_path": "warm-start",
+        "trainer.cpu_workers": 1,
+        "trainer.val_before_train": False,
+    })
+    assert cli_entry(["train", "--out-dir", str(out_dir), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert f"start adapter: warm-start = warm-start@2 from {store.as_uri()}" in printed, printed
+    adapter = Path(re.search(r"^adapter: (.+)$", printed, re.M).group(1))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert reg.verify().ok  # training read the version folder and left it as published
