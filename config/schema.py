@@ -333,7 +333,8 @@ class ServeConfig(Section):
     port: int = 8000
     api_key: Optional[str] = None
     max_loras: int = 4
-    max_cpu_loras: Optional[int] = None
+    max_cpu_loras: Optional[int] = None  # None: as many as lora_cache_gib holds (serve/lora_tier.py)
+    lora_cache_gib: float = 1.0  # host memory for loaded adapters, sizes max_cpu_loras
     gpu_memory_utilization: float = 0.2
     # False: start the server, check that the published adapter answers one request, stop it (a smoke test
     # of what was published). True: keep serving in the foreground until Ctrl-C.

@@ -6,6 +6,8 @@ import signal
 
 import click
 
+from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, MAX_CPU_LORAS_CAP
+
 
 @click.command("serve")
 @click.option("--registry", "registry_uri", default=None,
@@ -20,7 +22,11 @@ import click
 @click.option("--max-loras", default=4, show_default=True, type=click.IntRange(1),
               help="Adapters that can run in one batch.")
 @click.option("--max-cpu-loras", default=None, type=click.IntRange(1),
-              help="Adapters kept loaded in memory (default: --max-loras); others reload from the registry on use.")
+              help="Adapters kept loaded in host memory (default: as many as --lora-cache-gib holds); others are "
+                   "read from disk again on use.")
+@click.option("--lora-cache-gib", default=DEFAULT_LORA_CACHE_GIB, show_default=True, type=click.FloatRange(0),
+              help="Host memory for loaded adapters: sets --max-cpu-loras from the registry's largest adapter on "
+                   f"this base (never below --max-loras, at most {MAX_CPU_LORAS_CAP}).")
 @click.option("--max-lora-rank", default=None, type=click.IntRange(1),
               help="Default: the registry's largest rank, rounded up to a value vLLM accepts.")
 @click.option("--max-model-len", default=512, show_default=True, type=click.IntRange(16))
@@ -45,7 +51,7 @@ import click
               help="Autoscaling target of requests in flight per replica.")
 def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
               kv_cache_gib, dtype, served_name, alias_ttl, max_body_mb, replicas, ray_address, routing, min_replicas,
-              max_replicas, target_ongoing_requests):
+              max_replicas, target_ongoing_requests, lora_cache_gib):
     """Serve the base model and the registry's adapters behind one OpenAI-compatible endpoint.
 
     A request's `model` may be the base model's name, NAME (latest version), NAME@7 or NAME@ALIAS. Stop with
@@ -74,7 +80,7 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
         handle = start_server(base_dir, registry_uri, host=host, port=port, api_key=api_key, max_loras=max_loras,
                               max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
                               kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl,
-                              max_body_mb=max_body_mb)
+                              max_body_mb=max_body_mb, lora_cache_gib=lora_cache_gib)
     except KeyboardInterrupt:  # start_server already stopped the half-started server
         signal.signal(signal.SIGTERM, previous)
         click.echo("interrupted while starting; the server was stopped", err=True)
@@ -82,7 +88,7 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
     died_with = None
     try:
         click.echo(f"serving `{handle.base_name}` and registry adapters at {handle.url} (log: {handle.log_path}); "
-                   "Ctrl-C stops")
+                   f"Ctrl-C stops; host-memory adapter tier: {handle.lora_tier}")
         died_with = handle.wait()
     except KeyboardInterrupt:
         click.echo("stopping the server", err=True)

@@ -29,6 +29,7 @@ from ground.errors import StageError
 from ground.processes import shm_segments_of
 from ground.vllm_lora import VLLM_LORA_RANKS, max_lora_rank_for
 from serve import shm_owners
+from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, plan_tier
 from serve.verified import _remove_tree
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class ServerHandle:
     api_key: str | None = None
     run_dir: Path | None = None  # verified adapter copies and routes.json; removed at stop
     shm_segments: set[str] = field(default_factory=set)  # /dev/shm/psm_* its processes mapped, seen so far
+    lora_tier: str = ""  # the host-memory adapter tier chosen and why (serve/lora_tier.py); "" without LoRA
 
     @property
     def pid(self) -> int:
@@ -257,7 +259,8 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
                  base_name: str | None = None, alias_ttl_s: float = 1.0, enable_lora: bool = True,
                  ready_timeout_s: float = 300.0, log_path: str | Path | None = None,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 max_body_mb: float = DEFAULT_MAX_BODY_MB, verify_weights: bool = True) -> ServerHandle:
+                 max_body_mb: float = DEFAULT_MAX_BODY_MB, verify_weights: bool = True,
+                 lora_cache_gib: float = DEFAULT_LORA_CACHE_GIB) -> ServerHandle:
     """Start the multi-adapter server and wait until /health answers; returns a `ServerHandle`.
 
     base_dir: the base model folder (must be the one the adapters were trained on: adapters whose recorded
@@ -267,8 +270,9 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
     long an alias or "latest" lookup is reused; alias moves reach requests after at most this long.
     enable_lora=False serves the base model alone (benchmarks compare against it). max_body_mb: larger request
     bodies get 413. verify_weights=False hands the engine the registry folders instead of verified read-only
-    copies (serve/verified.py): only for measuring what verification costs. The server's output goes to
-    `log_path` (default: a temp file).
+    copies (serve/verified.py): only for measuring what verification costs. max_cpu_loras: adapters kept
+    loaded in host memory; None sizes it from `lora_cache_gib` and the registry's adapters (serve/lora_tier.py).
+    The server's output goes to `log_path` (default: a temp file).
     """
     from registry import open_registry
     from ground.model_files import fingerprint
@@ -280,9 +284,16 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
     base_fp = fingerprint(base_dir)
     if not enable_lora:
         max_loras = max_cpu_loras = max_lora_rank = None
+        tier = ""
     else:
         max_lora_rank = round_lora_rank(max_lora_rank or registry.max_rank() or 8)
-        max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
+        if max_cpu_loras is not None:
+            tier = f"max_cpu_loras={max(max_cpu_loras, max_loras)} (set explicitly; never below max_loras)"
+            max_cpu_loras = max(max_cpu_loras, max_loras)
+        else:
+            plan = plan_tier(registry, base_dir, base_fp, dtype, max_loras, max_lora_rank, lora_cache_gib)
+            max_cpu_loras, tier = plan.max_cpu_loras, plan.describe()
+        log.info("host-memory adapter tier: %s", tier)
     base_name = base_name or base_dir.name
     url = f"http://{host}:{port}/v1"
     removed = shm_owners.remove_orphans(session_pids)
@@ -322,7 +333,7 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
         process = subprocess.Popen(cmd, env=child_env, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     handle = ServerHandle(url=url, base_name=base_name, process=process, log_path=log_path, api_key=api_key,
-                          run_dir=run_dir)
+                          run_dir=run_dir, lora_tier=tier)
     try:  # the owner record exists from the first moment, so the run folder is found again after a crash
         shm_owners.record(process.pid, set(), str(run_dir))
     except OSError as exc:

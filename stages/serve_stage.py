@@ -39,7 +39,7 @@ def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path)
     else:
         handle = start_server(
             staged["model_dir"], registry_uri=registry_uri, host=s.host, port=s.port,
-            api_key=s.api_key, max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras,
+            api_key=s.api_key, max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, lora_cache_gib=s.lora_cache_gib,
             gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=max(256, max_len),
             log_path=stage_dir / "server.log",
         )

@@ -7,6 +7,7 @@ command and stopped with a Ctrl-C (SIGINT), after which no process and no shared
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -20,7 +21,7 @@ import pytest
 from registry import open_registry
 from ground.processes import shm_segments_of
 from serve.server import session_pids
-from ground.model_files import fingerprint
+from ground.model_files import check_safetensors, fingerprint
 from tests.serve.adapters import PROMPT, make_adapters
 from tests.serve.cli_server import free_port, start_cli
 from tests.tiny_model import build_tiny_model
@@ -44,6 +45,10 @@ def served(tmp_path_factory, tiny_model_dir):
     other_base = build_tiny_model(root / "other-base", seed=7)
     foreign, _ = make_adapters(other_base, root / "foreign", seeds=[9], max_new_tokens=1)
     reg.publish(foreign[9], "foreign", base_dir=other_base)
+    # a host-memory tier budget that holds 6.5 of these (equally sized) adapters in float32: the server must
+    # keep 6 loaded (--max-cpu-loras 6), more than its 4 slots
+    per_adapter = _tensor_elements(dirs[1] / "adapter_model.safetensors") * 4
+    lora_cache_gib = 6.5 * per_adapter / (1 << 30)
 
     # the real command, as a user runs it; its teardown below is a Ctrl-C
     port = free_port()
@@ -52,11 +57,12 @@ def served(tmp_path_factory, tiny_model_dir):
         cli, server_pid, output = start_cli(
             ["--registry", str(root / "registry"), "--base", str(tiny_model_dir), "--port", str(port),
              "--max-loras", "4", "--max-model-len", "256", "--kv-cache-gib", "0.0625", "--dtype", "float32",
-             "--served-name", "tiny-base", "--alias-ttl", "1"], env={"PIPELINE_SERVE_API_KEY": API_KEY})
+             "--served-name", "tiny-base", "--alias-ttl", "1", "--lora-cache-gib", repr(lora_cache_gib)],
+            env={"PIPELINE_SERVE_API_KEY": API_KEY})
         segments = shm_segments_of(session_pids(server_pid))
         url = f"http://127.0.0.1:{port}/v1"
-        server.update(cli=cli, url=url, base_name="tiny-base", base_dir=tiny_model_dir, registry=reg,
-                      expected=expected, other_base=other_base, root=root,
+        server.update(cli=cli, url=url, server_pid=server_pid, output=output, base_name="tiny-base",
+                      base_dir=tiny_model_dir, registry=reg, expected=expected, other_base=other_base, root=root,
                       client=openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60))
         yield server
 
@@ -72,6 +78,11 @@ def served(tmp_path_factory, tiny_model_dir):
             cli.wait()
 
 
+def _tensor_elements(path) -> int:
+    header = check_safetensors(path)
+    return sum(math.prod(meta["shape"]) for key, meta in header.items() if key != "__metadata__")
+
+
 def _complete(client, model: str, max_tokens: int = MAX_TOKENS):
     return client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
                                      extra_body={"return_token_ids": True})
@@ -83,6 +94,14 @@ def _ids(choice) -> list[int]:
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def test_host_memory_tier_is_sized_from_the_budget_and_the_adapters(served):
+    with open(f"/proc/{served['server_pid']}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    assert argv[argv.index("--max-loras") + 1] == "4"
+    assert argv[argv.index("--max-cpu-loras") + 1] == "6", argv
+    assert "host-memory adapter tier: max_cpu_loras=6 (" in served["output"], served["output"]
 
 
 def test_each_adapter_and_the_base_answer_with_their_own_weights(served):
