@@ -10,7 +10,7 @@ from config.schema import ServeConfig
 from ground.errors import StageError
 from ground.model_files import check_safetensors
 from registry import open_registry
-from registry.synthetic import write_lora
+from tests.synthetic_lora import write_lora
 from serve.lora_tier import (DEFAULT_LORA_CACHE_GIB, MAX_CPU_LORAS_CAP, dtype_bytes, max_cpu_loras_for, plan_tier,
                              worst_case_parameters)
 
