@@ -35,9 +35,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.serve_targets import raw_adapter_folders  # noqa: E402
 from ground.new_files import refuse_existing_out, write_new_text  # noqa: E402
 
 log = logging.getLogger("serve_multi_lora")
+
+ROUTINGS = ("multiplexed", "round_robin")  # `pipeline serve --routing` values the replicated mode takes
 
 
 # ------------------------------------------------------------------------------------------------ workload
@@ -174,29 +177,65 @@ def verification_ms(log_path: Path) -> list[float]:
     return [float(ms) for ms in re.findall(r"verified \S+ into \S+ in ([0-9.]+) ms", text)]
 
 
-def run_config(label: str, n_adapters: int, args, base_dir: Path, registry_dir: Path, refs: list[str],
-               trace: list[dict], verify: bool = True) -> dict:
+def start_target(kind: str, label: str, n_adapters: int, args, base_dir: Path, registry_dir: Path, verify: bool,
+                 raw_dir: Path | None, log_path: Path, cpu_loras: dict):
+    """Start the server a configuration measures: `pipeline serve` (kind "ours"), raw vLLM ("raw", with the
+    host-memory tier `pipeline serve` chose for the same adapters, so only the registry layer differs), or
+    `pipeline serve --replicas N --routing KIND` ("multiplexed", "round_robin")."""
+    from benchmarks.serve_targets import start_raw_vllm, start_replicated
     from serve.server import start_server
 
     lora = n_adapters > 0
-    models = [refs[power_law_pick(item["u"], n_adapters, args.alpha)] if lora else "base" for item in trace]
+    max_loras = min(args.max_loras, max(n_adapters, 1))
+    if kind == "ours":
+        handle = start_server(base_dir, str(registry_dir), port=free_port(), base_name="base", enable_lora=lora,
+                              max_loras=max_loras, max_cpu_loras=args.max_cpu_loras, lora_cache_gib=args.lora_cache_gib,
+                              max_lora_rank=args.rank, max_model_len=args.max_model_len,
+                              kv_cache_gib=args.kv_cache_gib, dtype=args.dtype, log_path=log_path,
+                              verify_weights=verify)
+        cpu_loras[n_adapters] = handle.max_cpu_loras
+        log.info("%s: host-memory adapter tier: %s", label, handle.lora_tier)
+        return handle
+    if kind == "raw":
+        return start_raw_vllm(base_dir, raw_dir, free_port(), max_loras, cpu_loras.get(n_adapters) or max_loras,
+                              args.rank, args.max_model_len, args.kv_cache_gib, args.dtype, log_path)
+    extra = ["--max-cpu-loras", str(args.max_cpu_loras)] if args.max_cpu_loras else []
+    return start_replicated(base_dir, registry_dir, free_port(), args.replicas, kind, max_loras, args.rank,
+                            args.max_model_len, args.kv_cache_gib, args.dtype, log_path,
+                            extra + ["--lora-cache-gib", str(args.lora_cache_gib)])
+
+
+def run_config(label: str, kind: str, n_adapters: int, args, base_dir: Path, registry_dir: Path, refs: list[str],
+               trace: list[dict], verify: bool = True, raw_names: list[str] | None = None,
+               raw_dir: Path | None = None, cpu_loras: dict | None = None) -> dict:
+    from benchmarks.serve_targets import adapter_loads
+
+    lora = n_adapters > 0
+    names = raw_names if kind == "raw" else refs
+    models = [names[power_law_pick(item["u"], n_adapters, args.alpha)] if lora else "base" for item in trace]
     t0 = time.monotonic()
     log_path = Path(tempfile.gettempdir()) / f"serve_multi_lora.{label}.log"
     log_path.unlink(missing_ok=True)
-    handle = start_server(base_dir, str(registry_dir), port=free_port(), base_name="base", enable_lora=lora,
-                          max_loras=min(args.max_loras, max(n_adapters, 1)), max_cpu_loras=max(n_adapters, 1),
-                          max_lora_rank=args.rank, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                          dtype=args.dtype, log_path=log_path, verify_weights=verify)
+    handle = start_target(kind, label, n_adapters, args, base_dir, registry_dir, verify, raw_dir, log_path,
+                          cpu_loras if cpu_loras is not None else {})
+    replicated = kind in ROUTINGS
     try:
         started = time.monotonic() - t0
         idle = handle.memory_mib()
+        loads_before = adapter_loads(handle.url) if replicated else {}
         with MemorySampler(handle) as mem:
             result = asyncio.run(replay(handle.url, trace, models, args.drain_timeout))
+        loads_after = adapter_loads(handle.url) if replicated else {}
     finally:
         handle.stop()
-    spent = verification_ms(log_path)
-    result.update(verified=verify and lora, verify_count=len(spent), verify_ms_total=sum(spent),
-                  verify_ms_max=max(spent, default=0.0))
+    if replicated:
+        loads = {k: v - loads_before.get(k, 0.0) for k, v in loads_after.items()}
+        result.update(replicas=args.replicas, routing=kind, adapter_loads=loads,
+                      loads_per_100_requests=100 * sum(loads.values()) / max(result["completed"], 1))
+    spent = verification_ms(log_path) if kind == "ours" else []
+    result.update(server=kind, verified=verify and lora and kind != "raw", verify_count=len(spent),
+                  verify_ms_total=sum(spent), verify_ms_max=max(spent, default=0.0),
+                  max_cpu_loras=(cpu_loras or {}).get(n_adapters) if kind in ("ours", "raw") else args.max_cpu_loras)
     result.update(config=label, adapters=n_adapters, distinct_adapters_used=len(set(models)) if lora else 0,
                   start_s=started, idle_rss_mib=idle["rss_mib"], idle_pss_mib=idle["pss_mib"],
                   peak_rss_mib=mem.peak["rss_mib"], peak_pss_mib=mem.peak["pss_mib"], load_avg=os.getloadavg())
@@ -223,6 +262,46 @@ def table(results: list[dict], weights_mib: float) -> str:
     return "\n".join(rows)
 
 
+def plan_configs(args) -> list[tuple[str, str, int, bool]]:
+    """(label, server kind, adapters, verified) for each configuration, in the order they run."""
+    if args.replicas > 1:
+        return [(f"{n} adapters, {args.replicas} replicas, {routing}", routing, n, True)
+                for n in args.adapters for routing in args.routing]
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.verify]
+    configs = [] if args.no_base_run else [("base alone", "ours", 0, True)]
+    for n in args.adapters:
+        configs += [(f"{n} adapters" + ("" if verify else ", unverified"), "ours", n, verify) for verify in modes]
+        if args.raw_vllm:
+            configs.append((f"{n} adapters, raw vLLM", "raw", n, False))
+    return configs
+
+
+def comparisons(results: list[dict]) -> str:
+    """The issue's targets as lines: TTFT p90 against one adapter, raw vLLM against ours, adapter loads per 100
+    requests by routing."""
+    lines = []
+    one = next((r for r in results if r["adapters"] == 1 and r["server"] == "ours"), None)
+    for r in results:
+        if one and r["server"] == "ours" and r["adapters"] > 1:
+            lines.append(f"{r['config']}: TTFT p90 {r['ttft_p90_s']:.2f} s = {r['ttft_p90_s'] / one['ttft_p90_s']:.1f}x "
+                         f"the single adapter's {one['ttft_p90_s']:.2f} s (max_cpu_loras {r['max_cpu_loras']})")
+        if r["server"] == "raw":
+            ours = next((o for o in results if o["server"] == "ours" and o["adapters"] == r["adapters"]), None)
+            if ours:
+                lines.append(f"{r['adapters']} adapters: pipeline serve {ours['req_per_s']:.2f} req/s, raw vLLM "
+                             f"{r['req_per_s']:.2f} req/s: {ours['req_per_s'] / r['req_per_s']:.2f}x")
+    routed = [r for r in results if r["server"] in ROUTINGS]
+    if routed:
+        lines += ["", "| config | req/s | TTFT p50 s | TTFT p90 s | failed | adapter loads | loads per 100 requests |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in routed:
+            per_replica = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(r["adapter_loads"].items()))
+            lines.append(f"| {r['config']} | {r['req_per_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p90_s']:.2f} | "
+                         f"{r['failed']}/{r['sent']} | {sum(r['adapter_loads'].values()):.0f} ({per_replica}) | "
+                         f"{r['loads_per_100_requests']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="default", help="base model folder, or `default` (SmolLM2-135M-Instruct)")
@@ -236,6 +315,18 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of adapter popularity")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--max-loras", type=int, default=8, help="adapters per batch (vLLM --max-loras)")
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept loaded in host memory (default: the server's host-memory tier, sized from "
+                        "--lora-cache-gib)")
+    p.add_argument("--lora-cache-gib", type=float, default=None,
+                   help="the host-memory tier's budget (default: `pipeline serve`'s default)")
+    p.add_argument("--raw-vllm", action="store_true",
+                   help="after each adapter configuration, the same on raw vLLM with its filesystem resolver (same "
+                        "engine settings and host-memory tier, no registry): what the registry layer costs")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="above 1: run `pipeline serve --replicas N --routing R` for each --routing instead of the "
+                        "single server, and report adapter loads per 100 requests from its /metrics")
+    p.add_argument("--routing", nargs="+", choices=ROUTINGS, default=list(ROUTINGS))
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--kv-cache-gib", type=float, default=0.5)
     p.add_argument("--dtype", default="bfloat16")
@@ -246,6 +337,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/serve_multi_lora.json")
     p.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     args = p.parse_args(argv)
+    if args.lora_cache_gib is None:
+        from serve.lora_tier import DEFAULT_LORA_CACHE_GIB
+
+        args.lora_cache_gib = DEFAULT_LORA_CACHE_GIB
     refuse_existing_out(p, [args.out], args.force)  # before minutes of measuring, not after
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -267,12 +362,14 @@ def main(argv=None) -> int:
                            config["vocab_size"], args.seed)
         log.info("trace: %d requests over %.0f s; model %s (%.0f MiB of weights); load average %s",
                  len(trace), args.duration, base_dir.name, weights_mib, load_before)
-        modes = {"on": [True], "off": [False], "both": [True, False]}[args.verify]
-        configs = ([] if args.no_base_run else [("base alone", 0, True)]) + [
-            (f"{n} adapters" + ("" if verify else ", unverified"), n, verify) for n in args.adapters for verify in modes]
-        results = [run_config(label.replace(" ", "-").replace(",", ""), n, args, base_dir, registry_dir, refs, trace,
-                              verify) for label, n, verify in configs]
-    for r, (label, _, _) in zip(results, configs):
+        raw_names = (raw_adapter_folders(registry_dir, refs, Path(tmp) / "raw", "base")
+                     if args.raw_vllm and args.replicas == 1 else None)
+        configs = plan_configs(args)
+        cpu_loras: dict[int, int] = {}  # adapters -> max_cpu_loras `pipeline serve` chose (raw vLLM gets the same)
+        results = [run_config(label.replace(" ", "-").replace(",", ""), kind, n, args, base_dir, registry_dir, refs,
+                              trace, verify, raw_names, Path(tmp) / "raw", cpu_loras)
+                   for label, kind, n, verify in configs]
+    for r, (label, *_) in zip(results, configs):
         r["config"] = label
     report = {"model": base_dir.name, "weights_mib": weights_mib, "args": vars(args), "load_before": load_before,
               "load_after": os.getloadavg(), "cpus": os.cpu_count(), "results": results}
@@ -280,6 +377,7 @@ def main(argv=None) -> int:
     print(f"\nmodel {base_dir.name}, {len(trace)} requests at {args.rate}/s for {args.duration:.0f} s, "
           f"load average before {load_before}, after {report['load_after']}\n")
     print(table(results, weights_mib))
+    print(comparisons(results))
     for r in results:
         if r.get("verify_count"):
             print(f"{r['config']}: {r['verify_count']} adapters verified, {r['verify_ms_total']:.1f} ms in all "

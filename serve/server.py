@@ -109,6 +109,7 @@ class ServerHandle:
     run_dir: Path | None = None  # verified adapter copies and routes.json; removed at stop
     shm_segments: set[str] = field(default_factory=set)  # /dev/shm/psm_* its processes mapped, seen so far
     lora_tier: str = ""  # the host-memory adapter tier chosen and why (serve/lora_tier.py); "" without LoRA
+    max_cpu_loras: int | None = None  # the number chosen (None without LoRA)
 
     @property
     def pid(self) -> int:
@@ -333,7 +334,7 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
         process = subprocess.Popen(cmd, env=child_env, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     handle = ServerHandle(url=url, base_name=base_name, process=process, log_path=log_path, api_key=api_key,
-                          run_dir=run_dir, lora_tier=tier)
+                          run_dir=run_dir, lora_tier=tier, max_cpu_loras=max_cpu_loras)
     try:  # the owner record exists from the first moment, so the run folder is found again after a crash
         shm_owners.record(process.pid, set(), str(run_dir))
     except OSError as exc:
