@@ -362,7 +362,7 @@ def main(argv=None) -> int:
                            config["vocab_size"], args.seed)
         log.info("trace: %d requests over %.0f s; model %s (%.0f MiB of weights); load average %s",
                  len(trace), args.duration, base_dir.name, weights_mib, load_before)
-        raw_names = (raw_adapter_folders(registry_dir, refs, Path(tmp) / "raw", "base")
+        raw_names = (raw_adapter_folders(registry_dir, refs, Path(tmp) / "raw", base_dir)
                      if args.raw_vllm and args.replicas == 1 else None)
         configs = plan_configs(args)
         cpu_loras: dict[int, int] = {}  # adapters -> max_cpu_loras `pipeline serve` chose (raw vLLM gets the same)

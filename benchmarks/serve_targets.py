@@ -97,9 +97,10 @@ class CommandServer:
 
 
 # ------------------------------------------------------------------------------------------------ raw vLLM
-def raw_adapter_folders(registry_dir: Path, refs: list[str], out: Path, base_name: str) -> list[str]:
+def raw_adapter_folders(registry_dir: Path, refs: list[str], out: Path, base_dir: Path) -> list[str]:
     """The registry's adapter files as the filesystem resolver wants them: one folder per request name, whose
-    adapter_config.json names the served base (the resolver refuses any other `base_model_name_or_path`)."""
+    adapter_config.json names the served base as vLLM knows it, its `--model` path (the resolver compares
+    `base_model_name_or_path` with that, not with `--served-model-name`, and skips any other)."""
     from registry import open_registry
 
     reg = open_registry(str(registry_dir))
@@ -111,7 +112,7 @@ def raw_adapter_folders(registry_dir: Path, refs: list[str], out: Path, base_nam
         folder.mkdir(parents=True)
         shutil.copyfile(src / "adapter_model.safetensors", folder / "adapter_model.safetensors")
         config = json.loads((src / "adapter_config.json").read_text())
-        config["base_model_name_or_path"] = base_name
+        config["base_model_name_or_path"] = str(base_dir)
         (folder / "adapter_config.json").write_text(json.dumps(config))
         names.append(name)
     return names
