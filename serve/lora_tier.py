@@ -89,7 +89,11 @@ def plan_tier(registry, base_dir: Path, base_fingerprint: str, dtype: str, max_l
         raise StageError(f"The adapter cache budget is {budget_gib} GiB (--lora-cache-gib / serve.lora_cache_gib); "
                          "it must be 0 or more (0 keeps only --max-loras adapters loaded).")
     config = json.loads((Path(base_dir) / "config.json").read_text())
-    width = dtype_bytes(dtype, config)
+    try:
+        width = dtype_bytes(dtype, config)
+    except ValueError as exc:
+        raise StageError(f"Cannot size the adapter cache for --dtype {dtype!r}: {exc}. Pass one of auto, float32, "
+                         "bfloat16, float16.") from None
     budget = int(budget_gib * (1 << 30))
     sizes = []
     for name in registry.list_adapters():

@@ -83,6 +83,8 @@ def test_plan_sizes_for_the_largest_adapter_on_the_served_base(tmp_path, tiny_mo
     assert raised.max_cpu_loras == 64 and "raised to max_loras=64" in raised.reason
     with pytest.raises(StageError, match="--lora-cache-gib"):
         plan_tier(reg, tiny_model_dir, base_fp, "auto", 4, 8, -1.0)
+    with pytest.raises(StageError, match="--dtype 'int3'"):
+        plan_tier(reg, tiny_model_dir, base_fp, "int3", 4, 8, 1.0)
 
 
 def test_plan_without_adapters_assumes_an_all_linear_adapter_at_max_rank(tmp_path, tiny_model_dir):
