@@ -15,6 +15,14 @@ PSS; RSS counts pages shared between the server's processes once per process, PS
     .venv/bin/python benchmarks/serve_multi_lora.py                 # SmolLM2-135M, about 10 minutes
     .venv/bin/python benchmarks/serve_multi_lora.py --adapters 1 32 --duration 30   # quicker
     .venv/bin/python benchmarks/serve_multi_lora.py --adapters 32 --no-base-run --verify both   # verification cost
+    .venv/bin/python benchmarks/serve_multi_lora.py --adapters 8 --no-base-run --raw-vllm        # against raw vLLM
+    .venv/bin/python benchmarks/serve_multi_lora.py --adapters 8 --replicas 2 --max-loras 2      # routing comparison
+
+The adapter configurations use `pipeline serve`'s default host-memory tier (serve/lora_tier.py) unless
+--max-cpu-loras is given. --raw-vllm adds, after each, vLLM's own server with its filesystem resolver and the same
+engine settings and tier (no registry, verification or middleware). --replicas N (> 1) replaces the single server
+by `pipeline serve --replicas N --routing R` for each --routing and reads the adapter loads each replica made
+from `pipeline_adapter_loads_total` on its /metrics.
 """
 
 from __future__ import annotations
