@@ -237,6 +237,9 @@ def run_config(label: str, kind: str, n_adapters: int, args, base_dir: Path, reg
     finally:
         handle.stop()
     if replicated:
+        if not loads_after:  # an absent counter must not read as "no loads"
+            raise RuntimeError(f"{handle.url}: /metrics has no `pipeline_adapter_loads_total` samples after the run; "
+                               f"see {log_path}")
         loads = {k: v - loads_before.get(k, 0.0) for k, v in loads_after.items()}
         result.update(replicas=args.replicas, routing=kind, adapter_loads=loads,
                       loads_per_100_requests=100 * sum(loads.values()) / max(result["completed"], 1))
