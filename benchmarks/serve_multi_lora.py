@@ -207,10 +207,11 @@ def start_target(kind: str, label: str, n_adapters: int, args, base_dir: Path, r
     if kind == "raw":
         return start_raw_vllm(base_dir, raw_dir, free_port(), max_loras, cpu_loras.get(n_adapters) or max_loras,
                               args.rank, args.max_model_len, args.kv_cache_gib, args.dtype, log_path)
+    # the replicated mode sizes Serve's multiplexing to max_cpu_loras itself (default: max_loras); the
+    # host-memory tier budget is the single server's
     extra = ["--max-cpu-loras", str(args.max_cpu_loras)] if args.max_cpu_loras else []
     return start_replicated(base_dir, registry_dir, free_port(), args.replicas, kind, max_loras, args.rank,
-                            args.max_model_len, args.kv_cache_gib, args.dtype, log_path,
-                            extra + ["--lora-cache-gib", str(args.lora_cache_gib)])
+                            args.max_model_len, args.kv_cache_gib, args.dtype, log_path, extra)
 
 
 def run_config(label: str, kind: str, n_adapters: int, args, base_dir: Path, registry_dir: Path, refs: list[str],
