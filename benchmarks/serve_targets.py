@@ -44,7 +44,10 @@ class CommandServer:
 
         return tree_memory_mib(self.process.pid)
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, ready_line: str | None = None) -> None:
+        """Until /health answers 200 and, when `ready_line` is given, the log has a line starting with it (the
+        replicated command's ingress answers /health before its replicas are up; it prints `serving ...` once
+        they all are)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -53,7 +56,8 @@ class CommandServer:
             self.segments |= shm_segments_of(session_pids(self.process.pid))
             try:
                 with urllib.request.urlopen(self.url.removesuffix("/v1") + "/health", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and (ready_line is None or any(
+                            line.startswith(ready_line) for line in self.log_tail(10_000).splitlines())):
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
@@ -152,7 +156,7 @@ def start_replicated(base_dir: Path, registry_dir: Path, port: int, replicas: in
            "--kv-cache-gib", str(kv_cache_gib), "--dtype", dtype, *(extra or [])]
     server = CommandServer(cmd, f"http://127.0.0.1:{port}/v1", log_path)
     try:
-        server.wait_ready(ready_timeout)
+        server.wait_ready(ready_timeout, ready_line="serving ")
     except BaseException:
         server.stop()
         raise
