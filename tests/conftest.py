@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,12 @@ from tests.tiny_model import build_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A suite started as a background job (`cmd &` in a script, nohup) inherits SIGINT ignored, and so would every
+# command it starts: Python keeps an ignored SIGINT, and the tests that stop `pipeline serve` or a pipeline run
+# with Ctrl-C (SIGINT) would then wait for a process that never hears it. Children get the default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _has_cuda() -> bool:
