@@ -26,7 +26,10 @@ def test_replicas_on_two_nodes_answer_behind_one_endpoint(tiny_model_dir, tmp_pa
     from ground.processes import child_pids, shm_segments_of
     from serve.replicas.app import start_replicated
 
-    reg = open_registry(str(tmp_path / "registry"))
+    # Ray workers run in the driver's working directory (the test's tmp_path) with it first on sys.path: a folder
+    # there named like one of our packages (`registry`) would shadow it as a namespace package in an editable install
+    store = tmp_path / "adapter-store"
+    reg = open_registry(str(store))
     dirs, answers = make_adapters(tiny_model_dir, tmp_path, seeds=[1, 2], max_new_tokens=4)
     for seed, name in [(1, "alpha"), (2, "beta")]:
         reg.publish(dirs[seed], name, base_dir=tiny_model_dir)
@@ -36,7 +39,7 @@ def test_replicas_on_two_nodes_answer_behind_one_endpoint(tiny_model_dir, tmp_pa
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        server = start_replicated(tiny_model_dir, str(tmp_path / "registry"), replicas=2,
+        server = start_replicated(tiny_model_dir, str(store), replicas=2,
                                   ray_address=cluster.address, port=free_port(), max_loras=2, max_model_len=256,
                                   kv_cache_gib=0.0625, dtype="float32", base_name="tiny-base",
                                   max_replicas_per_node=1, routing="round_robin")
