@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ground.processes import shm_segments_of
+from ground.processes import remove_files, shm_segments_of
 from serve.server import session_pids
 
 log = logging.getLogger("serve_multi_lora")
@@ -91,13 +91,8 @@ class CommandServer:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
-        for path in sorted(self.segments):
-            if os.path.exists(path):
-                log.info("removing leaked shared-memory segment %s", path)
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        if removed := remove_files(sorted(self.segments)):
+            log.info("removed %d leaked shared-memory segment(s)", removed)
 
 
 # ------------------------------------------------------------------------------------------------ raw vLLM
