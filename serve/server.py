@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ground.errors import StageError
-from ground.processes import shm_segments_of
+from ground.processes import remove_files, shm_segments_of
 from ground.vllm_lora import VLLM_LORA_RANKS, max_lora_rank_for
 from serve import shm_owners
 from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, plan_tier
@@ -173,13 +173,10 @@ class ServerHandle:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
-        for path in sorted(self.shm_segments):
-            if os.path.exists(path):
-                log.info("removing leaked shared-memory segment %s", path)
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        leaked = sorted(path for path in self.shm_segments if os.path.exists(path))
+        if leaked:
+            log.info("removing %d leaked shared-memory segment(s): %s", len(leaked), ", ".join(leaked))
+            remove_files(leaked)
         if self.run_dir is not None:
             _remove_tree(self.run_dir)
         shm_owners.forget(self.process.pid)

@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from ground.processes import stat_field
+from ground.processes import remove_files, stat_field
 
 log = logging.getLogger(__name__)
 
@@ -58,37 +58,47 @@ def _session_alive(data: dict, session_pids) -> bool:
     return bool(session_pids(sid))
 
 
+def records_of_the_dead(owners_dir: Path, alive) -> list[tuple[Path, dict]]:
+    """(record path, record) for every readable owner record in `owners_dir` that `alive(record)` calls dead.
+    An unreadable or malformed record is not ours to judge and is skipped."""
+    try:
+        paths = sorted(owners_dir.glob("*.json"))
+    except OSError:
+        return []
+    dead = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+            if not alive(data):
+                dead.append((path, data))
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue
+    return dead
+
+
+def clear_record(path: Path, data: dict) -> list[str]:
+    """Remove what a dead owner recorded: its /dev/shm segments (only names that look like vLLM's), its run
+    folder (only a `pipeline-serve-run-*` one), then the record itself; returns the segments removed."""
+    from serve.verified import _remove_tree
+
+    gone = [s for s in data.get("segments", []) if SEGMENT_RE.fullmatch(s) and os.path.exists(s)]
+    remove_files(gone)
+    run_dir = data.get("run_dir")
+    if run_dir and Path(run_dir).name.startswith("pipeline-serve-run-"):
+        _remove_tree(Path(run_dir))
+    path.unlink(missing_ok=True)
+    return gone
+
+
 def remove_orphans(session_pids) -> list[str]:
     """Remove what dead recorded servers left behind; returns the segments removed.
 
     `session_pids(sid)` lists the live processes of a session (serve.server passes its own scanner).
     """
-    from serve.verified import _remove_tree
-
     removed: list[str] = []
-    try:
-        records = sorted(OWNERS_DIR.glob("*.json"))
-    except OSError:
-        return removed
-    for path in records:
-        try:
-            data = json.loads(path.read_text())
-            alive = _session_alive(data, session_pids)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # unreadable: not ours to judge
-        if alive:
-            continue
-        for segment in data.get("segments", []):
-            if SEGMENT_RE.fullmatch(segment) and os.path.exists(segment):
-                try:
-                    os.unlink(segment)
-                    removed.append(segment)
-                except OSError as exc:
-                    log.warning("could not remove %s left by dead server session %s: %s", segment, data["session"], exc)
-        run_dir = data.get("run_dir")
-        if run_dir and Path(run_dir).name.startswith("pipeline-serve-run-"):
-            _remove_tree(Path(run_dir))
-        path.unlink(missing_ok=True)
+    for path, data in records_of_the_dead(OWNERS_DIR, lambda data: _session_alive(data, session_pids)):
+        gone = clear_record(path, data)
+        removed += gone
         log.info("server session %s is gone: removed %d shared-memory segment(s) it left in /dev/shm",
-                 data["session"], sum(s in removed for s in data.get("segments", [])))
+                 data["session"], len(gone))
     return removed

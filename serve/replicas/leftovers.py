@@ -23,8 +23,8 @@ import signal
 import time
 from pathlib import Path
 
-from ground.processes import child_pids, pid_alive, remove_files, shm_segments_of
-from serve.shm_owners import SEGMENT_RE, start_ticks
+from ground.processes import child_pids, pid_alive, shm_segments_of
+from serve.shm_owners import clear_record, records_of_the_dead, start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +68,12 @@ class OwnerRecord:
 
 def sweep(owners_dir: Path = OWNERS_DIR, grace_s: float = 10.0) -> list[str]:
     """Clean up after every recorded replica whose process is gone; returns the segments removed."""
-    from serve.verified import _remove_tree
-
     removed: list[str] = []
-    try:
-        records = sorted(owners_dir.glob("*.json"))
-    except OSError:
-        return removed
-    for path in records:
+    for path, data in records_of_the_dead(owners_dir, lambda data: _alive(data["owner"])):
         try:
-            data = json.loads(path.read_text())
-            if _alive(data["owner"]):
-                continue
             engine = [e for e in data.get("engine", []) if _alive(e)]
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            continue  # unreadable: not ours to judge
+        except (ValueError, TypeError, IndexError):
+            engine = []  # a malformed engine list: its segments and folder still go
         for pid, _ in engine:  # the engine core of a dead replica serves nobody: stop it before taking its memory
             try:
                 os.kill(int(pid), signal.SIGKILL)
@@ -91,14 +82,8 @@ def sweep(owners_dir: Path = OWNERS_DIR, grace_s: float = 10.0) -> list[str]:
         deadline = time.monotonic() + grace_s
         while any(_alive(e) for e in engine) and time.monotonic() < deadline:
             time.sleep(0.1)
-        segments = [s for s in data.get("segments", []) if SEGMENT_RE.fullmatch(s)]
-        gone = [s for s in segments if os.path.exists(s)]
-        remove_files(gone)
+        gone = clear_record(path, data)
         removed += gone
-        run_dir = data.get("run_dir")
-        if run_dir and Path(run_dir).name.startswith("pipeline-serve-run-"):
-            _remove_tree(Path(run_dir))
-        path.unlink(missing_ok=True)
         log.info("replica pid %s is gone: stopped %d engine process(es), removed %d shared-memory segment(s)",
                  data["owner"][0], len(engine), len(gone))
     return removed
