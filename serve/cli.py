@@ -70,8 +70,8 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
         _serve_replicated(lambda: start_replicated(
             base_dir, registry_uri, replicas=replicas, ray_address=ray_address, routing=routing,
             autoscaling=autoscaling, host=host, port=port, api_key=api_key, max_loras=max_loras,
-            max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
-            kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl,
+            max_cpu_loras=max_cpu_loras, lora_cache_gib=lora_cache_gib, max_lora_rank=max_lora_rank,
+            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl,
             max_body_mb=max_body_mb))
         return
     # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C, also while the server starts
@@ -107,7 +107,8 @@ def _serve_replicated(start) -> None:
     try:
         server = start()
         how = f"{server.replicas} replica(s), routing {server.routing}"
-        click.echo(f"serving `{server.base_name}` and registry adapters at {server.url} ({how}); Ctrl-C stops")
+        click.echo(f"serving `{server.base_name}` and registry adapters at {server.url} ({how}); Ctrl-C stops; "
+                   f"host-memory adapter tier per replica: {server.lora_tier}")
         server.wait()
     except KeyboardInterrupt:
         click.echo("stopping the server", err=True)

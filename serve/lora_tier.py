@@ -120,3 +120,14 @@ def plan_tier(registry, base_dir: Path, base_fingerprint: str, dtype: str, max_l
               f"= {fits} adapter(s); {limit}")
     return TierPlan(max_cpu_loras=chosen, budget_bytes=budget, per_adapter_bytes=per_adapter,
                     adapters_sized=len(sizes), reason=reason)
+
+
+def choose_max_cpu_loras(registry, base_dir: Path, base_fingerprint: str, dtype: str, max_loras: int,
+                         max_lora_rank: int, max_cpu_loras: int | None, budget_gib: float) -> tuple[int, str]:
+    """The tier both serving modes use: an explicit `max_cpu_loras` (never below `max_loras`, which vLLM refuses),
+    else the plan for `budget_gib`. Returns (max_cpu_loras, the line that says how it was chosen)."""
+    if max_cpu_loras is not None:
+        chosen = max(max_cpu_loras, max_loras)
+        return chosen, f"max_cpu_loras={chosen} (set explicitly; never below max_loras)"
+    plan = plan_tier(registry, base_dir, base_fingerprint, dtype, max_loras, max_lora_rank, budget_gib)
+    return plan.max_cpu_loras, plan.describe()

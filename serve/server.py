@@ -29,7 +29,7 @@ from ground.errors import StageError
 from ground.processes import remove_files, shm_segments_of
 from ground.vllm_lora import VLLM_LORA_RANKS, max_lora_rank_for
 from serve import shm_owners
-from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, plan_tier
+from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, choose_max_cpu_loras
 from serve.verified import _remove_tree
 
 log = logging.getLogger(__name__)
@@ -285,12 +285,8 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
         tier = ""
     else:
         max_lora_rank = round_lora_rank(max_lora_rank or registry.max_rank() or 8)
-        if max_cpu_loras is not None:
-            tier = f"max_cpu_loras={max(max_cpu_loras, max_loras)} (set explicitly; never below max_loras)"
-            max_cpu_loras = max(max_cpu_loras, max_loras)
-        else:
-            plan = plan_tier(registry, base_dir, base_fp, dtype, max_loras, max_lora_rank, lora_cache_gib)
-            max_cpu_loras, tier = plan.max_cpu_loras, plan.describe()
+        max_cpu_loras, tier = choose_max_cpu_loras(registry, base_dir, base_fp, dtype, max_loras, max_lora_rank,
+                                                   max_cpu_loras, lora_cache_gib)
         log.info("host-memory adapter tier: %s", tier)
     base_name = base_name or base_dir.name
     url = f"http://{host}:{port}/v1"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ground.errors import ConfigError, StageError
+from serve.lora_tier import DEFAULT_LORA_CACHE_GIB
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ReplicatedServer:
     routing: str
     started_ray: bool
     api_key: str | None = None
+    lora_tier: str = ""  # per replica: the host-memory adapter tier chosen and why
     extra: dict = field(default_factory=dict)
     _stopped: bool = False
 
@@ -100,38 +102,40 @@ class ReplicatedServer:
         self.stop()
 
 
-def start_replicated(base_dir: str | Path, registry_uri: str | None = None, replicas: int = 2,
-                     ray_address: str | None = None, routing: str = "multiplexed", autoscaling: dict | None = None,
-                     host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loras: int = 4,
-                     max_cpu_loras: int | None = None, max_lora_rank: int | None = None, max_model_len: int = 512,
-                     kv_cache_gib: float = 0.25, dtype: str = "auto", base_name: str | None = None,
-                     alias_ttl_s: float = 1.0, max_body_mb: float = 32.0, ready_timeout_s: float = 600.0,
-                     max_replicas_per_node: int | None = None, ray_num_cpus: int | None = None) -> ReplicatedServer:
-    """Start the replicated server and wait until every replica is ready and /health answers."""
-    import ray
-    from ray import serve
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """What every replica and the ingress get, decided before Ray starts (so a bad setting costs no cluster)."""
 
+    settings: dict  # the replicas' and the ingress's settings (see LoraReplica)
+    environment: dict  # process environment of the ingress: the single server's middleware reads it
+    lora_tier: str  # the host-memory tier chosen and why (serve/lora_tier.py)
+
+
+def plan_replicas(base_dir: str | Path, registry_uri: str | None = None, routing: str = "multiplexed",
+                  api_key: str | None = None, max_loras: int = 4, max_cpu_loras: int | None = None,
+                  lora_cache_gib: float = DEFAULT_LORA_CACHE_GIB, max_lora_rank: int | None = None,
+                  max_model_len: int = 512, kv_cache_gib: float = 0.25, dtype: str = "auto",
+                  base_name: str | None = None, alias_ttl_s: float = 1.0, max_body_mb: float = 32.0) -> ReplicaPlan:
+    """Check the settings and size each replica as the single server sizes itself: the host-memory tier from
+    `lora_cache_gib` and the registry's largest adapter on this base unless `max_cpu_loras` is given. Serve's
+    per-replica model cache (max_num_models_per_replica) is that same number (see serve/replicas/replica.py)."""
     from ground.model_files import fingerprint
     from registry import open_registry
-    from serve.replicas.ingress import _ingress_class
-    from serve.replicas.leftovers import sweep
-    from serve.replicas.replica import LoraReplica
+    from serve.lora_tier import choose_max_cpu_loras
     from serve.server import (ENV_ALIAS_TTL, ENV_BASE_DIR, ENV_BASE_FINGERPRINT, ENV_BASE_NAME, ENV_MAX_BODY_BYTES,
                               ENV_MAX_LORA_RANK, ENV_REGISTRY, round_lora_rank)
 
     if routing not in ROUTINGS:
         raise ConfigError(f"Unknown routing `{routing}`; use one of: {', '.join(ROUTINGS)}.")
-    if replicas < 1:
-        raise ConfigError(f"--replicas must be at least 1 (got {replicas}).")
-    autoscaling = check_autoscaling(autoscaling)
     base_dir = Path(base_dir).expanduser().absolute()
     if not (base_dir / "config.json").is_file():
         raise StageError(f"Base model folder `{base_dir}` has no config.json; pass --base a model folder or `default`.")
     registry = open_registry(registry_uri)
     base_name = base_name or base_dir.name
     max_lora_rank = round_lora_rank(max_lora_rank or registry.max_rank() or 8)
-    max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
     base_fp = fingerprint(base_dir)
+    max_cpu_loras, tier = choose_max_cpu_loras(registry, base_dir, base_fp, dtype, max_loras, max_lora_rank,
+                                               max_cpu_loras, lora_cache_gib)
     settings = {"base_dir": str(base_dir), "base_name": base_name, "base_fingerprint": base_fp,
                 "registry_uri": registry.uri, "alias_ttl_s": alias_ttl_s, "max_lora_rank": max_lora_rank,
                 "max_loras": max_loras, "max_cpu_loras": max_cpu_loras, "max_model_len": max_model_len,
@@ -141,6 +145,35 @@ def start_replicated(base_dir: str | Path, registry_uri: str | None = None, repl
                    ENV_BASE_DIR: str(base_dir), ENV_MAX_BODY_BYTES: str(int(max_body_mb * (1 << 20)))}
     if api_key:
         environment["VLLM_API_KEY"] = api_key  # the middleware's AccessPolicy reads it, as in the single server
+    return ReplicaPlan(settings=settings, environment=environment, lora_tier=tier)
+
+
+def start_replicated(base_dir: str | Path, registry_uri: str | None = None, replicas: int = 2,
+                     ray_address: str | None = None, routing: str = "multiplexed", autoscaling: dict | None = None,
+                     host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loras: int = 4,
+                     max_cpu_loras: int | None = None, lora_cache_gib: float = DEFAULT_LORA_CACHE_GIB,
+                     max_lora_rank: int | None = None, max_model_len: int = 512,
+                     kv_cache_gib: float = 0.25, dtype: str = "auto", base_name: str | None = None,
+                     alias_ttl_s: float = 1.0, max_body_mb: float = 32.0, ready_timeout_s: float = 600.0,
+                     max_replicas_per_node: int | None = None, ray_num_cpus: int | None = None) -> ReplicatedServer:
+    """Start the replicated server and wait until every replica is ready and /health answers."""
+    import ray
+    from ray import serve
+
+    from serve.replicas.ingress import _ingress_class
+    from serve.replicas.leftovers import sweep
+    from serve.replicas.replica import LoraReplica
+
+    if replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1 (got {replicas}).")
+    autoscaling = check_autoscaling(autoscaling)
+    plan = plan_replicas(base_dir, registry_uri, routing=routing, api_key=api_key, max_loras=max_loras,
+                         max_cpu_loras=max_cpu_loras, lora_cache_gib=lora_cache_gib, max_lora_rank=max_lora_rank,
+                         max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=base_name,
+                         alias_ttl_s=alias_ttl_s, max_body_mb=max_body_mb)
+    settings, environment = plan.settings, plan.environment
+    base_name, max_cpu_loras, max_lora_rank = settings["base_name"], settings["max_cpu_loras"], settings["max_lora_rank"]
+    log.info("host-memory adapter tier per replica: %s", plan.lora_tier)
 
     sweep()
     started_ray = not ray.is_initialized() and ray_address is None
@@ -149,7 +182,7 @@ def start_replicated(base_dir: str | Path, registry_uri: str | None = None, repl
         ray.init(address=ray_address or "local", num_cpus=ray_num_cpus if ray_address is None else None,
                  include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     server = ReplicatedServer(url=f"http://{host}:{port}/v1", base_name=base_name, replicas=replicas,
-                              routing=routing, started_ray=started_ray, api_key=api_key)
+                              routing=routing, started_ray=started_ray, api_key=api_key, lora_tier=plan.lora_tier)
     try:
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
         scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
