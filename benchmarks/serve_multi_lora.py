@@ -207,11 +207,15 @@ def start_target(kind: str, label: str, n_adapters: int, args, base_dir: Path, r
     if kind == "raw":
         return start_raw_vllm(base_dir, raw_dir, free_port(), max_loras, cpu_loras.get(n_adapters) or max_loras,
                               args.rank, args.max_model_len, args.kv_cache_gib, args.dtype, log_path)
-    # the replicated mode sizes Serve's multiplexing to max_cpu_loras itself (default: max_loras); the
-    # host-memory tier budget is the single server's
-    extra = ["--max-cpu-loras", str(args.max_cpu_loras)] if args.max_cpu_loras else []
-    return start_replicated(base_dir, registry_dir, free_port(), args.replicas, kind, max_loras, args.rank,
-                            args.max_model_len, args.kv_cache_gib, args.dtype, log_path, extra)
+    # each replica sizes its host-memory tier (and Serve's per-replica model cache, the same number) like the
+    # single server: from --lora-cache-gib unless --max-cpu-loras is given
+    extra = (["--max-cpu-loras", str(args.max_cpu_loras)] if args.max_cpu_loras
+             else ["--lora-cache-gib", str(args.lora_cache_gib)])
+    handle = start_replicated(base_dir, registry_dir, free_port(), args.replicas, kind, max_loras, args.rank,
+                              args.max_model_len, args.kv_cache_gib, args.dtype, log_path, extra)
+    chosen = re.search(r"adapter tier per replica: max_cpu_loras=(\d+)", handle.log_tail(10_000))
+    cpu_loras[(kind, n_adapters)] = int(chosen.group(1)) if chosen else None
+    return handle
 
 
 def run_config(label: str, kind: str, n_adapters: int, args, base_dir: Path, registry_dir: Path, refs: list[str],
@@ -247,7 +251,7 @@ def run_config(label: str, kind: str, n_adapters: int, args, base_dir: Path, reg
     spent = verification_ms(log_path) if kind == "ours" else []
     result.update(server=kind, verified=verify and lora and kind != "raw", verify_count=len(spent),
                   verify_ms_total=sum(spent), verify_ms_max=max(spent, default=0.0),
-                  max_cpu_loras=(cpu_loras or {}).get(n_adapters) if kind in ("ours", "raw") else args.max_cpu_loras)
+                  max_cpu_loras=(cpu_loras or {}).get(n_adapters if kind in ("ours", "raw") else (kind, n_adapters)))
     result.update(config=label, adapters=n_adapters, distinct_adapters_used=len(set(models)) if lora else 0,
                   start_s=started, idle_rss_mib=idle["rss_mib"], idle_pss_mib=idle["pss_mib"],
                   peak_rss_mib=mem.peak["rss_mib"], peak_pss_mib=mem.peak["pss_mib"], load_avg=os.getloadavg())
@@ -377,7 +381,7 @@ def main(argv=None) -> int:
         raw_names = (raw_adapter_folders(registry_dir, refs, Path(tmp) / "raw", base_dir)
                      if args.raw_vllm and args.replicas == 1 else None)
         configs = plan_configs(args)
-        cpu_loras: dict[int, int] = {}  # adapters -> max_cpu_loras `pipeline serve` chose (raw vLLM gets the same)
+        cpu_loras: dict = {}  # adapters (or (routing, adapters)) -> max_cpu_loras chosen (raw vLLM gets the same)
         results = [run_config(label.replace(" ", "-").replace(",", ""), kind, n, args, base_dir, registry_dir, refs,
                               trace, verify, raw_names, Path(tmp) / "raw", cpu_loras)
                    for label, kind, n, verify in configs]

@@ -26,6 +26,7 @@ ROUTINGS = ("multiplexed", "round_robin")
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "target_ongoing_requests")
 REPLICA_CPUS = 0.5  # vLLM's CPU engine threads are not what Ray counts; half a CPU lets 2 replicas share 2 cores
 INGRESS_CPUS = 0.1
+STICKY_ROUTER = "serve.replicas.sticky_router.StickyAdapterRouter"
 MAX_ONGOING_REQUESTS = 32  # per replica: vLLM batches them; Serve's default of 5 would queue at the router
 
 
@@ -160,7 +161,7 @@ def start_replicated(base_dir: str | Path, registry_uri: str | None = None, repl
     import ray
     from ray import serve
 
-    from serve.replicas.ingress import _ingress_class
+    from serve.replicas.ingress import REPLICA_DEPLOYMENT, _ingress_class
     from serve.replicas.leftovers import sweep
     from serve.replicas.replica import LoraReplica
 
@@ -172,7 +173,8 @@ def start_replicated(base_dir: str | Path, registry_uri: str | None = None, repl
                          max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=base_name,
                          alias_ttl_s=alias_ttl_s, max_body_mb=max_body_mb)
     settings, environment = plan.settings, plan.environment
-    base_name, max_cpu_loras, max_lora_rank = settings["base_name"], settings["max_cpu_loras"], settings["max_lora_rank"]
+    base_name, max_cpu_loras = settings["base_name"], settings["max_cpu_loras"]
+    max_lora_rank = settings["max_lora_rank"]
     log.info("host-memory adapter tier per replica: %s", plan.lora_tier)
 
     sweep()
@@ -188,7 +190,11 @@ def start_replicated(base_dir: str | Path, registry_uri: str | None = None, repl
         scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
         if max_replicas_per_node:
             scaling["max_replicas_per_node"] = max_replicas_per_node
-        replica = serve.deployment(LoraReplica, name="LoraReplica", max_ongoing_requests=MAX_ONGOING_REQUESTS,
+        if routing == "multiplexed":  # Serve's plug-in point: a home replica per adapter (sticky_router.py)
+            from ray.serve.config import RequestRouterConfig
+
+            scaling["request_router_config"] = RequestRouterConfig(request_router_class=STICKY_ROUTER)
+        replica = serve.deployment(LoraReplica, name=REPLICA_DEPLOYMENT, max_ongoing_requests=MAX_ONGOING_REQUESTS,
                                    ray_actor_options={"num_cpus": REPLICA_CPUS}, health_check_period_s=5,
                                    health_check_timeout_s=60, graceful_shutdown_timeout_s=30, **scaling)
         ingress = serve.deployment(_ingress_class(), name="Ingress", ray_actor_options={"num_cpus": INGRESS_CPUS},

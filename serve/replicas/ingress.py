@@ -11,6 +11,9 @@ Routing: with `routing="multiplexed"` the pinned `NAME@V` is Serve's multiplexed
 request to a replica that already holds the adapter when one has room; `round_robin` sends no id (plain Serve
 routing, for comparison). Requests for the base model carry no id in either mode.
 
+`/health` answers 503 until at least one engine replica is RUNNING (Serve's own replica state), then 200, so a
+load balancer in front sends nothing that no engine could answer.
+
 A dead replica costs no request: a call that fails because its replica died (or its engine did) before a byte
 was answered is sent again, with a short pause while Serve notices and routes around it. A streamed request
 is retried only until its first chunk arrived; after that the client sees the stream end early.
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-served-by-replica"
 RETRY_BUDGET_S = 120.0  # a replica restart (engine start) takes ~30-60 s on 2 busy cores
 RETRY_PAUSE_S = 0.5
+REPLICA_DEPLOYMENT = "LoraReplica"  # the engine deployment's name (serve/replicas/app.py)
+HEALTH_CACHE_S = 1.0
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -59,6 +64,7 @@ def _ingress_class():
             self.served: dict[str, int] = {}  # replica -> requests it answered
             self.retries = 0
             self.started = int(time.time())
+            self._health, self._health_checked_at = (0, 0), -HEALTH_CACHE_S
 
         def __serve_build_asgi_app__(self):
             """Called by Serve after __init__: the environment is set, so the middleware reads the right one."""
@@ -69,7 +75,13 @@ def _ingress_class():
 
             @app.get("/health")
             async def health() -> Response:
-                return Response(status_code=200)
+                running, wanted = await self._replicas_running()
+                if running:
+                    return Response(status_code=200)
+                # a load balancer must not send traffic yet: no engine could answer it
+                return JSONResponse({"error": {"message": f"no replica is ready yet ({running} of {wanted} running)",
+                                               "type": "ServiceUnavailableError", "param": None, "code": 503}},
+                                    status_code=503)
 
             @app.get("/ping")
             async def ping() -> Response:
@@ -95,6 +107,22 @@ def _ingress_class():
                 return PlainTextResponse(self._metrics_text(), media_type="text/plain; version=0.0.4")
 
             return app
+
+        async def _replicas_running(self) -> tuple[int, int]:
+            """(replicas of the engine deployment that are RUNNING, replicas wanted), from Serve's controller;
+            cached for a second so that a busy health checker costs the controller little."""
+            now = time.monotonic()
+            if now - self._health_checked_at > HEALTH_CACHE_S:
+                from ray import serve
+
+                status = await asyncio.to_thread(serve.status)
+                app = status.applications.get(serve.get_replica_context().app_name)
+                deployment = app.deployments.get(REPLICA_DEPLOYMENT) if app else None
+                states = deployment.replica_states if deployment else {}
+                running = int(states.get("RUNNING", 0))
+                self._health = (running, max(running, sum(int(n) for n in states.values())))
+                self._health_checked_at = now
+            return self._health
 
         def _metrics_text(self) -> str:
             lines = ["# HELP pipeline_adapter_loads_total Adapters loaded into a replica's engine (registry -> "

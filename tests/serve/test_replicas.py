@@ -71,8 +71,23 @@ def start_replicated_cli(args: list[str], env: dict[str, str] | None = None, tim
         raise
 
 
+def _poll_health(port: int, seen: list, stop: threading.Event) -> None:
+    """Record (status, body) of GET /health until `stop` (None while nothing listens)."""
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                seen.append((r.status, r.read().decode(errors="replace")))
+        except urllib.error.HTTPError as exc:
+            seen.append((exc.code, exc.read().decode(errors="replace")))
+        except OSError:
+            seen.append((None, ""))
+        stop.wait(0.3)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model_dir):
+    from tests.synthetic_lora import write_lora
+
     root = tmp_path_factory.mktemp("replicas")
     reg = open_registry(str(root / "registry"))
     dirs, answers = make_adapters(tiny_model_dir, root, seeds=[1, 2, 3, 4], max_new_tokens=MAX_TOKENS)
@@ -80,17 +95,27 @@ def served(tmp_path_factory, tiny_model_dir):
     for seed, name in zip([1, 2, 3, 4], ["alpha", "alpha", "beta", "gamma"]):
         expected[reg.publish(dirs[seed], name, base_dir=tiny_model_dir).ref] = answers[seed]
     reg.set_alias("alpha", "prod", 1)
+    # the single server's 422 cases: another base's adapter, weights changed after publish, shapes that do not fit
+    reg.publish(write_lora(root / "foreign", seed=5), "foreign", base_fingerprint="0" * 64)
+    reg.publish(write_lora(root / "flip", seed=6), "flip", base_dir=tiny_model_dir)
+    reg.publish(write_lora(root / "wide", shapes={"self_attn.q_proj": (96, 64)}, targets=("q_proj",)), "wide")
     port = free_port()
     cli = None
+    health, stop_polling = [], threading.Event()
+    poller = threading.Thread(target=_poll_health, args=(port, health, stop_polling), daemon=True)
     try:
-        cli, output = start_replicated_cli(
+        poller.start()
+        cli, output = start_replicated_cli(  # the host-memory tier is the default: sized from --lora-cache-gib
             ["--registry", str(root / "registry"), "--base", str(tiny_model_dir), "--port", str(port),
-             "--replicas", "2", "--max-loras", "2", "--max-cpu-loras", "2", "--max-model-len", "256",
+             "--replicas", "2", "--max-loras", "2", "--max-model-len", "256",
              "--kv-cache-gib", "0.0625", "--dtype", "float32", "--served-name", "tiny-base", "--alias-ttl", "1"],
             env={"PIPELINE_SERVE_API_KEY": API_KEY})
+        stop_polling.set()
+        poller.join()
         url = f"http://127.0.0.1:{port}/v1"
         started_with = _replica_segments()
         yield {"url": url, "registry": reg, "expected": expected, "base_dir": tiny_model_dir, "root": root,
+               "output": output, "health": health,
                "client": openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)}
         mine = _replica_segments() | started_with  # only this server's: other engines may run on the machine
         assert mine, "the replicas' engines should map /dev/shm segments"
@@ -103,6 +128,7 @@ def served(tmp_path_factory, tiny_model_dir):
         assert replica_pids() == {}
         assert not any(os.path.exists(s) for s in mine), f"left behind: {[s for s in mine if os.path.exists(s)]}"
     finally:
+        stop_polling.set()
         if cli is not None and cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
             cli.wait()
@@ -183,16 +209,55 @@ def test_alias_move_is_followed_without_restart(served):
         reg.set_alias("alpha", "prod", 1)
 
 
-def test_after_warm_up_each_adapter_stays_on_one_replica(served):
+def test_serving_line_shows_the_host_memory_tier_and_health_waited_for_the_replicas(served):
+    line = served["output"].strip().splitlines()[-1]
+    # 1 GiB over a few-KiB adapter: capped, as the single server does
+    assert re.search(r"host-memory adapter tier per replica: max_cpu_loras=1024 \(adapter cache budget 1 GiB / "
+                     r"largest of 6 registry adapter\(s\) on this base: [0-9.]+ MiB .* capped at 1024\)", line), line
+    statuses = [status for status, _ in served["health"]]
+    before_ready = served["health"][:statuses.index(200)] if 200 in statuses else served["health"]
+    assert any(status == 503 and "no replica is ready yet" in body for status, body in before_ready), \
+        f"/health should answer 503 while the engines start: {sorted(set(statuses), key=str)}"
+
+
+def test_refusals_are_422_as_in_the_single_server(served):
+    client, reg = served["client"], served["registry"]
+    with pytest.raises(openai.UnprocessableEntityError) as foreign:
+        _complete(client, "foreign")
+    assert foreign.value.status_code == 422 and "0" * 16 in str(foreign.value) and "tiny-base" in str(foreign.value)
+    weights = reg.resolve("flip@1").path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(openai.UnprocessableEntityError) as flipped:
+        _complete(client, "flip@1")
+    assert "flip@1" in str(flipped.value) and "pipeline registry verify" in str(flipped.value)
+    with pytest.raises(openai.UnprocessableEntityError, match=r"wide@1 does not fit.*96 -> 64"):
+        _complete(client, "wide@1")
+    assert _complete(client, "beta@1")[0].model == "beta@1"  # the replicas stay up
+
+
+def _replica_names(client) -> set[str]:
+    """Both replicas' names, from base requests (no model id: Serve spreads them by power of two choices)."""
+    with ThreadPoolExecutor(4) as pool:
+        return {r for _, r in pool.map(lambda _: _complete(client, "tiny-base", max_tokens=1), range(16))}
+
+
+def test_each_adapter_is_served_by_its_home_replica_only(served):
+    """Sticky routing (serve/replicas/sticky_router.py, Serve's request-router plug-in): from the first request on,
+    every adapter goes to its rendezvous-hash home, so with the default host tier each is loaded exactly once."""
+    from serve.replicas.sticky_router import home_order
+
     client = served["client"]
-    for _ in range(2):  # warm-up: each adapter lands on a replica (the first burst may spread them)
-        for ref in ADAPTERS:
-            _complete(client, ref, max_tokens=2)
+    names = sorted(_replica_names(client))
+    assert len(names) == 2, names
     with ThreadPoolExecutor(4) as pool:
         answered = list(pool.map(lambda ref: (ref, _complete(client, ref, max_tokens=2)[1]), ADAPTERS * 5))
     by_adapter = {ref: {r for a, r in answered if a == ref} for ref in ADAPTERS}
-    assert all(len(replicas) == 1 for replicas in by_adapter.values()), by_adapter
-    assert len(set().union(*by_adapter.values())) == 2, f"both replicas should hold adapters: {by_adapter}"
+    assert by_adapter == {ref: {home_order(ref, names)[0]} for ref in ADAPTERS}
+    metrics = _metrics(served["url"])
+    loads = [int(n) for n in re.findall(r'pipeline_adapter_loads_total\{replica="[^"]+"\} (\d+)', metrics)]
+    assert sum(loads) == len(ADAPTERS), f"each adapter loaded once over both replicas, got {loads}"
 
 
 def test_sigkill_of_a_replica_costs_no_request(served):
