@@ -12,7 +12,8 @@ request to a replica that already holds the adapter when one has room; `round_ro
 routing, for comparison). Requests for the base model carry no id in either mode.
 
 `/health` answers 503 until at least one engine replica is RUNNING (Serve's own replica state), then 200, so a
-load balancer in front sends nothing that no engine could answer.
+load balancer in front sends nothing that no engine could answer (scaled to zero by the autoscaler, the running
+application stays 200: a request is what makes Serve start a replica).
 
 A dead replica costs no request: a call that fails because its replica died (or its engine did) before a byte
 was answered is sent again, with a short pause while Serve notices and routes around it. A streamed request
@@ -64,7 +65,7 @@ def _ingress_class():
             self.served: dict[str, int] = {}  # replica -> requests it answered
             self.retries = 0
             self.started = int(time.time())
-            self._health, self._health_checked_at = (0, 0), -HEALTH_CACHE_S
+            self._health, self._health_checked_at = (False, 0, 0), -HEALTH_CACHE_S
 
         def __serve_build_asgi_app__(self):
             """Called by Serve after __init__: the environment is set, so the middleware reads the right one."""
@@ -75,8 +76,8 @@ def _ingress_class():
 
             @app.get("/health")
             async def health() -> Response:
-                running, wanted = await self._replicas_running()
-                if running:
+                ready, running, wanted = await self._replicas_running()
+                if ready:
                     return Response(status_code=200)
                 # a load balancer must not send traffic yet: no engine could answer it
                 return JSONResponse({"error": {"message": f"no replica is ready yet ({running} of {wanted} running)",
@@ -108,9 +109,9 @@ def _ingress_class():
 
             return app
 
-        async def _replicas_running(self) -> tuple[int, int]:
-            """(replicas of the engine deployment that are RUNNING, replicas wanted), from Serve's controller;
-            cached for a second so that a busy health checker costs the controller little."""
+        async def _replicas_running(self) -> tuple[bool, int, int]:
+            """(ready, replicas of the engine deployment that are RUNNING, replicas wanted), from Serve's
+            controller; cached for a second so that a busy health checker costs the controller little."""
             now = time.monotonic()
             if now - self._health_checked_at > HEALTH_CACHE_S:
                 from ray import serve
@@ -120,7 +121,11 @@ def _ingress_class():
                 deployment = app.deployments.get(REPLICA_DEPLOYMENT) if app else None
                 states = deployment.replica_states if deployment else {}
                 running = int(states.get("RUNNING", 0))
-                self._health = (running, max(running, sum(int(n) for n in states.values())))
+                wanted = max(running, sum(int(n) for n in states.values()))
+                # scaled to zero by the autoscaler (min_replicas=0) the application is RUNNING with no replica:
+                # it is ready, since a request makes Serve start one
+                ready = running > 0 or (app is not None and app.status == "RUNNING")
+                self._health = (ready, running, wanted)
                 self._health_checked_at = now
             return self._health
 
