@@ -155,40 +155,35 @@ def _ingress_class():
             self.served[name] = self.served.get(name, 0) + 1
             return {REPLICA_HEADER: name}
 
-        async def _retry_pause(self, exc: BaseException, deadline: float) -> None:
-            if time.monotonic() > deadline:
-                raise exc
-            self.retries += 1
-            log.warning("a replica died under a request (%s); sending it again", type(exc).__name__)
-            await asyncio.sleep(RETRY_PAUSE_S)
+        async def _until_answered(self, attempt, deadline: float):
+            """`await attempt()` again while it fails because its replica (or engine) died, until `deadline`."""
+            while True:
+                try:
+                    return await attempt()
+                except Exception as exc:
+                    if not _retryable(exc) or time.monotonic() > deadline:
+                        raise
+                    self.retries += 1
+                    log.warning("a replica died under a request (%s); sending it again", type(exc).__name__)
+                    await asyncio.sleep(RETRY_PAUSE_S)
 
         async def _forward(self, kind: str, body: dict) -> Response:
             deadline = time.monotonic() + RETRY_BUDGET_S
             if body.get("stream"):
                 return await self._forward_stream(kind, body, deadline)
-            while True:
-                try:
-                    result = await self._handle_for(body, stream=False).handle.remote(kind, body)
-                    break
-                except Exception as exc:
-                    if not _retryable(exc):
-                        raise
-                    await self._retry_pause(exc, deadline)
+            result = await self._until_answered(
+                lambda: self._handle_for(body, stream=False).handle.remote(kind, body), deadline)
             headers = self._note(result)
             if isinstance(result["body"], str):
                 return Response(result["body"], status_code=result["status"], headers=headers)
             return JSONResponse(result["body"], status_code=result["status"], headers=headers)
 
         async def _forward_stream(self, kind: str, body: dict, deadline: float) -> Response:
-            while True:
-                chunks = self._handle_for(body, stream=True).stream.remote(kind, body)
-                try:
-                    meta = await chunks.__anext__()
-                    break
-                except Exception as exc:
-                    if not _retryable(exc):
-                        raise
-                    await self._retry_pause(exc, deadline)
+            async def first_chunk():  # the stream's first item says who answered and how
+                started = self._handle_for(body, stream=True).stream.remote(kind, body)
+                return started, await started.__anext__()
+
+            chunks, meta = await self._until_answered(first_chunk, deadline)
             headers = self._note(meta)
             if "body" in meta:  # refused, or answered whole
                 return JSONResponse(meta["body"], status_code=meta["status"], headers=headers)
