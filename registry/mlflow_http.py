@@ -195,10 +195,18 @@ class MlflowServer:
         h = hashlib.sha256()
         resp = self._send("GET", self._artifact_url(path), f"downloading {path}", READ_RETRIES, TRANSFER_TIMEOUT_S,
                           stream=True)
-        with resp, open(dst, "wb") as f:
-            for chunk in resp.iter_content(CHUNK):
-                h.update(chunk)
-                f.write(chunk)
+        import requests
+
+        try:
+            with resp, open(dst, "wb") as f:
+                for chunk in resp.iter_content(CHUNK):
+                    h.update(chunk)
+                    f.write(chunk)
+        except requests.exceptions.RequestException as exc:  # the server went away in the middle of the body
+            Path(dst).unlink(missing_ok=True)
+            raise ServerUnavailableError(
+                f"MLflow server {self.base_url} stopped answering while downloading {path} "
+                f"({exc.__class__.__name__}). Nothing partial was kept; retry when the server is back.") from None
         return h.hexdigest()
 
     def list_artifacts(self, path: str) -> list[dict]:
