@@ -71,8 +71,8 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
             base_dir, registry_uri, replicas=replicas, ray_address=ray_address, routing=routing,
             autoscaling=autoscaling, host=host, port=port, api_key=api_key, max_loras=max_loras,
             max_cpu_loras=max_cpu_loras, lora_cache_gib=lora_cache_gib, max_lora_rank=max_lora_rank,
-            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl,
-            max_body_mb=max_body_mb))
+            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name,
+            alias_ttl_s=alias_ttl, max_body_mb=max_body_mb))
         return
     # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C, also while the server starts
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
