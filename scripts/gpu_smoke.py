@@ -122,17 +122,19 @@ def main(argv=None) -> int:
         times = []
         try:
             for step in range(1, args.steps + 1):
-                _sync(device)
-                t0 = time.perf_counter()
-                old = worker.compute_log_probs(batch)["log_probs"]
-                batch["old_log_probs"] = old
+                marks = [_clock(device)]
+                batch["old_log_probs"] = worker.compute_log_probs(batch)["log_probs"]
+                marks.append(_clock(device))
                 metrics = worker.update_actor(batch, num_mini_batches=1, reuse_forward_as_old=False)
+                marks.append(_clock(device))
                 sync = worker.sync_weights(str(Path(tmp) / "adapter"), "adapter", layered=True)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-                print(f"gpu_smoke: step {step}: {times[-1]:.3f} s (log-probs + update + adapter gather "
-                      f"{sync['bytes'] / 1e6:.1f} MB) pg_loss={metrics['actor/pg_loss']:.5f} "
-                      f"grad_norm={metrics['actor/grad_norm']:.4f} entropy={metrics['actor/entropy']:.3f}")
+                marks.append(_clock(device))
+                times.append(marks[-1] - marks[0])
+                log_probs_s, update_s, gather_s = (b - a for a, b in zip(marks, marks[1:]))
+                print(f"gpu_smoke: step {step}: {times[-1]:.3f} s (log-probs {log_probs_s:.3f}, update "
+                      f"{update_s:.3f}, adapter gather {gather_s:.3f} for {sync['bytes'] / 1e6:.1f} MB) "
+                      f"pg_loss={metrics['actor/pg_loss']:.5f} grad_norm={metrics['actor/grad_norm']:.4f} "
+                      f"entropy={metrics['actor/entropy']:.3f}")
         finally:
             worker.shutdown()
         steady = times[1:] or times
@@ -148,11 +150,13 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _sync(device: str) -> None:
+def _clock(device: str) -> float:
+    """Wall time once the GPU's queued work is done (kernels run asynchronously)."""
     if device == "cuda":
         import torch
 
         torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _device_name(device: str) -> str:

@@ -89,13 +89,19 @@ class ActorWorker:
     def init_distributed(self, master_addr: str, master_port: int) -> None:
         """Join the process group at rank 0's address: NCCL on CUDA, gloo on CPU."""
         # Ray assigns each GPU actor its own CUDA_VISIBLE_DEVICES, so device 0 is this worker's GPU.
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        # Binding the device before the group forms lets NCCL build its communicator on this GPU at once, instead
+        # of guessing the device from the global rank (wrong when ranks per node differ, as PyTorch warns).
+        backend, device_id = "gloo", None
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            backend, device_id = "nccl", self.device
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-                                world_size=self.world_size)
+                                world_size=self.world_size, device_id=device_id)
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> dict:
         """Model -> LoRA -> FSDP2 shards -> optimizers and schedulers, in that order (each needs the one before)."""
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         from stages.train import fsdp_setup
@@ -114,6 +120,9 @@ class ActorWorker:
         # 2. FSDP2: one shard group per decoder layer (its gather is the unit of memory), then the root for the
         #    embeddings, norm, lm_head and value head; mixed precision and offload from fsdp_config.
         shard_kwargs = fsdp_setup.fully_shard_kwargs(arr, self.device.type, dtype)
+        # FSDP2's default mesh is a CUDA one whenever a GPU is visible, so a worker told to run on CPU on a GPU
+        # machine would get its shards moved to the GPU: name the worker's own device.
+        shard_kwargs["mesh"] = init_device_mesh(self.device.type, (self.world_size,))
         for layer in self.model.decoder_layers():
             fully_shard(layer, **shard_kwargs)
         fully_shard(self.model, **shard_kwargs)
