@@ -42,6 +42,9 @@ class ModelConfig(Section):
     # Sort rows by length, bucket them into micro-batches and trim each to its longest row, so the actor's
     # forward and backward skip pad columns (stages/train/micro_batching.py).
     use_remove_padding: bool = True
+    # Compute each prompt once for all of its sampled responses (one packed row per prompt with a 4D attention
+    # mask; stages/train/shared_prompt.py). Same log-probs; fewer tokens with short sequences and many samples.
+    share_prompt_forward: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from ground.logs import redirect_process_output
-from stages.train import gather
-from stages.train.modeling import build_model, peft_config_dict, response_log_probs
+from stages.train import gather, shared_prompt
+from stages.train.modeling import build_model, peft_config_dict, response_log_probs, token_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +163,17 @@ class ActorWorker:
     def _forward_log_probs(self, mb: dict, mode: str, temperature: float, with_entropy: bool):
         from stages.train.core_algos import entropy_from_logits
 
-        # Only the R + 1 last positions' logits are read (response_log_probs slices [-R-1:-1]).
-        logits = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode=mode,
-                            logits_to_keep=mb["responses"].shape[1] + 1)
-        log_probs, resp_logits = response_log_probs(logits, mb["responses"], temperature)
+        if self.cfg.actor_rollout_ref.model.share_prompt_forward:  # each prompt once for all its responses
+            packed = shared_prompt.pack(mb, self.compute_dtype)
+            logits = self.model(packed.input_ids, packed.attention_mask, packed.position_ids, mode=mode,
+                                logits_to_keep=packed.logits_to_keep)
+            log_probs, resp_logits = token_log_probs(shared_prompt.response_logits(logits, packed), mb["responses"],
+                                                     temperature)
+        else:
+            # Only the R + 1 last positions' logits are read (response_log_probs slices [-R-1:-1]).
+            logits = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode=mode,
+                                logits_to_keep=mb["responses"].shape[1] + 1)
+            log_probs, resp_logits = response_log_probs(logits, mb["responses"], temperature)
         entropy = None
         if with_entropy:
             entropy = entropy_from_logits(resp_logits)
@@ -177,8 +184,15 @@ class ActorWorker:
         `max_tokens` with dynamic batch size; every rank gets as many as the rank that needs the most."""
         from stages.train.micro_batching import plan_rows, row_lengths, split_to_count, take
 
-        trim = self.cfg.actor_rollout_ref.model.use_remove_padding
-        groups = plan_rows(row_lengths(batch).tolist(), max_rows=max_rows, max_tokens=max_tokens, sort=trim)
+        model_cfg = self.cfg.actor_rollout_ref.model
+        trim = model_cfg.use_remove_padding
+        if model_cfg.share_prompt_forward:  # micro-batches of whole prompt groups, not of rows of like length
+            order = shared_prompt.group_order(batch)
+            lengths = row_lengths(batch)[order].tolist()
+            groups = [[order[i] for i in g] for g in
+                      plan_rows(lengths, max_rows=max_rows, max_tokens=max_tokens, sort=False)]
+        else:
+            groups = plan_rows(row_lengths(batch).tolist(), max_rows=max_rows, max_tokens=max_tokens, sort=trim)
         if max_tokens and self.world_size > 1:  # FSDP's collectives need the same count on every rank
             count = torch.tensor([len(groups)], device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)

@@ -120,7 +120,13 @@ def response_log_probs(logits: torch.Tensor, responses: torch.Tensor, temperatur
     the same distributions that produced the samples.
     """
     r = responses.shape[1]
-    resp_logits = logits[:, -r - 1 : -1].float()
+    return token_log_probs(logits[:, -r - 1 : -1], responses, temperature)
+
+
+def token_log_probs(resp_logits: torch.Tensor, responses: torch.Tensor, temperature: float = 1.0):
+    """resp_logits [B, R, V] (the logits predicting each response token) -> (log_probs [B, R] float32,
+    the temperature-scaled float32 logits [B, R, V])."""
+    resp_logits = resp_logits.float()
     if temperature != 1.0:
         resp_logits = resp_logits / temperature
     log_probs = torch.log_softmax(resp_logits, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)

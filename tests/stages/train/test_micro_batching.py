@@ -85,9 +85,10 @@ def worker(tiny_model_dir, tmp_path_factory):
     assert not dist.is_initialized()
 
 
-def _configure(worker, *, remove_padding: bool, micro: int, budget: int | None):
+def _configure(worker, *, remove_padding: bool, micro: int, budget: int | None, share: bool = False):
     arr = worker.cfg.actor_rollout_ref
     arr.model.use_remove_padding = remove_padding
+    arr.model.share_prompt_forward = share
     arr.actor.ppo_micro_batch_size_per_gpu = micro
     arr.rollout.log_prob_micro_batch_size_per_gpu = micro
     arr.actor.use_dynamic_bsz = budget is not None
@@ -100,7 +101,9 @@ def _grads(worker, batch) -> list[torch.Tensor]:
 
 
 PACKED = [dict(remove_padding=True, micro=3, budget=None), dict(remove_padding=True, micro=64, budget=120),
-          dict(remove_padding=False, micro=5, budget=None)]
+          dict(remove_padding=False, micro=5, budget=None),
+          # one packed row per prompt (shared_prompt.py): _batch's prompts are all distinct, groups of one
+          dict(remove_padding=True, micro=5, budget=None, share=True)]
 
 
 def test_log_probs_equal_the_padded_computation(worker):
@@ -142,3 +145,57 @@ def test_log_probs_from_the_kept_response_logits_equal_the_full_forward(worker):
     want, _ = response_log_probs(logits, batch["responses"], worker.cfg.actor_rollout_ref.rollout.temperature)
     mask = batch["response_mask"].bool()
     torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- one forward per prompt (shared_prompt)
+def _grouped_batch(seed: int = 5, prompts: int = 4, n: int = 4, vocab: int = 300) -> dict:
+    """GRPO's shape: each prompt sampled n times, responses of different lengths (some empty), rows of one
+    prompt not adjacent (as after a shuffle)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(prompts):
+        prompt = [rng.randrange(5, vocab) for _ in range(rng.randint(3, 20))]
+        rows += [(prompt, [rng.randrange(5, vocab) for _ in range(rng.choice([0, 1, 3, 9]))]) for _ in range(n)]
+    rng.shuffle(rows)
+    batch = build_tensors([p for p, _ in rows], [r for _, r in rows], pad_id=0)
+    gen = torch.Generator().manual_seed(seed)
+    shape = batch["response_mask"].shape
+    batch["advantages"] = torch.randn(shape, generator=gen) * batch["response_mask"]
+    batch["old_log_probs"] = -torch.rand(shape, generator=gen) * 3
+    return batch
+
+
+def test_pack_makes_one_row_per_prompt_with_each_response_seeing_its_prompt_and_itself():
+    from stages.train import shared_prompt
+
+    batch = _grouped_batch()
+    packed = shared_prompt.pack(batch, torch.float32)
+    assert packed.input_ids.shape[0] == 4  # four distinct prompts
+    real = int(batch["attention_mask"].sum())
+    prompt_tokens = int(batch["attention_mask"][:, : -batch["responses"].shape[1]].sum())
+    # every prompt token once instead of n times
+    assert int((packed.position_ids > 0).sum()) < real - prompt_tokens * 3 // 4 + packed.input_ids.shape[0]
+    allowed = packed.attention_mask[:, 0] == 0
+    for row in range(batch["responses"].shape[0]):
+        g = int(packed.row_group[row])
+        n = int(batch["response_mask"][row].sum())
+        cols = (packed.predictor[row, 1:n] + packed.prompt_end).tolist()
+        for k, col in enumerate(cols):  # response token k sits at col; it sees the prompt and tokens 0..k
+            assert int(packed.input_ids[g, col]) == int(batch["responses"][row, k])
+            assert int(allowed[g, col].sum()) == int(batch["attention_mask"][row, : -batch["responses"].shape[1]].sum()) + k + 1
+
+
+@pytest.mark.parametrize("micro", [4, 16])
+def test_shared_prompt_log_probs_and_gradients_equal_the_padded_computation(worker, micro):
+    batch = _grouped_batch()
+    mask = batch["response_mask"].bool()
+    worker.cfg.actor_rollout_ref.actor.loss_agg_mode = "token-mean"
+    _configure(worker, remove_padding=False, micro=64, budget=None)
+    padded = worker.compute_log_probs(batch, with_entropy=True)
+    reference = _grads(worker, batch)
+    _configure(worker, remove_padding=True, micro=micro, budget=None, share=True)
+    shared = worker.compute_log_probs(batch, with_entropy=True)
+    for key in ("log_probs", "entropy"):
+        torch.testing.assert_close(shared[key][mask], padded[key][mask], rtol=1e-5, atol=1e-5)
+    for got, want in zip(_grads(worker, batch), reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
