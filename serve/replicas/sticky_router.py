@@ -17,7 +17,7 @@ Serve itself still does the rest: it probes each rank's queue lengths, skips a r
 retries and dispatches. The home is ranked twice because Serve doubles the probe's deadline (0.1 s at first)
 from one rank to the next: on a busy host a home whose answer was merely slow gets a second, longer chance
 before its adapter is loaded somewhere else. Requests without a model id (the base model) get Serve's usual
-power-of-two choice.
+power-of-two choice, in random order (Serve breaks ties between equal queues by order).
 """
 
 from __future__ import annotations
@@ -60,6 +60,6 @@ class StickyAdapterRouter(RequestRouter):
         model_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         if model_id:
             return rank_for_model(model_id, list(candidate_replicas))
-        if len(candidate_replicas) <= 2:
-            return [list(candidate_replicas)]  # Serve picks the shorter queue of the rank
-        return [random.sample(list(candidate_replicas), 2)]
+        # Two at random, in random order: Serve takes the shorter queue of the rank and, on a tie, the first
+        # listed, so a fixed order would send every request of a lightly loaded deployment to one replica.
+        return [random.sample(list(candidate_replicas), min(2, len(candidate_replicas)))]
