@@ -52,6 +52,8 @@ def run_ours(steps: int, work: Path, out_json: Path) -> None:
         "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1",
         "data.val_max_samples=8", "actor_rollout_ref.rollout.val_kwargs.n=1",
         "trainer.logger=[console]", f"trainer.default_local_dir={work / 'out'}",
+        # each prompt once for its 4 responses (off in the demo's config, see docs/training.md)
+        "actor_rollout_ref.model.share_prompt_forward=true",
     ])
     model_dir = resolve_model_path(cfg.actor_rollout_ref.model.path)
     outputs = train(cfg, str(model_dir), out_dir=str(work / "out"))
