@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ground.logs import redirect_process_output
 from stages.train import gather, shared_prompt
-from stages.train.modeling import build_model, peft_config_dict, response_log_probs, token_log_probs
+from stages.train.modeling import build_model, peft_config_dict, token_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +164,12 @@ class ActorWorker:
         from stages.train.core_algos import entropy_from_logits
 
         if self.cfg.actor_rollout_ref.model.share_prompt_forward:  # each prompt once for all its responses
-            packed = shared_prompt.pack(mb, self.compute_dtype)
-            logits = self.model(packed.input_ids, packed.attention_mask, packed.position_ids, mode=mode,
-                                logits_to_keep=packed.logits_to_keep)
-            log_probs, resp_logits = token_log_probs(shared_prompt.response_logits(logits, packed), mb["responses"],
-                                                     temperature)
-        else:
-            # Only the R + 1 last positions' logits are read (response_log_probs slices [-R-1:-1]).
-            logits = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode=mode,
-                                logits_to_keep=mb["responses"].shape[1] + 1)
-            log_probs, resp_logits = response_log_probs(logits, mb["responses"], temperature)
+            predicting = shared_prompt.forward_response_logits(self.model, mb, mode, self.compute_dtype)
+        else:  # only the R + 1 last positions' logits are read: the R before each response token
+            r = mb["responses"].shape[1]
+            predicting = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode=mode,
+                                    logits_to_keep=r + 1)[:, -r - 1 : -1]
+        log_probs, resp_logits = token_log_probs(predicting, mb["responses"], temperature)
         entropy = None
         if with_entropy:
             entropy = entropy_from_logits(resp_logits)
@@ -186,13 +182,9 @@ class ActorWorker:
 
         model_cfg = self.cfg.actor_rollout_ref.model
         trim = model_cfg.use_remove_padding
-        if model_cfg.share_prompt_forward:  # micro-batches of whole prompt groups, not of rows of like length
-            order = shared_prompt.group_order(batch)
-            lengths = row_lengths(batch)[order].tolist()
-            groups = [[order[i] for i in g] for g in
-                      plan_rows(lengths, max_rows=max_rows, max_tokens=max_tokens, sort=False)]
-        else:
-            groups = plan_rows(row_lengths(batch).tolist(), max_rows=max_rows, max_tokens=max_tokens, sort=trim)
+        order = shared_prompt.group_order(batch) if model_cfg.share_prompt_forward else None  # whole prompt groups
+        groups = plan_rows(row_lengths(batch).tolist(), max_rows=max_rows, max_tokens=max_tokens, sort=trim,
+                           order=order)
         if max_tokens and self.world_size > 1:  # FSDP's collectives need the same count on every rank
             count = torch.tensor([len(groups)], device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)

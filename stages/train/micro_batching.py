@@ -41,11 +41,13 @@ def row_lengths(batch: dict) -> torch.Tensor:
     return batch["attention_mask"].sum(-1)
 
 
-def plan_rows(lengths: list[int], *, max_rows: int, max_tokens: int | None, sort: bool) -> list[list[int]]:
-    """Groups of row indices. Sorted longest first when `sort`; cut every `max_rows` rows, or, with
-    `max_tokens`, before a row would make rows x longest-row exceed the budget (a row longer than the budget
-    goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
+def plan_rows(lengths: list[int], *, max_rows: int, max_tokens: int | None, sort: bool,
+              order: list[int] | None = None) -> list[list[int]]:
+    """Groups of row indices. Rows taken in `order` when given (shared_prompt.group_order keeps a prompt's rows
+    together), else sorted longest first when `sort`; cut every `max_rows` rows, or, with `max_tokens`, before a
+    row would make rows x longest-row exceed the budget (a row longer than the budget goes alone)."""
+    if order is None:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
     groups: list[list[int]] = []
     for i in order:
         if groups:

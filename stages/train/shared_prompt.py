@@ -101,3 +101,12 @@ def response_logits(kept_logits: torch.Tensor, packed: Packed) -> torch.Tensor:
     """[G, L - P + 1, V] logits of the packed rows -> [b, W, V]: the logits predicting each original row's
     response tokens, in the padded layout's order."""
     return kept_logits[packed.row_group.unsqueeze(-1), packed.predictor]
+
+
+def forward_response_logits(model, data: dict, mode: str, mask_dtype: torch.dtype) -> torch.Tensor:
+    """`model` (PolicyValueModel) over the packed micro-batch -> the logits predicting each response token,
+    [b, W, V] in `data`'s row order (as the padded layout's logits[:, -W-1:-1])."""
+    packed = pack(data, mask_dtype)
+    logits = model(packed.input_ids, packed.attention_mask, packed.position_ids, mode=mode,
+                   logits_to_keep=packed.logits_to_keep)
+    return response_logits(logits, packed)
