@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ground.logs import redirect_process_output
 from stages.train import gather, shared_prompt
-from stages.train.modeling import build_model, peft_config_dict, token_log_probs
+from stages.train.modeling import build_model, peft_config_dict, response_log_probs, token_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +165,11 @@ class ActorWorker:
 
         if self.cfg.actor_rollout_ref.model.share_prompt_forward:  # each prompt once for all its responses
             predicting = shared_prompt.forward_response_logits(self.model, mb, mode, self.compute_dtype)
-        else:  # only the R + 1 last positions' logits are read: the R before each response token
-            r = mb["responses"].shape[1]
-            predicting = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode=mode,
-                                    logits_to_keep=r + 1)[:, -r - 1 : -1]
-        log_probs, resp_logits = token_log_probs(predicting, mb["responses"], temperature)
+            log_probs, resp_logits = token_log_probs(predicting, mb["responses"], temperature)
+        else:  # only the R + 1 last positions' logits are read (response_log_probs slices [-R-1:-1])
+            logits = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode=mode,
+                                logits_to_keep=mb["responses"].shape[1] + 1)
+            log_probs, resp_logits = response_log_probs(logits, mb["responses"], temperature)
         entropy = None
         if with_entropy:
             entropy = entropy_from_logits(resp_logits)

@@ -176,13 +176,14 @@ def test_pack_makes_one_row_per_prompt_with_each_response_seeing_its_prompt_and_
     # every prompt token once instead of n times
     assert int((packed.position_ids > 0).sum()) < real - prompt_tokens * 3 // 4 + packed.input_ids.shape[0]
     allowed = packed.attention_mask[:, 0] == 0
+    prompt_lengths = batch["attention_mask"][:, : -batch["responses"].shape[1]].sum(-1)
     for row in range(batch["responses"].shape[0]):
         g = int(packed.row_group[row])
         n = int(batch["response_mask"][row].sum())
         cols = (packed.predictor[row, 1:n] + packed.prompt_end).tolist()
         for k, col in enumerate(cols):  # response token k sits at col; it sees the prompt and tokens 0..k
             assert int(packed.input_ids[g, col]) == int(batch["responses"][row, k])
-            assert int(allowed[g, col].sum()) == int(batch["attention_mask"][row, : -batch["responses"].shape[1]].sum()) + k + 1
+            assert int(allowed[g, col].sum()) == int(prompt_lengths[row]) + k + 1
 
 
 @pytest.mark.parametrize("micro", [4, 16])
