@@ -10,7 +10,7 @@ TRL is installed into a throwaway virtual environment (`--trl-venv`, default und
 `.pth` file reuses this environment's torch / transformers / PEFT; it is never a dependency of this project.
 
     .venv/bin/python benchmarks/vs_trl.py                      # both sides, Markdown table to stdout
-    .venv/bin/python benchmarks/vs_trl.py --steps 15 -o benchmarks/results/vs_trl.md
+    .venv/bin/python benchmarks/vs_trl.py --steps 15 -o benchmarks/results/vs_trl.md   # --force to replace it
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from ground.new_files import refuse_existing_out, write_new_text  # noqa: E402
+
 TRL_VERSION = "1.16.0"
 PROMPTS, RESPONSES, MAX_NEW, RANK, ALPHA, LR = 4, 4, 32, 16, 32, 2e-4
 
@@ -155,13 +157,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--trl-venv", default=str(Path(tempfile.gettempdir()) / "lora-pipeline-trl-venv"))
-    ap.add_argument("-o", "--out")
+    ap.add_argument("-o", "--out", help="write the Markdown table here (and the raw figures beside it as .json)")
+    ap.add_argument("--force", action="store_true", help="replace --out (and its .json) if they exist")
     ap.add_argument("--lock", help="hold an exclusive flock on this file during each side's run")
     ap.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.out:
+        refuse_existing_out(ap, [args.out, str(Path(args.out).with_suffix(".json"))], args.force)
     if args.side == "ours":
         run_ours(args.steps, Path(args.work), Path(args.json))
         return 0
@@ -198,8 +203,9 @@ def main() -> int:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps({"ours": ours, "trl": trl}, indent=2))
+        write_new_text(args.out, text + "\n", replace=args.force)
+        write_new_text(Path(args.out).with_suffix(".json"), json.dumps({"ours": ours, "trl": trl}, indent=2),
+                       replace=args.force)
     return 0
 
 

@@ -15,6 +15,9 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
     ("rollout_sync.py", "--out", "result.json"),
     ("serve_multi_lora.py", "--out", "result.json"),
     ("train_step.py", "-o", "result.md"),
+    ("vs_trl.py", "-o", "result.md"),
+    ("generate_floor.py", "-o", "result.json"),
+    ("update_profile.py", "-o", "result.json"),
 ])
 def test_existing_result_is_kept_without_force(tmp_path, script, out_flag, out_name):
     out = tmp_path / out_name
