@@ -15,7 +15,9 @@ H, I, V, L, kv = hidden, intermediate, vocab, layers, key/value width from confi
                            (all three in host memory with param_offload; AdamW state with optimizer_offload)
   activations              gradient checkpointing: each layer's input B*S*H*2 for L layers, plus one layer
                            recomputed at a time, about B*S*(2H + 2kv + 4I)*2; logits: the model's bf16 output
-                           B*S*V*2, then the response's fp32 logits, log-softmax and entropy 3 x B*R*V*4
+                           for the response positions only, B*(R+1)*V*2, then the response's fp32 logits and
+                           log-softmax 2 x B*R*V*4, and the entropy's softmax B*R*V*4 only when entropy_coeff
+                           puts the entropy in the loss (otherwise it is a metric computed without autograd)
                            (worst case: every sequence at the maximum lengths)
   vLLM                     gpu_memory_utilization x GPU memory (its weights at 2P/tensor_model_parallel_size, the
                            rest KV cache); this trainer keeps the engine resident during the update
@@ -83,7 +85,8 @@ def estimate(cfg, mc: dict, gpu_bytes: float) -> dict:
         layer_acts = n["L"] * b * s * n["H"] * 2 + b * s * (2 * n["H"] + 2 * n["kv"] + 4 * n["I"]) * 2
     else:  # every layer keeps its working set for backward
         layer_acts = n["L"] * b * s * (2 * n["H"] + 2 * n["kv"] + 4 * n["I"]) * 2
-    logits = b * s * n["V"] * 2 + 3 * b * r * n["V"] * 4
+    fp32_copies = 3 if arr.actor.entropy_coeff else 2
+    logits = b * (r + 1) * n["V"] * 2 + fp32_copies * b * r * n["V"] * 4
     rows = {
         "base weights, own shard": 0 if offload else shard,
         "base weights being gathered": in_flight,

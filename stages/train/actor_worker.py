@@ -160,7 +160,11 @@ class ActorWorker:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _forward_log_probs(self, mb: dict, mode: str, temperature: float, with_entropy: bool):
+    def _forward_log_probs(self, mb: dict, mode: str, temperature: float, with_entropy: bool,
+                           entropy_grad: bool = False):
+        """(log_probs [b, R], entropy [b, R] or None). entropy_grad: the entropy joins the loss; otherwise it is
+        a metric, computed without autograd so its softmax is not kept for a backward that never reaches it
+        (one float32 [b, R, V] tensor less at the peak)."""
         from stages.train.core_algos import entropy_from_logits
 
         if self.cfg.actor_rollout_ref.model.share_prompt_forward:  # each prompt once for all its responses
@@ -172,7 +176,8 @@ class ActorWorker:
             log_probs, resp_logits = response_log_probs(logits, mb["responses"], temperature)
         entropy = None
         if with_entropy:
-            entropy = entropy_from_logits(resp_logits)
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                entropy = entropy_from_logits(resp_logits)
         return log_probs, entropy
 
     def _micro_batches(self, batch: dict, max_rows: int, max_tokens: int | None) -> list:
@@ -265,8 +270,10 @@ class ActorWorker:
                     weight = loss_weight(micro, mini_batch["response_mask"], actor.loss_agg_mode)
                     mb = micro.data
                     mask = mb["response_mask"]
-                    want_entropy = True  # entropy is a per-step metric; it costs one softmax over the response
-                    log_prob, entropy = self._forward_log_probs(mb, "policy", temperature, want_entropy)
+                    # entropy is always a per-step metric (one softmax over the response); it needs autograd
+                    # only when entropy_coeff puts it in the loss
+                    log_prob, entropy = self._forward_log_probs(mb, "policy", temperature, True,
+                                                                entropy_grad=bool(actor.entropy_coeff))
                     old = log_prob.detach() if reuse_forward_as_old else mb["old_log_probs"]
                     loss, pg_metrics = policy_loss(old, log_prob, mb["advantages"], mask, actor.loss_agg_mode, actor)
                     if actor.entropy_coeff:

@@ -1,0 +1,69 @@
+"""The actor worker's update keeps autograd for the entropy only when entropy_coeff puts it in the loss."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from stages.train.batch import build_tensors
+
+
+def _batch(seed: int = 0, rows: int = 6, vocab: int = 300) -> dict:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(5, vocab) for _ in range(rng.randint(3, 12))] for _ in range(rows)]
+    responses = [[rng.randrange(5, vocab) for _ in range(rng.randint(1, 9))] for _ in range(rows)]
+    batch = build_tensors(prompts, responses, pad_id=0)
+    gen = torch.Generator().manual_seed(seed)
+    batch["advantages"] = torch.randn(batch["response_mask"].shape, generator=gen) * batch["response_mask"]
+    batch["old_log_probs"] = torch.zeros_like(batch["response_mask"])
+    return batch
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir, tmp_path_factory):
+    from config import load_config
+    from stages.train.actor_worker import ActorWorker
+    from stages.train.worker_group import free_port
+    from tests.stages.train.toy_task import toy_overrides
+
+    cfg = load_config(None, toy_overrides(tiny_model_dir, tmp_path_factory.mktemp("aw"), steps=1, extra={
+        "actor_rollout_ref.actor.optim.lr": 0.0,  # the weights stay put: every update sees the same model
+        "actor_rollout_ref.actor.optim.weight_decay": 0.0,
+        "actor_rollout_ref.actor.grad_clip": 1e9,
+        "trainer.cpu_workers": 1,
+    }))
+    w = ActorWorker(0, 1, cfg.to_dict(), str(tiny_model_dir), False, 1, "cpu", 1)
+    w.init_distributed("127.0.0.1", free_port())
+    w.setup()
+    yield w
+    w.shutdown()
+
+
+def _update(worker, monkeypatch, coeff: float):
+    """One update with entropy_coeff=coeff -> (entropies the forward returned, LoRA gradients, metrics)."""
+    worker.cfg.actor_rollout_ref.actor.entropy_coeff = coeff
+    seen = []
+    forward = type(worker)._forward_log_probs
+
+    def spy(self, *args, **kwargs):
+        log_probs, entropy = forward(self, *args, **kwargs)
+        seen.append(entropy)
+        return log_probs, entropy
+
+    monkeypatch.setattr(type(worker), "_forward_log_probs", spy)
+    metrics = worker.update_actor(_batch(seed=4), num_mini_batches=1, reuse_forward_as_old=True)
+    monkeypatch.undo()
+    return seen, [p.grad.full_tensor().clone() for p in worker.actor_params], metrics
+
+
+def test_entropy_is_a_metric_without_autograd_unless_it_is_in_the_loss(worker, monkeypatch):
+    seen, grads, metrics = _update(worker, monkeypatch, coeff=0.0)
+    assert seen and all(e is not None and not e.requires_grad for e in seen)
+
+    seen_in_loss, grads_in_loss, metrics_in_loss = _update(worker, monkeypatch, coeff=0.5)
+    assert seen_in_loss and all(e.requires_grad for e in seen_in_loss)
+    # the entropy term reaches the gradient, and the metric is the same number either way
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads, grads_in_loss))
+    assert metrics["actor/entropy"] == pytest.approx(metrics_in_loss["actor/entropy"], rel=1e-6)
