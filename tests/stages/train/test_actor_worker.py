@@ -23,22 +23,10 @@ def _batch(seed: int = 0, rows: int = 6, vocab: int = 300) -> dict:
 
 @pytest.fixture(scope="module")
 def worker(tiny_model_dir, tmp_path_factory):
-    from config import load_config
-    from stages.train.actor_worker import ActorWorker
-    from stages.train.worker_group import free_port
-    from tests.stages.train.toy_task import toy_overrides
+    from tests.stages.train.toy_task import frozen_worker
 
-    cfg = load_config(None, toy_overrides(tiny_model_dir, tmp_path_factory.mktemp("aw"), steps=1, extra={
-        "actor_rollout_ref.actor.optim.lr": 0.0,  # the weights stay put: every update sees the same model
-        "actor_rollout_ref.actor.optim.weight_decay": 0.0,
-        "actor_rollout_ref.actor.grad_clip": 1e9,
-        "trainer.cpu_workers": 1,
-    }))
-    w = ActorWorker(0, 1, cfg.to_dict(), str(tiny_model_dir), False, 1, "cpu", 1)
-    w.init_distributed("127.0.0.1", free_port())
-    w.setup()
-    yield w
-    w.shutdown()
+    with frozen_worker(tiny_model_dir, tmp_path_factory.mktemp("aw")) as w:
+        yield w
 
 
 def _update(worker, monkeypatch, coeff: float):

@@ -8,6 +8,7 @@ tokens' logits directly and learns within ~10 steps at a high learning rate.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 REWARD_SOURCE = '''
@@ -64,3 +65,27 @@ def toy_overrides(model_dir: Path, root: Path, steps: int, extra: dict | None = 
     }
     base.update(extra or {})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@contextmanager
+def frozen_worker(model_dir: Path, root: Path, extra: dict | None = None):
+    """One in-process ActorWorker (world size 1 over gloo, one thread) on the tiny model whose weights never
+    move (lr 0, no weight decay, no clipping), so every pass the tests compare sees the same model."""
+    from config import load_config
+    from stages.train.actor_worker import ActorWorker
+    from stages.train.worker_group import free_port
+
+    cfg = load_config(None, toy_overrides(model_dir, root, steps=1, extra={
+        "actor_rollout_ref.actor.optim.lr": 0.0,
+        "actor_rollout_ref.actor.optim.weight_decay": 0.0,
+        "actor_rollout_ref.actor.grad_clip": 1e9,
+        "trainer.cpu_workers": 1,
+        **(extra or {}),
+    }))
+    worker = ActorWorker(0, 1, cfg.to_dict(), str(model_dir), False, 1, "cpu", 1)
+    worker.init_distributed("127.0.0.1", free_port())
+    worker.setup()
+    try:
+        yield worker
+    finally:
+        worker.shutdown()
