@@ -33,17 +33,14 @@ PROMPTS, RESPONSES, MAX_NEW = 4, 4, 32
 VARIANTS = {"default": {}, "float32": {"dtype": "float32"}, "compiled": {"enforce_eager": False}}
 
 
-def demo_prompts(count: int) -> list[list[int]]:
+def demo_prompts(cfg, model_dir: str, count: int) -> list[list[int]]:
     """The first `count` training prompts of the demo's arithmetic data, chat template applied."""
     from transformers import AutoTokenizer
 
-    from config import load_config
-    from ground.base_model import resolve_model_path
     from stages.train.arithmetic import make_arithmetic
     from stages.train.data import PromptDataset
 
-    cfg = load_config(None, [])
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(cfg.actor_rollout_ref.model.path)))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         train_path, _ = make_arithmetic(tmp, seed=0)
         items = PromptDataset(str(train_path), tokenizer, cfg.data).items
@@ -55,14 +52,10 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(variant: str, prompts: list[list[int]], calls: int) -> dict:
-    from config import load_config
-    from ground.base_model import resolve_model_path
+def measure(cfg, model_dir: str, variant: str, prompts: list[list[int]], calls: int) -> dict:
     from stages.train.rollout import RolloutEngine
 
-    cfg = load_config(None, [])
     rollout = {**cfg.actor_rollout_ref.rollout.model_dump(), **VARIANTS[variant]}
-    model_dir = str(resolve_model_path(cfg.actor_rollout_ref.model.path))
     entry: dict = {"variant": variant, "seconds": [], "cores": [], "decode_steps": [], "tokens": []}
     with RolloutEngine(model_dir, rollout, lora_rank=16, max_model_len=256, seed=0, sync_mode="merged") as engine:
         entry["engine_start_s"] = engine.start_seconds
@@ -88,11 +81,18 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     args = ap.parse_args()
     refuse_existing_out(ap, [args.out] if args.out else [], args.force)
+    if args.calls < 1:
+        ap.error(f"--calls {args.calls}: pass 1 or more (each variant's medians need at least one measured call)")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; valid: {list(VARIANTS)}")
-    prompts = demo_prompts(PROMPTS)
-    results = [measure(v, prompts, args.calls) for v in args.variants.split(",")]
+    from config import load_config
+    from ground.base_model import resolve_model_path
+
+    cfg = load_config(None, [])  # the demo's config: its rollout settings are the `default` variant
+    model_dir = str(resolve_model_path(cfg.actor_rollout_ref.model.path))  # verifies the packaged model once
+    prompts = demo_prompts(cfg, model_dir, PROMPTS)
+    results = [measure(cfg, model_dir, v, prompts, args.calls) for v in args.variants.split(",")]
     med = statistics.median
     print(f"\n{PROMPTS} prompts x {RESPONSES} responses, <= {MAX_NEW} new tokens, {os.cpu_count()} CPUs\n")
     print("| variant | engine start s | generate s (median) | decode steps (median) | tokens (median) | cores used |")

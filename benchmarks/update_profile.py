@@ -50,6 +50,8 @@ def main() -> int:
     ap.add_argument("-o", "--out", help="write the results as JSON here")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     args = ap.parse_args()
+    if args.updates < 1:
+        ap.error(f"--updates {args.updates}: pass 1 or more (the last update is the profiled one)")
     refuse_existing_out(ap, [args.out] if args.out else [], args.force)
 
     import torch

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from stages.train.batch import build_tensors
-
-
-def _batch(seed: int = 0, rows: int = 6, vocab: int = 300) -> dict:
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(5, vocab) for _ in range(rng.randint(3, 12))] for _ in range(rows)]
-    responses = [[rng.randrange(5, vocab) for _ in range(rng.randint(1, 9))] for _ in range(rows)]
-    batch = build_tensors(prompts, responses, pad_id=0)
-    gen = torch.Generator().manual_seed(seed)
-    batch["advantages"] = torch.randn(batch["response_mask"].shape, generator=gen) * batch["response_mask"]
-    batch["old_log_probs"] = torch.zeros_like(batch["response_mask"])
-    return batch
+from tests.stages.train.toy_task import ragged_batch
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +28,7 @@ def _update(worker, monkeypatch, coeff: float):
         return log_probs, entropy
 
     monkeypatch.setattr(type(worker), "_forward_log_probs", spy)
-    metrics = worker.update_actor(_batch(seed=4), num_mini_batches=1, reuse_forward_as_old=True)
+    metrics = worker.update_actor(ragged_batch(seed=4, rows=6), num_mini_batches=1, reuse_forward_as_old=True)
     monkeypatch.undo()
     return seen, [p.grad.full_tensor().clone() for p in worker.actor_params], metrics
 

@@ -13,19 +13,7 @@ import torch
 from stages.train.batch import build_tensors
 from stages.train.losses import LOSS_AGG_MODES, agg_loss
 from stages.train.micro_batching import loss_weight, plan_rows, row_lengths, split_to_count, take
-
-
-def _batch(seed: int = 0, rows: int = 12, vocab: int = 300) -> dict:
-    """Rows of very different prompt and response lengths (some responses empty), as the trainer builds them."""
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(5, vocab) for _ in range(rng.randint(3, 30))] for _ in range(rows)]
-    responses = [[rng.randrange(5, vocab) for _ in range(rng.choice([0, 1, 2, 7, 16]))] for _ in range(rows)]
-    batch = build_tensors(prompts, responses, pad_id=0)
-    gen = torch.Generator().manual_seed(seed)
-    r = batch["responses"].shape[1]
-    batch["advantages"] = torch.randn((rows, r), generator=gen) * batch["response_mask"]
-    batch["old_log_probs"] = -torch.rand((rows, r), generator=gen) * 3
-    return batch
+from tests.stages.train.toy_task import ragged_batch as _batch
 
 
 @pytest.mark.parametrize("mode", sorted(LOSS_AGG_MODES))

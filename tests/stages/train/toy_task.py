@@ -89,3 +89,23 @@ def frozen_worker(model_dir: Path, root: Path, extra: dict | None = None):
         yield worker
     finally:
         worker.shutdown()
+
+
+def ragged_batch(seed: int = 0, rows: int = 12, vocab: int = 300) -> dict:
+    """Rows of very different prompt and response lengths (some responses empty), as the trainer builds them,
+    with random advantages and old log-probs."""
+    import random
+
+    import torch
+
+    from stages.train.batch import build_tensors
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(5, vocab) for _ in range(rng.randint(3, 30))] for _ in range(rows)]
+    responses = [[rng.randrange(5, vocab) for _ in range(rng.choice([0, 1, 2, 7, 16]))] for _ in range(rows)]
+    batch = build_tensors(prompts, responses, pad_id=0)
+    gen = torch.Generator().manual_seed(seed)
+    r = batch["responses"].shape[1]
+    batch["advantages"] = torch.randn((rows, r), generator=gen) * batch["response_mask"]
+    batch["old_log_probs"] = -torch.rand((rows, r), generator=gen) * 3
+    return batch
