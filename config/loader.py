@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from ground.errors import ConfigError
 
+from config.inert import warn_inert_keys
 from config.schema import Config
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     cfg = Config.model_validate(_interpolate(cfg.to_dict(), cfg.to_dict()))
     cfg._sources = sources
     validate(cfg)
+    warn_inert_keys(cfg)  # valid keys that change nothing in this mode (config/inert.py)
     return cfg
 
 

@@ -10,7 +10,7 @@ import json
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 def _flatten(d: dict[str, Any], prefix: str = ""):
     for key, value in d.items():
@@ -61,7 +61,20 @@ class PolicyLossConfig(Section):
 
 
 class CheckpointConfig(Section):
+    # Every checkpoint holds all three (verl's names): `model` the policy adapter (and the PPO critic), `optimizer`
+    # the AdamW state, `extra` the LR schedulers and RNG states; a resume needs each of them. verl's `hf_model`
+    # (a full Hugging Face model) is never written: the final adapter is already in PEFT format.
     save_contents: list[str] = ["model", "optimizer", "extra"]
+
+    @field_validator("save_contents")
+    @classmethod
+    def _everything_is_saved(cls, value: list[str]) -> list[str]:
+        if sorted(set(value)) != ["extra", "model", "optimizer"]:
+            raise ValueError(
+                "every checkpoint saves model (the adapter), optimizer (AdamW state) and extra (schedulers, RNG), "
+                "because a resume needs all three; other contents (e.g. hf_model) are not written. Set "
+                "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra] or leave it out")
+        return value
 
 
 class FSDPConfig(Section):
@@ -119,6 +132,8 @@ class ActorConfig(Section):
     use_dynamic_bsz: bool = False
     ppo_max_token_len_per_gpu: int = 16384
     ppo_epochs: int = 1
+    # Deal the rows into mini-batches in a new seeded order each epoch (trainer.seed, the update's number and
+    # the epoch); False (verl's default) keeps the rows in order.
     shuffle: bool = False
     clip_ratio: float = 0.2
     clip_ratio_low: Optional[float] = None  # None: clip_ratio
@@ -144,8 +159,12 @@ class ValKwargs(Section):
 
 class RolloutConfig(Section):
     name: str = "vllm"
-    mode: str = "sync"
+    # Generation is one blocking call to the engine per batch (verl's `sync`); verl's `async` agent-loop
+    # server mode is not implemented here.
+    mode: Literal["sync"] = "sync"
     load_format: str = "safetensors"
+    # Gather the LoRA tensors one decoder layer at a time (adapter sync and the final adapter); merged sync
+    # always goes layer by layer, so there it changes nothing (config/inert.py warns).
     layered_summon: bool = False
     lora_sync: Literal["auto", "adapter", "merged"] = "auto"
     n: int = 4
@@ -171,12 +190,14 @@ class RolloutConfig(Section):
 
 
 class RefConfig(Section):
-    log_prob_micro_batch_size_per_gpu: int = 16
+    log_prob_micro_batch_size_per_gpu: int = 16  # rows per micro-batch of the reference log-prob pass
     fsdp_config: RefFSDPConfig = Field(default_factory=RefFSDPConfig)
 
 
 class ActorRolloutRefConfig(Section):
-    hybrid_engine: bool = True
+    # The actor, rollout and reference always share the workers' resources (verl's hybrid engine); separate
+    # actor and rollout pools (false) are not implemented.
+    hybrid_engine: Literal[True] = True
     model: ModelConfig = Field(default_factory=ModelConfig)
     actor: ActorConfig = Field(default_factory=ActorConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -228,7 +249,7 @@ class DataConfig(Section):
     val_files: Union[str, list[str]] = "~/data/arithmetic/test.parquet"
     prompt_key: str = "prompt"
     train_batch_size: int = 8  # prompts per step
-    val_batch_size: Optional[int] = None
+    val_batch_size: Optional[int] = Field(default=None, ge=1)  # prompts per validation generate call; None: all
     max_prompt_length: int = 256
     max_response_length: int = 64
     filter_overlong_prompts: bool = True
@@ -248,12 +269,15 @@ class OverlongBufferConfig(Section):
     enable: bool = False
     len: int = 16
     penalty_factor: float = 1.0
-    log: bool = False
+    log: bool = False  # log the shaping as metrics: reward/overlong_reward (mean penalty), reward/overlong (share)
 
 
 class RewardModelConfig(Section):
     enable: bool = False  # model-based rewards are not supported; rule-based and custom scorers are
-    reward_manager: str = "naive"
+    # Both run the same thing here: the scorer on each decoded response, then DAPO's overlong shaping when
+    # overlong_buffer.enable (verl's `naive` manager ignores overlong_buffer; its `dapo` one applies it).
+    # verl's `batch` and `prime` managers are not implemented.
+    reward_manager: Literal["naive", "dapo"] = "naive"
     scorer: Optional[str] = None  # one registered scorer for every row (e.g. gsm8k_flexible); None: by data_source
     overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
 
