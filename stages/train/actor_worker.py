@@ -42,12 +42,6 @@ def resolve_dtype(name: str, model_dir: str, device: str) -> torch.dtype:
     return DTYPES.get(stored, torch.float32)
 
 
-def micro_batches(batch: dict, size: int):
-    n = next(iter(batch.values())).shape[0]
-    for start in range(0, n, size):
-        yield {k: v[start : start + size] for k, v in batch.items()}
-
-
 def _warmup_lambda(warmup_steps: int):
     # Linear warmup, then constant (verl's default schedule for the actor).
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -205,12 +199,14 @@ class ActorWorker:
 
     @torch.no_grad()
     def compute_log_probs(self, batch: dict, mode: str = "policy", with_entropy: bool = False) -> dict:
-        """mode policy: old log-probs (current weights); mode ref: adapter disabled. Returns CPU tensors [b, R]."""
+        """mode policy: old log-probs (current weights); mode ref: adapter disabled. Returns CPU tensors [b, R].
+        Micro-batches of rollout.log_prob_micro_batch_size_per_gpu rows, or ref.'s own for the reference pass."""
         from stages.train.micro_batching import scatter_rows
 
         self.model.eval()
-        temperature = self.cfg.actor_rollout_ref.rollout.temperature
-        size = self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
+        arr = self.cfg.actor_rollout_ref
+        temperature = arr.rollout.temperature
+        size = (arr.ref if mode == "ref" else arr.rollout).log_prob_micro_batch_size_per_gpu
         n, r = batch["responses"].shape
         outs, ents = [], []
         for mb in self._micro_batches(self._to_device(batch), size, self._log_prob_budget()):
@@ -223,27 +219,24 @@ class ActorWorker:
             result["entropy"] = scatter_rows(ents, n, r)
         return result
 
-    @torch.no_grad()
     def compute_values(self, batch: dict) -> torch.Tensor:
-        self.model.eval()
-        outs = []
-        r = batch["responses"].shape[1]
-        for mb in micro_batches(self._to_device(batch), self.cfg.critic.ppo_micro_batch_size_per_gpu):
-            values = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode="value")
-            # the value of the state before response token t sits at the position that predicts it
-            outs.append(values[:, -r - 1 : -1].cpu())
-        return torch.cat(outs)
+        from stages.train.critic_passes import compute_values
+
+        return compute_values(self, batch)
 
     # -------------------------------------------------------------------------------------------- updates
     def update_actor(self, batch: dict, num_mini_batches: int, reuse_forward_as_old: bool) -> dict:
         """PPO epochs over mini-batches (one optimizer step each) of micro-batches (gradient accumulation).
+
+        With actor.shuffle the rows are dealt into mini-batches in a new seeded order each epoch (verl's
+        shuffle; micro_batching.mini_batch_rows), else in order.
 
         reuse_forward_as_old: with one epoch over one mini-batch the policy has not moved when each micro-batch
         is evaluated, so the old log-probs equal this forward's own (detached) values and the trainer skipped
         the separate old-log-prob pass.
         """
         from stages.train.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
-        from stages.train.micro_batching import loss_weight
+        from stages.train.micro_batching import loss_weight, mini_batch_rows, shuffle_seed
 
         actor = self.cfg.actor_rollout_ref.actor
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
@@ -259,9 +252,11 @@ class ActorWorker:
             sums[key] = sums.get(key, 0.0) + float(value)
             counts[key] = counts.get(key, 0) + 1
 
-        for _ in range(actor.ppo_epochs):
-            for m_start in range(0, n, mini):
-                mini_batch = {k: v[m_start : m_start + mini] for k, v in batch.items()}
+        update = self.scheduler.last_epoch  # this update's number (restored on resume): the shuffle's seed
+        for epoch in range(actor.ppo_epochs):
+            seed = shuffle_seed(self.cfg.trainer.seed, update, epoch)
+            for rows in mini_batch_rows(n, mini, shuffle=actor.shuffle, seed=seed):
+                mini_batch = {k: v.index_select(0, rows.to(v.device)) for k, v in batch.items()}
                 budget = actor.ppo_max_token_len_per_gpu if actor.use_dynamic_bsz else None
                 mbs = self._micro_batches(mini_batch, actor.ppo_micro_batch_size_per_gpu, budget)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -302,38 +297,9 @@ class ActorWorker:
         return {k: sums[k] / counts[k] for k in sums}
 
     def update_critic(self, batch: dict, num_mini_batches: int) -> dict:
-        from stages.train.core_algos import compute_value_loss
+        from stages.train.critic_passes import update_critic
 
-        critic = self.cfg.critic
-        epochs = critic.ppo_epochs or self.cfg.actor_rollout_ref.actor.ppo_epochs
-        self.model.train()
-        batch = self._to_device(batch)
-        n = batch["responses"].shape[0]
-        r = batch["responses"].shape[1]
-        mini = math.ceil(n / num_mini_batches)
-        losses, clipfracs, norms = [], [], []
-        for _ in range(epochs):
-            for m_start in range(0, n, mini):
-                mini_batch = {k: v[m_start : m_start + mini] for k, v in batch.items()}
-                mbs = list(micro_batches(mini_batch, critic.ppo_micro_batch_size_per_gpu))
-                self.critic_optimizer.zero_grad(set_to_none=True)
-                for mb in mbs:
-                    vpreds = self.model(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mode="value")
-                    vpreds = vpreds[:, -r - 1 : -1]
-                    loss, clipfrac = compute_value_loss(vpreds, mb["returns"], mb["values"], mb["response_mask"],
-                                                        critic.cliprange_value, critic.loss_agg_mode)
-                    if mb["response_mask"].sum() == 0:
-                        loss = vpreds.sum() * 0.0
-                    (loss / len(mbs)).backward()
-                    losses.append(loss.item())
-                    clipfracs.append(clipfrac)
-                norm = _full(torch.nn.utils.clip_grad_norm_(self.critic_params, critic.grad_clip))
-                if math.isfinite(norm):
-                    self.critic_optimizer.step()
-                norms.append(norm)
-        self.critic_scheduler.step()
-        return {"critic/vf_loss": sum(losses) / len(losses), "critic/vf_clipfrac": sum(clipfracs) / len(clipfracs),
-                "critic/grad_norm": sum(norms) / len(norms)}
+        return update_critic(self, batch, num_mini_batches)
 
     # ------------------------------------------------------------------------------------- gather / sync
     def gather_lora(self, layered: bool) -> dict | None:

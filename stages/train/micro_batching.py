@@ -128,3 +128,19 @@ def loss_weight(mb: MicroBatch, mini_mask: torch.Tensor, loss_agg_mode: str) -> 
     if loss_agg_mode == "seq-mean-token-sum-norm":  # sum / (B*T): T is the trimmed width here, R there
         return (mask.shape[0] * mask.shape[1]) / (mini_mask.shape[0] * mini_mask.shape[1])
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
+
+
+def mini_batch_rows(n_rows: int, size: int, *, shuffle: bool, seed: int) -> list[torch.Tensor]:
+    """Row indices of each mini-batch of `size` rows: in order, or, with `shuffle` (verl's `actor.shuffle`), a
+    permutation drawn from `seed` (the same seed deals the same mini-batches; see `shuffle_seed`)."""
+    if shuffle:
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+    else:
+        order = torch.arange(n_rows)
+    return list(order.split(size))
+
+
+def shuffle_seed(seed: int, update: int, epoch: int) -> int:
+    """A seed of its own for each (trainer.seed, update number, PPO epoch): every epoch deals new mini-batches,
+    and a rerun (or a resume, whose scheduler restores the update number) deals the same ones."""
+    return (seed * 1_000_003 + update * 1_009 + epoch) % (2**63)

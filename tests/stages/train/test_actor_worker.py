@@ -42,3 +42,68 @@ def test_entropy_is_a_metric_without_autograd_unless_it_is_in_the_loss(worker, m
     # the entropy term reaches the gradient, and the metric is the same number either way
     assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads, grads_in_loss))
     assert metrics["actor/entropy"] == pytest.approx(metrics_in_loss["actor/entropy"], rel=1e-6)
+
+
+def _dealt_rows(worker, monkeypatch, *, shuffle: bool, seed: int = 1) -> list[list[int]]:
+    """The batch rows of each mini-batch one update (2 epochs x 2 mini-batches of 6 rows) dealt, in order."""
+    worker.cfg.actor_rollout_ref.actor.shuffle = shuffle
+    worker.cfg.actor_rollout_ref.actor.ppo_epochs = 2
+    worker.cfg.trainer.seed = seed
+    seen = []
+    cut = type(worker)._micro_batches
+
+    def spy(self, batch, *args, **kwargs):
+        seen.append(batch["row_id"].tolist())
+        return cut(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(type(worker), "_micro_batches", spy)
+    batch = ragged_batch(seed=4, rows=12)
+    batch["row_id"] = torch.arange(12)
+    update = worker.scheduler.last_epoch
+    try:
+        worker.update_actor(batch, num_mini_batches=2, reuse_forward_as_old=False)
+    finally:
+        monkeypatch.undo()
+        worker.cfg.actor_rollout_ref.actor.ppo_epochs = 1
+    assert worker.scheduler.last_epoch == update + 1
+    return seen, update
+
+
+def test_shuffle_deals_seeded_mini_batches_anew_each_epoch_and_in_order_without_it(worker, monkeypatch):
+    from stages.train.micro_batching import mini_batch_rows, shuffle_seed
+
+    in_order, _ = _dealt_rows(worker, monkeypatch, shuffle=False)
+    assert in_order == [list(range(6)), list(range(6, 12))] * 2
+
+    dealt, update = _dealt_rows(worker, monkeypatch, shuffle=True)
+    epochs = [dealt[0] + dealt[1], dealt[2] + dealt[3]]
+    assert all(sorted(rows) == list(range(12)) for rows in epochs)
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(12))
+    # the seed (trainer.seed, update number, epoch) decides the deal: the same seed deals the same mini-batches
+    expected = [r.tolist() for e in range(2) for r in
+                mini_batch_rows(12, 6, shuffle=True, seed=shuffle_seed(1, update, e))]
+    assert dealt == expected
+    other_seed, update = _dealt_rows(worker, monkeypatch, shuffle=True, seed=7)
+    assert other_seed == [r.tolist() for e in range(2) for r in
+                          mini_batch_rows(12, 6, shuffle=True, seed=shuffle_seed(7, update, e))]
+    assert other_seed[:2] != [r.tolist() for r in mini_batch_rows(12, 6, shuffle=True, seed=shuffle_seed(1, update, 0))]
+    worker.cfg.actor_rollout_ref.actor.shuffle = False
+
+
+def test_the_reference_pass_uses_the_refs_micro_batch_size(worker, monkeypatch):
+    arr = worker.cfg.actor_rollout_ref
+    arr.rollout.log_prob_micro_batch_size_per_gpu = 16
+    arr.ref.log_prob_micro_batch_size_per_gpu = 3
+    sizes = {}
+    forward = type(worker)._forward_log_probs
+
+    def spy(self, mb, mode, *args, **kwargs):
+        sizes.setdefault(mode, []).append(mb["input_ids"].shape[0])
+        return forward(self, mb, mode, *args, **kwargs)
+
+    monkeypatch.setattr(type(worker), "_forward_log_probs", spy)
+    batch = ragged_batch(seed=2, rows=12)
+    ref = worker.compute_log_probs(batch, "ref")["log_probs"]
+    policy = worker.compute_log_probs(batch, "policy")["log_probs"]
+    assert sizes["ref"] == [3, 3, 3, 3] and sizes["policy"] == [12]
+    assert ref.shape == policy.shape == batch["responses"].shape

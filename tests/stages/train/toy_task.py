@@ -68,9 +68,10 @@ def toy_overrides(model_dir: Path, root: Path, steps: int, extra: dict | None = 
 
 
 @contextmanager
-def frozen_worker(model_dir: Path, root: Path, extra: dict | None = None):
+def frozen_worker(model_dir: Path, root: Path, extra: dict | None = None, with_critic: bool = False):
     """One in-process ActorWorker (world size 1 over gloo, one thread) on the tiny model whose weights never
-    move (lr 0, no weight decay, no clipping), so every pass the tests compare sees the same model."""
+    move (lr 0, no weight decay, no clipping), so every pass the tests compare sees the same model; with_critic
+    adds the PPO critic (adapter + value head), frozen the same way."""
     from config import load_config
     from stages.train.actor_worker import ActorWorker
     from stages.train.worker_group import free_port
@@ -79,10 +80,13 @@ def frozen_worker(model_dir: Path, root: Path, extra: dict | None = None):
         "actor_rollout_ref.actor.optim.lr": 0.0,
         "actor_rollout_ref.actor.optim.weight_decay": 0.0,
         "actor_rollout_ref.actor.grad_clip": 1e9,
+        "critic.optim.lr": 0.0,
+        "critic.optim.weight_decay": 0.0,
+        "critic.grad_clip": 1e9,
         "trainer.cpu_workers": 1,
         **(extra or {}),
     }))
-    worker = ActorWorker(0, 1, cfg.to_dict(), str(model_dir), False, 1, "cpu", 1)
+    worker = ActorWorker(0, 1, cfg.to_dict(), str(model_dir), with_critic, 1, "cpu", 1)
     worker.init_distributed("127.0.0.1", free_port())
     worker.setup()
     try:
