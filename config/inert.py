@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def inert_keys(cfg: Config) -> list[str]:
     """One message per key whose value changes nothing under this config."""
-    return [*_lora_keys_replaced_by_the_adapter(cfg), *_layered_summon_in_merged_sync(cfg)]
+    return [*_lora_keys_replaced_by_the_adapter(cfg), *_layered_summon_in_merged_sync(cfg),
+            *_overlong_log_without_shaping(cfg)]
 
 
 def warn_inert_keys(cfg: Config) -> None:
@@ -78,6 +79,14 @@ def _layered_summon_in_merged_sync(cfg: Config) -> list[str]:
     return [f"actor_rollout_ref.rollout.layered_summon=True has no effect with merged sync ({why}): merged sync "
             "always gathers, merges and writes one decoder layer at a time, and the final adapter and checkpoints "
             "are always gathered layer by layer. It changes only lora_sync=adapter."]
+
+
+def _overlong_log_without_shaping(cfg: Config) -> list[str]:
+    shaping = cfg.reward_model.overlong_buffer
+    if not shaping.log or shaping.enable:
+        return []
+    return ["reward_model.overlong_buffer.log=True has no effect while reward_model.overlong_buffer.enable=False: "
+            "there is no overlong reward to log. Set enable=True to shape (and log) it."]
 
 
 def warn_replaced_local_dir(cfg: Config, replacement: str) -> None:

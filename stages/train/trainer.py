@@ -79,13 +79,25 @@ class Trainer:
                                  [it["ground_truth"] for it in r.items], [it["extra_info"] for it in r.items])
         r.scores = [float(x["score"]) for x in results]
         r.accs = [x.get("acc") for x in results]
-        shaping = self.cfg.reward_model.overlong_buffer
-        if shaping.enable:
-            from stages.train.core_algos import overlong_penalty
+        if self.cfg.reward_model.overlong_buffer.enable:
+            r.scores = [s + float(p) for s, p in zip(r.scores, self._overlong_penalty(r))]
 
-            max_len = self.cfg.actor_rollout_ref.rollout.response_length or self.cfg.data.max_response_length
-            penalty = overlong_penalty([len(x) for x in r.response_ids], max_len, shaping.len, shaping.penalty_factor)
-            r.scores = [s + float(p) for s, p in zip(r.scores, penalty)]
+    def _overlong_penalty(self, r: Rollout) -> torch.Tensor:
+        """DAPO's overlong shaping term of each response [B] (0 or negative)."""
+        from stages.train.core_algos import overlong_penalty
+
+        shaping = self.cfg.reward_model.overlong_buffer
+        max_len = self.cfg.actor_rollout_ref.rollout.response_length or self.cfg.data.max_response_length
+        return overlong_penalty([len(x) for x in r.response_ids], max_len, shaping.len, shaping.penalty_factor)
+
+    def _overlong_metrics(self, r: Rollout, prefix: str) -> dict:
+        """With overlong_buffer.log (as verl's DAPO reward manager): the mean shaping term, and the share of
+        responses it penalised."""
+        shaping = self.cfg.reward_model.overlong_buffer
+        if not (shaping.enable and shaping.log) or len(r) == 0:
+            return {}
+        penalty = self._overlong_penalty(r)
+        return {f"{prefix}overlong_reward": float(penalty.mean()), f"{prefix}overlong": float((penalty < 0).float().mean())}
 
     def _rollout_batch(self, metrics: dict) -> Rollout:
         """One batch of train_batch_size prompts x n responses; with DAPO's dynamic sampling, generation
@@ -128,6 +140,7 @@ class Trainer:
         if len(r) == 0:  # dynamic sampling found no informative group: nothing to learn from this step
             log.warning("step %d: every sampled group had equal rewards; skipping the update", self.global_step + 1)
             return {"step_skipped": 1.0}
+        metrics.update(self._overlong_metrics(r, "reward/"))
         batch = build_tensors(r.prompt_ids, r.response_ids, self.pad_id)
         mask = batch["response_mask"]
         scores = outcome_rewards(r.scores, mask)
@@ -209,12 +222,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ validation
     def validate(self) -> dict:
+        """The held-out prompts, data.val_batch_size at a time (None: all in one call), sampled as
+        rollout.val_kwargs says; their mean reward (and accuracy when the scorer gives one)."""
         vk = self.cfg.actor_rollout_ref.rollout.val_kwargs
         t0 = time.perf_counter()
         if vk.do_sample:
-            outs = self._generate(self.val_items, n=vk.n, temperature=vk.temperature, top_p=vk.top_p, top_k=vk.top_k)
+            sampling = dict(n=vk.n, temperature=vk.temperature, top_p=vk.top_p, top_k=vk.top_k)
         else:
-            outs = self._generate(self.val_items, greedy=True, n=1, temperature=0.0, top_p=1.0, top_k=-1)
+            sampling = dict(greedy=True, n=1, temperature=0.0, top_p=1.0, top_k=-1)
+        size = self.cfg.data.val_batch_size or max(len(self.val_items), 1)
+        outs = []
+        for start in range(0, len(self.val_items), size):
+            outs.extend(self._generate(self.val_items[start : start + size], **sampling))
         r = flatten_generation(self.val_items, outs)
         self._score(r)
         log.info("validation sample: %r -> %r", self.tokenizer.decode(r.prompt_ids[0][-12:]),
@@ -224,6 +243,7 @@ class Trainer:
         accs = [a for a in r.accs if a is not None]
         if accs:
             out["val/acc"] = _mean(accs)
+        out.update(self._overlong_metrics(r, "val/"))
         return out
 
     # ------------------------------------------------------------------------------------------ checkpoints

@@ -82,3 +82,9 @@ def test_a_replaced_checkpoint_folder_warns_only_when_the_user_set_it(caplog):
         assert len(found) == expected
         if expected:
             assert "trainer.default_local_dir=/tmp/mine (the command line)" in found[0]
+
+
+def test_overlong_log_without_shaping_warns(caplog):
+    found = _inert(caplog, ["reward_model.overlong_buffer.log=true"])
+    assert len(found) == 1 and "overlong_buffer.log=True has no effect" in found[0]
+    assert _inert(caplog, ["reward_model.overlong_buffer.log=true", "reward_model.overlong_buffer.enable=true"]) == []
