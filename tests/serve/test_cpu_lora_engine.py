@@ -1,0 +1,103 @@
+"""A real vLLM CPU engine with the segmented LoRA ops (ground/vllm_cpu_lora.py) serving 4 adapters and the base
+in ONE batch: every request's greedy tokens equal transformers + PEFT's for its adapter, and so do the log-probs.
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as the trainer runs it) so the test can see
+that vLLM's general-plugin loading installed the ops. The requests interleave adapters (the same adapter at
+non-adjacent positions) and include no-adapter requests, so decode takes the grouped path and -1 tokens share
+the batch with all 4 slots occupied.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ground.processes import shm_segments_of  # noqa: E402
+from tests.serve.adapters import PROMPT, make_adapters  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+MAX_TOKENS = 8
+LOGPROB_ATOL = 1e-3
+# request order: adapters interleaved and repeated, base (None) requests among them
+REQUEST_SEEDS = [1, 2, None, 3, 1, 4, 2, None, 4, 3]
+
+
+@pytest.fixture(scope="module")
+def four_adapters(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("cpu-lora")
+    dirs, answers = make_adapters(tiny_model_dir, root, seeds=[1, 2, 3, 4], max_new_tokens=MAX_TOKENS)
+    return dirs, answers
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from vllm import LLM
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env.delenv("LORA_PIPELINE_CPU_LORA_OPS", raising=False)
+        llm = LLM(model=str(tiny_model_dir), dtype="float32", enforce_eager=True, max_model_len=256,
+                  gpu_memory_utilization=0.1, max_num_seqs=16, enable_lora=True, max_loras=4, max_lora_rank=8,
+                  max_cpu_loras=4, seed=0)
+        yield llm
+        # the shared memory this process (which runs the engine) holds: none of it may outlive the engine
+        segments = shm_segments_of([os.getpid()])
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    gc.collect()
+    assert not any(os.path.exists(s) for s in segments)
+
+
+def _peft_logprobs(base_dir, adapter_dir, prompt_ids, response_ids) -> list[float]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(input_ids=ids).logits[0].float(), dim=-1)
+    return [logp[i - 1, ids[0, i]].item() for i in range(len(prompt_ids), ids.shape[1])]
+
+
+def test_the_plugin_installed_the_segmented_ops(engine):
+    import vllm.lora.punica_wrapper.punica_cpu as wrapper_module
+
+    import ground.vllm_cpu_lora as segmented
+
+    for name in segmented.PATCHED_NAMES:
+        assert getattr(wrapper_module, name) is getattr(segmented, name)
+
+
+def test_four_adapters_in_one_batch_equal_peft(engine, four_adapters, tiny_model_dir):
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    dirs, answers = four_adapters
+    prompt_ids = AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPT).input_ids
+    requests = {seed: LoRARequest(f"adapter-{seed}", seed, str(dirs[seed])) for seed in dirs}
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, detokenize=False,
+                            ignore_eos=False)
+    outputs = engine.generate([TokensPrompt(prompt_token_ids=prompt_ids)] * len(REQUEST_SEEDS), params,
+                              lora_request=[requests.get(seed) for seed in REQUEST_SEEDS], use_tqdm=False)
+
+    distinct = {tuple(answers[seed]) for seed in answers}
+    assert len(distinct) == len(answers)  # 4 adapters and the base answer differently: a mix-up would show
+    peft_logprobs = {}
+    for seed, out in zip(REQUEST_SEEDS, outputs):
+        completion = out.outputs[0]
+        ids = list(completion.token_ids)
+        expected = answers[seed]
+        assert ids == expected, f"adapter {seed}: engine {ids} != PEFT {expected}"
+        if seed not in peft_logprobs:
+            peft_logprobs[seed] = _peft_logprobs(tiny_model_dir, dirs.get(seed), prompt_ids, ids)
+        got = [step[token].logprob for token, step in zip(ids, completion.logprobs)]
+        assert got == pytest.approx(peft_logprobs[seed], abs=LOGPROB_ATOL), f"adapter {seed}"
