@@ -68,7 +68,7 @@ class ActorWorker:
         """(this node's IP, a TCP port free on this node): asked of rank 0, whose node hosts the store."""
         import ray
 
-        from stages.train.worker_group import free_port
+        from ground.ports import free_port
 
         return ray.util.get_node_ip_address(), free_port("")
 

@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import torch
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on this machine at `host` ("" = every interface, for peers on other nodes)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def pad_batch(batch: dict, multiple: int) -> tuple[dict, int]:

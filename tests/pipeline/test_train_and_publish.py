@@ -17,7 +17,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from ground.ports import free_port
 from pipeline.cli import cli_entry
 from pipeline.runner import read_manifest
 from tests.stages.train.toy_task import toy_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(tiny_model_dir, tmp_path, steps, extra=None):
@@ -59,7 +53,7 @@ def test_train_and_publish_end_to_end_with_serving(tiny_model_dir, tmp_path, cap
     args = ["run", "train-and-publish", "--run-dir", str(run_dir),
             *_overrides(tiny_model_dir, tmp_path, steps=12, extra={
                 "trainer.cpu_workers": 2, "trainer.test_freq": 4, "trainer.save_freq": 4,
-                "serve.enable": True, "serve.port": _free_port(), "serve.gpu_memory_utilization": 0.1,
+                "serve.enable": True, "serve.port": free_port(), "serve.gpu_memory_utilization": 0.1,
                 "serve.api_key": "test-key"})]
     assert cli_entry(args) == 0
 

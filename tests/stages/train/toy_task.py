@@ -74,7 +74,7 @@ def frozen_worker(model_dir: Path, root: Path, extra: dict | None = None, with_c
     adds the PPO critic (adapter + value head), frozen the same way."""
     from config import load_config
     from stages.train.actor_worker import ActorWorker
-    from stages.train.worker_group import free_port
+    from ground.ports import free_port
 
     cfg = load_config(None, toy_overrides(model_dir, root, steps=1, extra={
         "actor_rollout_ref.actor.optim.lr": 0.0,
