@@ -13,7 +13,7 @@ Outcome rewards sit on the last response token, so a response's score is `token_
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -42,6 +42,9 @@ from stages.train.losses import (  # noqa: F401
     register_loss_agg_mode,
     register_policy_loss,
 )
+
+if TYPE_CHECKING:  # the estimators' `config` is algorithm.* of the run's config
+    from config.schema import AlgorithmConfig
 
 AdvEstimatorFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 ADV_ESTIMATORS: NameRegistry[AdvEstimatorFn] = NameRegistry("advantage estimator")
@@ -126,7 +129,8 @@ def _check_shapes(token_level_rewards, response_mask, index):
 
 
 @register_adv_estimator("gae", needs_critic=True)
-def compute_gae_advantage(token_level_rewards, response_mask, index, config, values=None, reward_baselines=None):
+def compute_gae_advantage(token_level_rewards, response_mask, index, config: AlgorithmConfig, values=None,
+                          reward_baselines=None):
     """Generalised Advantage Estimation for PPO with a critic (arXiv:1506.02438; PPO arXiv:1707.06347).
 
     delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1},  returns = A + V,
@@ -158,7 +162,8 @@ def compute_gae_advantage(token_level_rewards, response_mask, index, config, val
 
 
 @register_adv_estimator("grpo")
-def compute_grpo_advantage(token_level_rewards, response_mask, index, config, values=None, reward_baselines=None):
+def compute_grpo_advantage(token_level_rewards, response_mask, index, config: AlgorithmConfig, values=None,
+                           reward_baselines=None):
     """GRPO's group-relative outcome advantage (arXiv:2402.03300).
 
     A_i = (s_i - mean(group)) / (std(group) + eps), the same on every token of response i (s_i = summed reward,

@@ -10,12 +10,15 @@ Both registries are filled by decorators and read by name from the config:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ground.errors import ConfigError
 from ground.names import NameRegistry
+
+if TYPE_CHECKING:  # the losses' `config` is actor_rollout_ref.actor.* of the run's config
+    from config.schema import ActorConfig
 
 # ------------------------------------------------------------------------------------------- masked helpers
 
@@ -119,7 +122,7 @@ def get_policy_loss_fn(name: str) -> PolicyLossFn:
     return POLICY_LOSSES.lookup(name, "actor_rollout_ref.actor.policy_loss.loss_mode")
 
 
-def clip_range(config) -> tuple[float, float, float]:
+def clip_range(config: ActorConfig) -> tuple[float, float, float]:
     """(low, high, c) from an ActorConfig: clip_ratio_low/high default to clip_ratio; c is the dual-clip bound."""
     low = config.clip_ratio if config.clip_ratio_low is None else config.clip_ratio_low
     high = config.clip_ratio if config.clip_ratio_high is None else config.clip_ratio_high
