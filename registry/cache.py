@@ -14,8 +14,12 @@ Why it is safe:
   the manifest's sha256; a reader sees it whole or not at all, and a download that fails leaves nothing there.
 - Several processes (the server's resolver, an export, a training run) may ask for the same version at once:
   one downloads under a `filelock` lock, the others wait and then find it.
-- A hit costs a stat per file (sizes must match the manifest); `Registry.verify` re-hashes. A folder found
-  damaged is moved out of the way and downloaded again.
+- File names come from the manifest (a tag anyone with write access to the server can rewrite): each is checked
+  against the files a version holds before it is joined to a folder (registry.integrity.manifest_files), so no
+  download lands outside the cache.
+- A hit costs a stat per file (sizes must match the manifest), and the first hit of a folder in each process
+  re-hashes it: a cached file whose bytes changed but whose size did not is never handed out. A folder found
+  damaged is moved out of the way and downloaded again; `Registry.verify` re-hashes too.
 - Cleaned by size: after each download, least-recently-used folders (by mtime, which every hit refreshes) are
   removed until the cache is under its cap, except those used within `min_idle_s`, because a running vLLM server
   may re-read an adapter folder it loaded earlier (when it drops the adapter from its CPU cache and needs it back).
@@ -29,6 +33,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,6 +43,7 @@ from filelock import FileLock
 from ground.errors import RegistryError
 from ground.processes import pid_alive
 from registry.integrity import CACHE_MARKER as VERIFIED
+from registry.integrity import NotARegularFileError, hash_regular, manifest_files
 from registry.local import HOST, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,8 @@ class VersionCache:
         self.server = server
         self.max_bytes = max_bytes
         self.min_idle_s = min_idle_s
+        self._hashed: set[Path] = set()  # folders this process has hashed (at download or first hit)
+        self._hashed_guard = threading.Lock()
 
     def _init(self) -> None:
         if not (self.root / "server.txt").is_file():
@@ -88,23 +96,39 @@ class VersionCache:
 
     # ------------------------------------------------------------------------------------------- reading
     def get(self, name: str, version: int, ident: str, manifest: dict) -> Path | None:
-        """The cached folder when it is there and its files have the manifest's sizes; refreshes its LRU time."""
+        """The cached folder when it is there and its files match the manifest; refreshes its LRU time.
+
+        Sizes are checked on every hit, hashes on the first hit in this process (a byte flipped in place keeps
+        the size)."""
+        ref = f"{name}@{version}"
+        files = manifest_files(ref, manifest, f"the manifest of {ref} on {self.server}")
         path = self.folder(name, version, ident)
         if not (path / VERIFIED).is_file():
             return None
-        for fname, entry in manifest["files"].items():
+        with self._hashed_guard:
+            hashed = path in self._hashed
+        intact = True
+        for fname, entry in files.items():
             try:
                 if (path / fname).stat().st_size != entry["size"]:
-                    break
-            except FileNotFoundError:
+                    intact = False
+                elif not hashed and hash_regular(path / fname, ref)[0] != entry["sha256"]:
+                    intact = False
+            except (FileNotFoundError, NotARegularFileError):
+                intact = False
+            if not intact:
                 break
-        else:
+        if intact:
+            with self._hashed_guard:
+                self._hashed.add(path)
             try:
                 os.utime(path)
             except OSError:
                 pass
             return path
         log.warning("cached copy of %s@%d in %s is damaged; downloading it again", name, version, path)
+        with self._hashed_guard:
+            self._hashed.discard(path)
         self.discard(path)
         return None
 
@@ -122,7 +146,7 @@ class VersionCache:
                 return found
             tmp = self.tmp_folder()
             try:
-                for fname, entry in sorted(manifest["files"].items()):
+                for fname, entry in sorted(manifest_files(f"{name}@{version}", manifest, "its manifest").items()):
                     got = download(fname, tmp / fname)
                     if got != entry["sha256"]:
                         raise RegistryError(
@@ -132,6 +156,8 @@ class VersionCache:
                             "re-publish it.")
                 self._seal(tmp, manifest)
                 self._place(tmp, self.folder(name, version, ident))
+                with self._hashed_guard:
+                    self._hashed.add(self.folder(name, version, ident))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.evict()
@@ -149,7 +175,7 @@ class VersionCache:
             log.debug("could not keep %s@%d in the cache: %s", name, version, exc)
 
     def _seal(self, folder: Path, manifest: dict) -> None:
-        for fname in manifest["files"]:
+        for fname in manifest_files(folder.name, manifest, "its manifest"):
             with open(folder / fname, "rb") as f:
                 os.fsync(f.fileno())
         with open(folder / VERIFIED, "w") as f:

@@ -122,7 +122,15 @@ def show(ctx, ref, as_json):
     """Metadata, lineage and file hashes of one version."""
     reg = _open(ctx)
     av = reg.resolve(ref)
-    manifest = json.loads((av.path / "manifest.json").read_text())
+    from registry.integrity import manifest_files, read_regular
+
+    manifest_path = av.path / "manifest.json"
+    try:
+        files = manifest_files(av.ref, json.loads(read_regular(manifest_path, av.ref)), str(manifest_path))
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{av.ref}: {manifest_path} is unreadable ({exc.__class__.__name__}); run "
+                            f"`pipeline registry verify {av.ref}`.") from None
+    manifest = {"files": files}
     pointing = sorted(a for a, v in reg.aliases(av.name).items() if v == av.version)
     info = {"ref": av.ref, "path": str(av.path), "aliases": pointing, "metadata": av.metadata,
             "files": manifest["files"]}

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ground.errors import NotFoundError, RegistryError
 from registry.core import Registry, _copy_hashed, _write_json
-from registry.integrity import MANIFEST, METADATA, PAYLOAD, verify_folder
+from registry.integrity import MANIFEST, METADATA, PAYLOAD, manifest_files, read_regular, verify_folder
 from registry.refs import check_name
 from registry.validate import validate_adapter
 
@@ -32,8 +32,12 @@ class CopyReport:
 
 
 def _payload_hashes(av) -> dict[str, str]:
-    manifest = json.loads((av.path / MANIFEST).read_text())["files"]
-    return {f: manifest[f]["sha256"] for f in PAYLOAD}
+    manifest = manifest_files(av.ref, json.loads(read_regular(av.path / MANIFEST, av.ref)), str(av.path / MANIFEST))
+    try:
+        return {f: manifest[f]["sha256"] for f in PAYLOAD}
+    except (KeyError, TypeError):
+        raise RegistryError(f"{av.ref}: its manifest does not list the PEFT files; run `pipeline registry verify "
+                            f"{av.ref}`.") from None
 
 
 def copy_registry(src: Registry, dst: Registry, names: list[str] | None = None) -> CopyReport:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ground.errors import NotFoundError, RegistryError
-from registry.integrity import MANIFEST, METADATA, PAYLOAD, VerifyReport
+from registry.integrity import MANIFEST, METADATA, PAYLOAD, VerifyReport, open_regular
 from registry.refs import check_alias, check_name, check_version, format_versions, parse_ref
 from registry.store import Store
 from registry.validate import CONFIG, validate_adapter
@@ -83,7 +83,7 @@ class AdapterVersion:
 def _copy_hashed(src: Path, dst: Path) -> dict:
     """Copy one file, hashing what is written, and fsync it. Returns its manifest entry."""
     h, size = hashlib.sha256(), 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with open_regular(src, str(src.parent)) as fin, open(dst, "wb") as fout:
         while chunk := fin.read(CHUNK):
             h.update(chunk)
             fout.write(chunk)

@@ -7,6 +7,7 @@ Layout under the root (see docs/registry.md):
     ROOT/adapters/NAME/.lock                the adapter's file lock (numbering, aliases)
     ROOT/adapters/NAME/last_version         highest number ever given, so deleted numbers are never reused
     ROOT/adapters/NAME/aliases.json         {"prod": 7, ...}, replaced atomically
+    ROOT/adapters/NAME/manifests.log        `N SHA256` per version: its manifest.json's digest, append-only
     ROOT/adapters/NAME/versions/N/          one immutable version
 
 Why it is safe:
@@ -16,6 +17,9 @@ Why it is safe:
   by SIGKILL), from max(last_version, newest folder) + 1, so concurrent publishers get consecutive numbers and
   a publisher killed between the rename and writing last_version leaves no gap.
 - Aliases live in one small JSON file replaced with os.replace: a reader opens the old or the new file.
+- Each version's manifest digest is appended to manifests.log before the version becomes visible, and never
+  rewritten: weights rewritten together with their manifest.json no longer match the record, so `verify` and the
+  server (serve/verified.py) notice (see `recorded_digest_problem`).
 - Work folders carry host and pid in their name; the next writer removes those whose process is gone
   (or that are older than a day, in case a pid was reused).
 """
@@ -39,6 +43,7 @@ from filelock import FileLock
 
 from ground.errors import RegistryError
 from ground.processes import pid_alive
+from registry.integrity import read_regular
 from registry.refs import NAME_RE, VERSION_RE
 from registry.store import Store
 
@@ -58,6 +63,52 @@ def fsync_dir(path: Path) -> None:
 
 
 OWN_ROOT_ENTRIES = {".tmp", "adapters", "registry.json"}
+DIGESTS = "manifests.log"
+
+
+def read_recorded_digests(adapter_dir: Path, ref: str) -> dict[int, str] | None:
+    """version -> manifest sha256 from the adapter's manifests.log; None when it has none (older registries).
+
+    The last record of a number wins: a publisher killed after appending but before its rename leaves a record
+    whose number the next publish takes again."""
+    try:
+        text = read_regular(adapter_dir / DIGESTS, ref).decode()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{ref}: {adapter_dir / DIGESTS} is unreadable ({exc}); it records what each version "
+                            "was published with. Restore it from a backup or re-publish the adapter.") from None
+    records = {}
+    for line in text.splitlines():
+        number, _, digest = line.partition(" ")
+        if VERSION_RE.fullmatch(number) and len(digest) == 64:
+            records[int(number)] = digest
+    return records
+
+
+def recorded_digest_problem(version_dir: Path, ref: str, manifest_bytes: bytes) -> str | None:
+    """Whether a local store's version folder still holds the manifest recorded when it was published.
+
+    None when it does, or when there is nothing to compare with (not a local store's version folder, or an
+    adapter published before manifests.log existed); else one line saying what differs."""
+    version_dir = Path(version_dir)
+    if version_dir.parent.name != "versions" or not VERSION_RE.fullmatch(version_dir.name):
+        return None
+    adapter_dir = version_dir.parent.parent
+    records = read_recorded_digests(adapter_dir, ref)
+    if not records:
+        return None
+    version, digest = int(version_dir.name), hashlib.sha256(manifest_bytes).hexdigest()
+    recorded = records.get(version)
+    if recorded is None:
+        if version < min(records):
+            return None  # published before the record was kept
+        return (f"{ref}: it has no record in {adapter_dir / DIGESTS} (every version published since "
+                f"{adapter_dir.name}@{min(records)} has one), so its files cannot be trusted")
+    if recorded != digest:
+        return (f"{ref}: its manifest.json (sha256 {digest[:16]}...) is not the one recorded when it was published "
+                f"({recorded[:16]}... in {adapter_dir / DIGESTS}); its files were rewritten after publishing")
+    return None
 
 
 class LocalStore(Store):
@@ -133,7 +184,7 @@ class LocalStore(Store):
     def read_aliases(self, name: str) -> dict[str, int]:
         path = self._adapter_dir(name) / "aliases.json"
         try:
-            text = path.read_text()
+            text = read_regular(path, name)
         except FileNotFoundError:
             return {}
         try:
@@ -143,7 +194,7 @@ class LocalStore(Store):
 
     def _read_counter(self, name: str) -> int:
         try:
-            return int((self._adapter_dir(name) / "last_version").read_text().strip() or 0)
+            return int(read_regular(self._adapter_dir(name) / "last_version", name).strip() or 0)
         except FileNotFoundError:
             return 0
 
@@ -193,12 +244,38 @@ class LocalStore(Store):
                                     f"{expect_version}; refusing to renumber it.")
             finish(staged, version)
             fsync_dir(staged)
+            self._record_digest(name, version, staged)
             os.rename(staged, versions_dir / str(version))  # atomic; refuses to replace a non-empty folder
             fsync_dir(versions_dir)
             self._atomic_write(self._adapter_dir(name) / "last_version", f"{version}\n")
             if after is not None:
                 after(version)
         return version
+
+    def _record_digest(self, name: str, version: int, staged: Path) -> None:
+        """Append `version sha256(manifest.json)` to manifests.log (under the adapter's lock, before the rename)."""
+        digest = hashlib.sha256(read_regular(staged / "manifest.json", f"{name}@{version}")).hexdigest()
+        fd = os.open(self._adapter_dir(name) / DIGESTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{version} {digest}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def verify_version(self, ref: str, name: str, version: int) -> list[str]:
+        """The folder against its manifest, and the manifest against the digest recorded at publish."""
+        problems = super().verify_version(ref, name, version)
+        path = self.version_dir(name, version)
+        if path is not None:
+            try:
+                problem = recorded_digest_problem(path, ref, read_regular(path / "manifest.json", ref))
+            except OSError:
+                problem = None  # a missing manifest is already reported
+            except RegistryError as exc:
+                problem = str(exc)
+            if problem and problem not in problems:
+                problems.append(problem)
+        return problems
 
     def update_aliases(self, name: str, change: Callable[[dict[str, int]], dict[str, int]]) -> dict[str, int]:
         with self.locked(name):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +36,10 @@ from registry.mlflow_layout import (CLEANUP_EVERY_S, CREATE_ATTEMPTS, EXPERIMENT
                                     TAG_VALUE_MAX, browse_tags)
 
 log = logging.getLogger(__name__)
+
+# The upload run's parameter holding sha256(manifest text). MLflow refuses to change a logged parameter, while
+# anyone with write access can rewrite a model version's tags: readers compare the `pipeline.manifest` tag with it.
+MANIFEST_DIGEST_PARAM = "pipeline.manifest_sha256"
 
 
 class MlflowPublishing:
@@ -140,6 +145,9 @@ class MlflowPublishing:
                                 f"cannot add version {expect_version} with its number.")
         run_id, art = self._start_upload(name)
         self._upload_verified(staged, art, name)
+        self.server.post("runs/log-parameter", f"recording the manifest of {name}", {
+            "run_id": run_id, "key": MANIFEST_DIGEST_PARAM,
+            "value": hashlib.sha256(manifest_text.encode()).hexdigest()}, idempotent=True)
         tags = {**browse_tags(metadata), FORMAT_TAG: "1", MANIFEST_TAG: manifest_text, PATH_TAG: art}
         if len(metadata_text) <= TAG_VALUE_MAX:
             tags[METADATA_TAG] = metadata_text

@@ -25,12 +25,12 @@ from typing import Callable, Iterator
 
 from ground.errors import NotFoundError, RegistryError
 from registry.cache import VersionCache, cache_max_bytes, cache_root
-from registry.integrity import MANIFEST, METADATA, PAYLOAD, verify_folder
+from registry.integrity import MANIFEST, METADATA, PAYLOAD, manifest_files, verify_folder
 from registry.mlflow_http import ApiError, MlflowServer
 from registry.mlflow_layout import (FORMAT_TAG, MANIFEST_TAG, METADATA_TAG, MODEL_TAG, MODEL_TAG_VALUE, PATH_TAG,
                                     http_url, tags_of as _tags)
 from registry.mlflow_leftovers import MlflowLeftovers
-from registry.mlflow_publish import MlflowPublishing
+from registry.mlflow_publish import MANIFEST_DIGEST_PARAM, MlflowPublishing
 from registry.store import Store
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,15 @@ class MlflowStore(MlflowPublishing, MlflowLeftovers, Store):
 
     def _metadata(self, mv: dict) -> dict:
         tags = _tags(mv)
-        manifest = json.loads(tags[MANIFEST_TAG])
+        ref = f"{mv['name']}@{mv['version']}"
+        files = manifest_files(ref, json.loads(tags[MANIFEST_TAG]), f"the {MANIFEST_TAG} tag of {ref} on {self.uri}")
+        if not isinstance(files.get(METADATA), dict):
+            raise RegistryError(f"{ref} on {self.uri}: its manifest does not list {METADATA}; run "
+                                f"`pipeline registry verify {ref}`, then delete it and publish it again.")
         text = tags.get(METADATA_TAG)
         if text is None:  # too long for a tag: read the file (downloads the version once)
             text = (self._folder(mv) / METADATA).read_text()
-        if hashlib.sha256(text.encode()).hexdigest() != manifest["files"][METADATA]["sha256"]:
+        if hashlib.sha256(text.encode()).hexdigest() != files[METADATA].get("sha256"):
             raise RegistryError(f"{mv['name']}@{mv['version']} on {self.uri}: its metadata does not match its "
                                 f"manifest; run `pipeline registry verify {mv['name']}@{mv['version']}`.")
         return json.loads(text)
@@ -101,10 +105,30 @@ class MlflowStore(MlflowPublishing, MlflowLeftovers, Store):
         def download(fname: str, dst: Path) -> str:
             return self.server.download(f"{art}/{fname}", dst)
 
-        folder = self.cache.fill(mv["name"], int(mv["version"]), mv["run_id"], json.loads(manifest_text), download)
+        name, version, manifest = mv["name"], int(mv["version"]), json.loads(manifest_text)
+        folder = self.cache.get(name, version, mv["run_id"], manifest)
+        if folder is None:  # about to download: first the tag against what the upload recorded
+            problem = self._recorded_manifest_problem(mv, manifest_text)
+            if problem:
+                raise RegistryError(f"{problem}. It is not served or exported; delete it and publish it again.")
+            folder = self.cache.fill(name, version, mv["run_id"], manifest, download)
         if not (folder / MANIFEST).is_file():
             (folder / MANIFEST).write_text(manifest_text)  # the tag is manifest.json's exact text
         return folder
+
+    def _recorded_manifest_problem(self, mv: dict, manifest_text: str) -> str | None:
+        """Whether the `pipeline.manifest` tag (rewritable by anyone with write access) is still the manifest the
+        upload run recorded as an immutable parameter at publish; None when it is, or for versions published
+        before that parameter existed."""
+        ref = f"{mv['name']}@{mv['version']}"
+        run = self.server.get("runs/get", f"reading the upload of {ref}", run_id=mv["run_id"])["run"]
+        recorded = {p["key"]: p["value"] for p in run.get("data", {}).get("params", [])}.get(MANIFEST_DIGEST_PARAM)
+        digest = hashlib.sha256(manifest_text.encode()).hexdigest()
+        if recorded is None or recorded == digest:
+            return None
+        return (f"{ref} on {self.uri}: its {MANIFEST_TAG} tag (sha256 {digest[:16]}...) is not the manifest recorded "
+                f"when it was published ({recorded[:16]}..., parameter {MANIFEST_DIGEST_PARAM} of upload run "
+                f"{mv['run_id']}); the tag was rewritten after publishing")
 
     def open_version(self, name: str, version: int):
         mv = self._model_version(name, version)
@@ -151,9 +175,14 @@ class MlflowStore(MlflowPublishing, MlflowLeftovers, Store):
             return [f"{ref} does not exist"]
         tags = _tags(mv)
         manifest, art = json.loads(tags[MANIFEST_TAG]), tags[PATH_TAG]
-        problems, tmp = [], self.cache.tmp_folder()
+        try:  # names from a tag: checked before any is joined to a path
+            files = manifest_files(ref, manifest, f"the {MANIFEST_TAG} tag of {ref} on {self.uri}")
+        except RegistryError as exc:
+            return [str(exc)]
+        problem = self._recorded_manifest_problem(mv, tags[MANIFEST_TAG])
+        problems, tmp = ([problem] if problem else []), self.cache.tmp_folder()
         try:
-            for fname, entry in sorted(manifest["files"].items()):
+            for fname, entry in sorted(files.items()):
                 try:
                     got = self.server.download(f"{art}/{fname}", tmp / fname)
                 except NotFoundError:

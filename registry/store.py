@@ -54,12 +54,13 @@ class Store(abc.ABC):
         is unreadable.
         """
         from ground.errors import RegistryError
+        from registry.integrity import METADATA, read_regular
 
         path = self.version_dir(name, version)
         if path is None:
             return None
-        try:
-            metadata = json.loads((path / "metadata.json").read_text())
+        try:  # only a regular file: a FIFO planted here would block the reader (a server request) forever
+            metadata = json.loads(read_regular(path / METADATA, f"{name}@{version}"))
         except (OSError, ValueError) as exc:
             raise RegistryError(f"`{name}@{version}` has an unreadable metadata.json ({exc}); run "
                                 f"`pipeline registry verify {name}@{version}`.") from None

@@ -4,9 +4,11 @@ Why a copy: vLLM keeps the path a LoRA name resolved to for the server's life an
 adapter was evicted from its CPU cache (`--max-cpu-loras`). If that path were the registry folder, a version
 deleted, truncated or swapped there after the first load would reach the engine on the next reload, and a
 truncated safetensors file kills vLLM's engine core (EngineDeadError, the whole server exits). The copy lives
-under the server's own run folder, keyed by the sha256 of the version's `manifest.json`; every file is hashed
+under the server's own run folder, keyed by the sha256 of the version's `manifest.json` (which must be the one
+the registry recorded when the version was published: registry.local.recorded_digest_problem); every file is hashed
 while it is copied and compared with the manifest before the folder is renamed into place, then made read-only.
-The registry folder is never given to the engine.
+The registry folder is never given to the engine. Only regular files are opened: a FIFO planted in the
+registry would otherwise block the request that loads the version.
 
 Per request (`check_current`), the registry folder is looked at again, cheaply: a version deleted since is
 refused (404), and when a file's size, mtime or inode changed the folder is re-hashed; a mismatch is refused
@@ -26,8 +28,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ground.adapter_files import version_file_path
 from ground.errors import NotFoundError, RegistryError
-from registry.integrity import CHUNK, MANIFEST, PAYLOAD, verify_folder
+from registry.integrity import CHUNK, MANIFEST, PAYLOAD, manifest_files, open_regular, read_regular, verify_folder
+from registry.local import recorded_digest_problem
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +84,20 @@ class VerifiedCache:
     def _materialize(self, ref: str, folder: Path) -> _Entry:
         started = time.perf_counter()
         try:
-            manifest_bytes = (folder / MANIFEST).read_bytes()
-            files = json.loads(manifest_bytes)["files"]
+            manifest_bytes = read_regular(folder / MANIFEST, ref)
+            files = manifest_files(ref, json.loads(manifest_bytes), f"its {MANIFEST}")
         except FileNotFoundError:
             raise NotFoundError(f"`{ref}` was deleted from the registry while it was being loaded.") from None
+        except RegistryError as exc:  # a FIFO, a name outside the allow-list
+            raise self._corrupt(ref, str(exc).removeprefix(f"{ref}: ")) from None
         except (OSError, ValueError, KeyError, TypeError):
             raise self._corrupt(ref, f"its {MANIFEST} is unreadable") from None
+        try:  # the manifest itself against the digest the registry recorded at publish (local store)
+            problem = recorded_digest_problem(folder, ref, manifest_bytes)
+        except RegistryError as exc:
+            problem = str(exc)
+        if problem:
+            raise self._corrupt(ref, problem.removeprefix(f"{ref}: "))
         digest = hashlib.sha256(manifest_bytes).hexdigest()
         target = self.root / digest[:40]
         signature = None
@@ -124,11 +136,10 @@ class VerifiedCache:
                 raise self._corrupt(ref, f"its manifest does not list {required}")
         signature = []
         for name, entry in sorted(files.items()):
-            if "/" in name or name.startswith("."):
-                raise self._corrupt(ref, f"its manifest lists an unsafe file name {name[:80]!r}")
             h, size = hashlib.sha256(), 0
             try:
-                with open(folder / name, "rb") as src, open(staging / name, "wb") as dst:
+                with open_regular(version_file_path(folder, ref, name, f"its {MANIFEST}"), ref) as src, \
+                        open(staging / name, "wb") as dst:
                     st = os.fstat(src.fileno())
                     while chunk := src.read(CHUNK):
                         h.update(chunk)
@@ -138,6 +149,10 @@ class VerifiedCache:
                 if not folder.is_dir():
                     raise NotFoundError(f"`{ref}` was deleted from the registry while it was being loaded.") from None
                 raise self._corrupt(ref, f"{name} is missing") from None
+            except CorruptVersionError:
+                raise
+            except RegistryError as exc:  # not a regular file (a FIFO would hang this request), a planted link
+                raise self._corrupt(ref, str(exc).removeprefix(f"{ref}: ")) from None
             if h.hexdigest() != entry.get("sha256") or size != entry.get("size", size):
                 raise self._corrupt(ref, f"{name} does not match its manifest (sha256 {h.hexdigest()[:16]}..., "
                                          f"{size} bytes; the manifest says {str(entry.get('sha256'))[:16]}..., "
@@ -181,9 +196,11 @@ class VerifiedCache:
         try:
             if _signature(registry_dir, names) == entry.signature:
                 return
-            manifest_bytes = (registry_dir / MANIFEST).read_bytes()
+            manifest_bytes = read_regular(registry_dir / MANIFEST, ref)
         except FileNotFoundError:
             raise NotFoundError(f"`{ref}` was deleted from the registry; it is no longer served.") from None
+        except RegistryError as exc:
+            raise self._corrupt(ref, str(exc).removeprefix(f"{ref}: ")) from None
         if hashlib.sha256(manifest_bytes).hexdigest() != entry.digest:
             raise self._corrupt(ref, "its manifest.json differs from the one this server verified (versions never "
                                      "change)")
