@@ -28,6 +28,8 @@ from __future__ import annotations
 import logging
 import os
 
+import torch  # already imported by every vLLM process that loads this plugin
+
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "LORA_PIPELINE_CPU_LORA_OPS"
@@ -45,8 +47,6 @@ _state = {"patched": False}
 def _groups_from_token_slots(token_slots):
     """[(slot, rows)] for one slot per token; rows is a slice when the slot's tokens are contiguous, else an
     index tensor. Slot -1 is left out. Also returns whether every row is covered by some group."""
-    import torch
-
     runs, run_lengths = torch.unique_consecutive(token_slots, return_counts=True)
     slots, lengths = runs.tolist(), run_lengths.tolist()
     if len(set(slots)) == len(slots):  # each slot in one contiguous run (the usual case: one adapter per batch)
@@ -88,18 +88,18 @@ def _slot_matrices(weights):
 def _grouped_product(x, weights, out, groups, covered, add: bool, scaling: float = 1.0) -> None:
     """out[rows] (+)= scaling * x[rows] @ weights[slot]^T for each (slot, rows); out may be a column view.
 
-    x is already in out's dtype; each slot's matrix is cast to it once per group (a no-op when equal)."""
+    x is already in out's dtype; each slot's matrix is cast to it once per group (a no-op when equal). One fused
+    addmm per group, in place on the output rows when they are a contiguous range (beta=0 assigns)."""
     matrices = _slot_matrices(weights)
     if not add and not covered:
         out.zero_()  # rows without an adapter: the assigning upstream op writes a zero product there
+    beta = 1 if add else 0
     for slot, rows in groups:
-        product = x[rows] @ matrices[slot].to(dtype=out.dtype).t()
-        if scaling != 1.0:
-            product = scaling * product
-        if add:
-            out[rows] += product
-        else:
-            out[rows] = product
+        weight_t = matrices[slot].to(dtype=out.dtype).t()
+        if isinstance(rows, slice):
+            out[rows].addmm_(x[rows], weight_t, beta=beta, alpha=scaling)
+        else:  # scattered rows: gather, compute, scatter back (activations only, never weights)
+            out[rows] = torch.addmm(out[rows], x[rows], weight_t, beta=beta, alpha=scaling)
 
 
 def _rows_agree(inputs, output, token_count: int) -> bool:
@@ -212,3 +212,15 @@ def install() -> None:
     for name in PATCHED_NAMES:
         setattr(wrapper_module, name, globals()[name])
     _state["patched"] = True
+
+
+def uninstall() -> None:
+    """Put vLLM's own torch ops back (benchmarks compare both in one process)."""
+    import importlib
+
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    wrapper_module = importlib.import_module(_CPU_WRAPPER_MODULE)
+    for name in PATCHED_NAMES:
+        setattr(wrapper_module, name, getattr(lora_ops, name))
+    _state["patched"] = False
