@@ -14,12 +14,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ground.adapter_files import version_file_path
 from ground.errors import RegistryError
-from registry.core import AdapterVersion
 from registry.integrity import (CHUNK, MANIFEST, METADATA, PAYLOAD, manifest_files, open_regular, read_regular,
                                 verify_folder)
+
+if TYPE_CHECKING:  # annotations only: registry.core imports this module when it exports/imports
+    from registry.core import AdapterVersion
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,14 @@ import logging
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ground.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS
 from ground.errors import NotFoundError, RegistryError
-from registry.core import AdapterVersion
 from registry.integrity import METADATA, PAYLOAD
+
+if TYPE_CHECKING:  # annotations only: registry.core imports this module when it exports/imports
+    from registry.core import AdapterVersion
 
 log = logging.getLogger(__name__)
 
