@@ -16,9 +16,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ground.errors import ConfigError
+from ground.mlflow_uri import CREDENTIAL_VARS, redact_uri, secret_parts
 
 from config.inert import warn_inert_keys
 from config.schema import Config
+from config.yaml_limits import MAX_BYTES, check_key_segments, load_bounded, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,11 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
         raise ConfigError(f"Override `{arg}` is not of the form key=value, e.g. `actor_rollout_ref.model.lora_rank=64`.")
     key, _, text = arg.partition("=")
     key = key.strip().lstrip("+~")
+    check_key_segments(key, arg)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"Override `{arg}` has an empty key part.")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_bounded(text, f"The value of override `{key}`") if text.strip() else None
     except yaml.YAMLError:
         value = text
     return key.split("."), value
@@ -110,7 +113,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"Config file `{path}` does not exist. Pass an existing YAML file with -c, or none for the default demo.")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_bounded(read_bounded(p, f"Config file `{path}`"), f"Config file `{path}`") or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"Config file `{path}` is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -118,9 +121,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _interpolate(d: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
-    """Resolve `${a.b}` references in string values (verl's checkpoint dir uses them)."""
+def _interpolate(d: dict[str, Any], root: dict[str, Any], budget: list[int] | None = None) -> dict[str, Any]:
+    """Resolve `${a.b}` references in string values (verl's checkpoint dir uses them).
+
+    What the references add, over all values together, is bounded by MAX_BYTES: a small file of many
+    `${a}` naming one large value would otherwise build gigabytes of strings."""
     import re
+
+    budget = [MAX_BYTES] if budget is None else budget
 
     def lookup(match: re.Match) -> str:
         node: Any = root
@@ -128,12 +136,18 @@ def _interpolate(d: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(node, dict) or part not in node:
                 raise ConfigError(f"Config reference `${{{match.group(1)}}}` names no key.")
             node = node[part]
-        return str(node)
+        text = str(node)
+        budget[0] -= len(text)
+        if budget[0] < 0:
+            raise ConfigError(f"Config references (`${{...}}`) expand to more than {MAX_BYTES:,} characters in all "
+                              f"(at `${{{match.group(1)}}}`); a reference names a short value such as a name or a "
+                              "folder.")
+        return text
 
     out = {}
     for key, value in d.items():
         if isinstance(value, dict):
-            out[key] = _interpolate(value, root)
+            out[key] = _interpolate(value, root, budget)
         elif isinstance(value, str) and "${" in value:
             out[key] = re.sub(r"\$\{([^}]+)\}", lookup, value)
         else:
@@ -232,7 +246,37 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     cfg._sources = sources
     validate(cfg)
     warn_inert_keys(cfg)  # valid keys that change nothing in this mode (config/inert.py)
+    check_uris(cfg)
     return cfg
+
+
+# A URI in the config ends up in the run's config.yaml, its MLflow params and its messages, so it must hold no
+# secret; MLflow's client and our registry client take credentials from the environment instead.
+URI_KEYS = ("registry.uri", "trainer.mlflow_tracking_uri")
+
+
+def check_uris(cfg: Config) -> None:
+    """Refuse user-info (`user:password@`) and a query (`?token=...`) in the config's URIs, showing neither."""
+    for key in URI_KEYS:
+        section, _, leaf = key.partition(".")
+        value = getattr(getattr(cfg, section), leaf)
+        parts = secret_parts(value) if value else []
+        if not parts:
+            continue
+        where = f"`{key}={redact_uri(value)}` (from {cfg.source_of(key)})"
+        if "user-info" in parts:
+            raise ConfigError(
+                f"{where} holds credentials; they would be written into the run's config.yaml and MLflow params. "
+                f"Remove `user:password@` from the URI and set {CREDENTIAL_VARS} in the environment instead"
+                + (" (a database tracking store takes its whole URI from $MLFLOW_TRACKING_URI, which is never "
+                   "written into a run)." if key == "trainer.mlflow_tracking_uri" else ".")
+            )
+        raise ConfigError(
+            f"{where} has a query or fragment (`?...`, `#...`), which may hold a token and would be written into "
+            f"the run's config.yaml and MLflow params. Remove it; set {CREDENTIAL_VARS} in the environment for "
+            "credentials" + (", or give the whole URI in $MLFLOW_TRACKING_URI, which is never written into a run."
+                             if key == "trainer.mlflow_tracking_uri" else ".")
+        )
 
 
 # -------------------------------------------------------------------------------------------------- validation

@@ -12,11 +12,13 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-from ground.mlflow_uri import PARENT_TAG, get_experiment_id, tracking_uri
+from ground.mlflow_uri import PARENT_TAG, get_experiment_id, redact_uri, tracking_uri
 
 
 def _short(value: Any) -> str:
-    text = str(value)
+    # The config's own URIs hold no secret (config/loader.py refuses them); redacting every value shown as a
+    # param is the second line, for URI-like values the loader does not know as URIs.
+    text = redact_uri(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 500 else text[:497] + "..."
 
 
@@ -43,7 +45,7 @@ class PipelineTracking:
             )
             self.parent_run_id = parent.info.run_id
             run.manifest["mlflow_parent_run_id"] = self.parent_run_id
-            run.manifest["mlflow_tracking_uri"] = self.uri
+            run.manifest["mlflow_tracking_uri"] = redact_uri(self.uri)  # may be $MLFLOW_TRACKING_URI
             run.save()
             for key, value in cfg.flat().items():
                 self.client.log_param(self.parent_run_id, key, _short(value))

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ground.errors import RegistryError
+from ground.mlflow_uri import redact_uri
 from registry.core import DEFAULT_URI, AdapterVersion, Registry
 from registry.integrity import VerifyReport
 from registry.refs import parse_ref
@@ -42,21 +43,26 @@ def open_registry(uri: str | None = None, *, mlflow_tracking_uri: str | None = N
     from registry.local import LocalStore
 
     location = resolve_uri(uri)
-    parsed = urlparse(location)
+    shown = redact_uri(location)  # what messages show: never a user-info or query, where secrets hide
+    try:
+        parsed = urlparse(location)
+    except ValueError:  # e.g. an unbalanced '[' in the host
+        raise RegistryError(f"Registry URI `{shown}` is not a valid URI; use a local folder, file:///path, or an "
+                            "MLflow server: mlflow+http://HOST:PORT.") from None
     if parsed.scheme in ("mlflow+http", "mlflow+https"):
         from registry.mlflow_store import MlflowStore
 
         return Registry(MlflowStore(location, cache_dir=cache_dir, cache_bytes=cache_bytes))  # no mirror of itself
     if parsed.scheme.startswith("mlflow") or parsed.scheme in ("http", "https"):
-        raise RegistryError(f"Registry URI `{location}`: an MLflow tracking server is written mlflow+http://HOST:PORT "
+        raise RegistryError(f"Registry URI `{shown}`: an MLflow tracking server is written mlflow+http://HOST:PORT "
                             "or mlflow+https://HOST[:PORT] (the server started with --serve-artifacts).")
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise RegistryError(f"Registry URI `{location}` names host `{parsed.netloc}`; file URIs must be local "
-                                "(file:///abs/path).")
+            raise RegistryError(f"Registry URI `{shown}` names host `{parsed.netloc.rpartition('@')[2]}`; file URIs "
+                                "must be local (file:///abs/path).")
         store = LocalStore(Path(unquote(parsed.path)))
     elif parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, i.e. a path
-        raise RegistryError(f"Registry URI `{location}` uses scheme `{parsed.scheme}://`, which has no backend; use "
+        raise RegistryError(f"Registry URI `{shown}` uses scheme `{parsed.scheme}://`, which has no backend; use "
                             "a local folder, file:///path, or an MLflow server: mlflow+http://HOST:PORT.")
     else:
         store = LocalStore(Path(location))

@@ -18,6 +18,7 @@ import re
 from urllib.parse import urlparse
 
 from ground.errors import RegistryError
+from ground.mlflow_uri import CREDENTIAL_VARS, redact_uri
 from registry.integrity import MANIFEST, METADATA, PAYLOAD
 
 SCHEMES = {"mlflow+http": "http", "mlflow+https": "https"}
@@ -35,16 +36,22 @@ FILES = (*PAYLOAD, METADATA, MANIFEST)
 
 
 def http_url(uri: str) -> str:
-    """`mlflow+http://HOST:PORT[/PATH]` -> `http://HOST:PORT[/PATH]`, refusing credentials and queries in it."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in SCHEMES or not parsed.hostname:
-        raise RegistryError(f"Registry URI `{uri}` is not an MLflow server URI; write mlflow+http://HOST:PORT or "
-                            "mlflow+https://HOST[:PORT].")
+    """`mlflow+http://HOST:PORT[/PATH]` -> `http://HOST:PORT[/PATH]`, refusing credentials and queries in it.
+    Messages show the URI through `redact_uri`: the malformed ones are where a password is typed by mistake."""
+    try:
+        parsed = urlparse(uri)
+        host, _ = parsed.hostname, parsed.port  # both raise ValueError on a malformed host or port
+    except ValueError:
+        host = parsed = None
+    if parsed is None or parsed.scheme not in SCHEMES or not host:
+        raise RegistryError(f"Registry URI `{redact_uri(uri)}` is not an MLflow server URI; write "
+                            "mlflow+http://HOST:PORT or mlflow+https://HOST[:PORT].")
     if parsed.username or parsed.password:
-        raise RegistryError("The registry URI holds credentials; remove them from the URI and set "
-                            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead.")
+        raise RegistryError(f"The registry URI `{redact_uri(uri)}` holds credentials; remove them from the URI and "
+                            f"set {CREDENTIAL_VARS} instead.")
     if parsed.query or parsed.fragment:
-        raise RegistryError(f"Registry URI `{uri}` has a query or fragment; write mlflow+http://HOST:PORT[/PATH].")
+        raise RegistryError(f"Registry URI `{redact_uri(uri)}` has a query or fragment; write "
+                            "mlflow+http://HOST:PORT[/PATH].")
     return f"{SCHEMES[parsed.scheme]}://{parsed.netloc}{parsed.path.rstrip('/')}"
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from functools import cached_property
 
+from ground.mlflow_uri import redact_uri
+
 log = logging.getLogger(__name__)
 
 MIRRORED_UPTO = "pipeline.mirrored_upto"
@@ -61,7 +63,7 @@ class MlflowMirror:
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - the mirror must never break the registry
             log.warning("MLflow mirror (%s): %s failed: %s: %s; the registry itself is fine, the next publish "
-                        "catches the mirror up", self.tracking_uri, what, exc.__class__.__name__, exc)
+                        "catches the mirror up", redact_uri(self.tracking_uri), what, exc.__class__.__name__, exc)
             return None
 
     # ---------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from config import Config
 from ground.errors import ConfigError, NotFoundError, RegistryError
+from ground.mlflow_uri import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def _lookup(cfg: Config, value: str):
     from registry import open_registry, parse_ref, resolve_uri
 
     uri = resolve_uri(cfg.registry.uri)
+    shown = redact_uri(uri)  # $PIPELINE_REGISTRY is not checked like registry.uri: it may still hold a secret
     try:
         parse_ref(value)
     except RegistryError as exc:
@@ -52,14 +54,14 @@ def _lookup(cfg: Config, value: str):
         raise ConfigError(
             f"{KEY}=`{value}` is neither an existing folder nor a registry reference (NAME, NAME@VERSION or "
             f"NAME@ALIAS; {exc}) Give a PEFT adapter folder that exists, or a reference to a version in registry "
-            f"{uri} (registry.uri), which holds {holds}."
+            f"{shown} (registry.uri), which holds {holds}."
         ) from None
     try:
         reg = open_registry(uri, mirror_mlflow=False)  # reading only: nothing to mirror
         return reg, reg.resolve(value)
     except RegistryError as exc:  # NotFoundError lists the versions, aliases or adapters that do exist
         what = "has no such version" if isinstance(exc, NotFoundError) else "could not resolve it"
-        raise ConfigError(f"{KEY}=`{value}` is not an existing folder, and registry {uri} (registry.uri) {what}: "
+        raise ConfigError(f"{KEY}=`{value}` is not an existing folder, and registry {shown} (registry.uri) {what}: "
                           f"{exc}") from None
 
 
@@ -93,16 +95,17 @@ def resolve_start_adapter(cfg: Config, pin_dir: str | Path | None = None) -> dic
         log.info("start adapter %s: pinned to %s by this run's first attempt", value, av.ref)
     else:
         reg, av = _lookup(cfg, value)
+    where = redact_uri(reg.uri)
     try:
         folder = av.path  # for a server: downloaded into the verified cache (or found there)
     except RegistryError as exc:
-        raise ConfigError(f"{KEY}=`{value}` resolved to {av.ref} in registry {reg.uri}, but its files could not be "
+        raise ConfigError(f"{KEY}=`{value}` resolved to {av.ref} in registry {where}, but its files could not be "
                           f"fetched: {exc}") from None
     problems = verify_folder(av.ref, Path(folder))
     if problems:
-        raise RegistryError(f"{KEY}=`{value}` resolved to {av.ref} in registry {reg.uri}, whose files do not match "
+        raise RegistryError(f"{KEY}=`{value}` resolved to {av.ref} in registry {where}, whose files do not match "
                             f"its manifest, so training does not start from it: {'; '.join(problems)}. Run "
-                            f"`pipeline registry --registry {reg.uri} verify {av.ref}`.")
+                            f"`pipeline registry --registry {where} verify {av.ref}`.")
     manifest = json.loads((Path(folder) / MANIFEST).read_text())
     info = {
         "path": str(folder),
@@ -110,7 +113,7 @@ def resolve_start_adapter(cfg: Config, pin_dir: str | Path | None = None) -> dic
         "ref": av.ref,
         "name": av.name,
         "version": av.version,
-        "registry": reg.uri,
+        "registry": where,
         "weights_sha256": manifest["files"][WEIGHTS]["sha256"],
     }
     if pin is not None:
