@@ -104,3 +104,10 @@ def fingerprint(model_dir: str | Path) -> str:
     """The base-model fingerprint (see module docstring)."""
     model_dir = Path(model_dir)
     return fingerprint_from_hashes(file_hashes(model_dir, fingerprint_files(model_dir), desc="fingerprint"))
+
+
+def stored_dtype(config: dict) -> str:
+    """The dtype a model's config.json says its weights are in ("bfloat16", ...): `dtype` in newer transformers,
+    `torch_dtype` in older ones (the same field renamed); float32 when neither is there, as transformers assumes."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(name).lower().removeprefix("torch.")

@@ -37,9 +37,10 @@ def resolve_dtype(name: str, model_dir: str, device: str) -> torch.dtype:
         return torch.bfloat16
     import json
 
-    stored = json.loads(open(os.path.join(model_dir, "config.json")).read())
-    stored = stored.get("dtype") or stored.get("torch_dtype") or "float32"
-    return DTYPES.get(stored, torch.float32)
+    from ground.model_files import stored_dtype
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return DTYPES.get(stored_dtype(json.load(f)), torch.float32)
 
 
 def _warmup_lambda(warmup_steps: int):
@@ -286,7 +287,7 @@ class ActorWorker:
                     for key, value in pg_metrics.items():
                         record(f"actor/{key}", value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.actor_params, actor.grad_clip)
-                grad_norm = _full(grad_norm)
+                grad_norm = float(gather.full_tensor(grad_norm))
                 if math.isfinite(grad_norm):
                     self.optimizer.step()
                 else:  # a non-finite gradient would poison the LoRA weights for good; skip this step
@@ -363,13 +364,6 @@ class ActorWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _full(value) -> float:
-    """A (possibly DTensor) scalar as a float."""
-    if hasattr(value, "full_tensor"):
-        value = value.full_tensor()
-    return float(value)
 
 
 def _host_memory() -> dict:

@@ -28,6 +28,7 @@ import torch
 
 from ground.adapter_files import ADAPTER_WEIGHTS
 from ground.errors import StageError
+from ground.new_files import write_new_text
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def save_worker_state(worker, ckpt_dir: str) -> None:
     optim = get_optimizer_state_dict(worker.model, worker.optimizer, options=_options(cpu_offload=True))
     critic_tensors = critic_optim = None
     if worker.with_critic:
-        critic_tensors = {n: gather._full(p).cpu().contiguous() for n, p in worker.model.named_parameters()
+        critic_tensors = {n: gather.full_tensor(p).cpu().contiguous() for n, p in worker.model.named_parameters()
                           if p.requires_grad and not gather.is_policy_lora(n)}
         critic_optim = get_optimizer_state_dict(worker.model, worker.critic_optimizer,
                                                 options=_options(cpu_offload=True))
@@ -132,10 +133,7 @@ def commit(root: str | Path, step: int, trainer_state: dict, keep_last: int | No
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer = Path(root) / LATEST
-    pointer_tmp = pointer.with_name(f".{LATEST}.tmp")
-    pointer_tmp.write_text(str(step))
-    os.replace(pointer_tmp, pointer)
+    write_new_text(Path(root) / LATEST, str(step), replace=True)  # readers see the old pointer or the new one
     if keep_last:  # trainer.max_actor_ckpt_to_keep; the one just written is always among the kept
         for old in sorted(all_steps(root))[:-keep_last]:
             shutil.rmtree(step_dir(root, old), ignore_errors=True)

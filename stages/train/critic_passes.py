@@ -36,7 +36,7 @@ def compute_values(worker, batch: dict) -> torch.Tensor:
 
 def update_critic(worker, batch: dict, num_mini_batches: int) -> dict:
     """critic.ppo_epochs (default: the actor's) over mini-batches in order, one optimizer step each."""
-    from stages.train.gather import _full
+    from stages.train.gather import full_tensor
     from stages.train.losses import compute_value_loss
 
     critic = worker.cfg.critic
@@ -63,7 +63,7 @@ def update_critic(worker, batch: dict, num_mini_batches: int) -> dict:
                 if not micro.dummy:
                     clipfracs.append(clipfrac)
             losses.append(mini_loss)
-            norm = float(_full(torch.nn.utils.clip_grad_norm_(worker.critic_params, critic.grad_clip)))
+            norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(worker.critic_params, critic.grad_clip)))
             if math.isfinite(norm):
                 worker.critic_optimizer.step()
             norms.append(norm)

@@ -40,7 +40,9 @@ def peft_name(name: str) -> str:
     return saved_key(name.removeprefix(_PREFIX))
 
 
-def _full(param: torch.Tensor) -> torch.Tensor:
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly DTensor-sharded) parameter or value, detached: an all-gather under FSDP2,
+    so every rank must call it for the same tensor."""
     data = param.detach()
     return data.full_tensor() if hasattr(data, "full_tensor") else data
 
@@ -68,11 +70,11 @@ def gather_lora(model: nn.Module, layered: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if layered:
         for group in groups:
-            on_device = {peft_name(n): _full(p) for n, p in group}
+            on_device = {peft_name(n): full_tensor(p) for n, p in group}
             out.update({k: v.to("cpu", copy=True) for k, v in on_device.items()})
             del on_device  # release this layer's gathered copies before the next layer's gather
         return out
-    on_device = {peft_name(n): _full(p) for group in groups for n, p in group}
+    on_device = {peft_name(n): full_tensor(p) for group in groups for n, p in group}
     return {k: v.to("cpu", copy=True) for k, v in on_device.items()}
 
 
@@ -106,10 +108,10 @@ def iter_merged_layers(model: nn.Module, out_dtype: torch.dtype) -> Iterator[dic
     for group in [by_layer[i] for i in sorted(by_layer)] + [rest]:
         out = {}
         for hf, param in group:
-            weight = _full(param).float()
+            weight = full_tensor(param).float()
             module = lora_modules.get(hf)
             if module is not None:
-                weight = merge_lora_weight(weight, _full(module.lora_A[POLICY].weight),
-                                           _full(module.lora_B[POLICY].weight), module.scaling[POLICY])
+                weight = merge_lora_weight(weight, full_tensor(module.lora_A[POLICY].weight),
+                                           full_tensor(module.lora_B[POLICY].weight), module.scaling[POLICY])
             out[hf] = weight.to("cpu", out_dtype)
         yield out

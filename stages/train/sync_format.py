@@ -21,13 +21,13 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from ground.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, saved_key
+from ground.new_files import write_new_file
 from ground.processes import owner_gone, write_owner
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,6 @@ def _json_safe(value):
     return value
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_adapter(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], peft_config: dict) -> int:
     """Write a PEFT LoRA adapter folder that vLLM and `PeftModel.from_pretrained` both load. Returns bytes written.
 
@@ -102,8 +96,8 @@ def write_adapter(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     accepted too. peft_config: `LoraConfig.to_dict()` or an equivalent dict; `r` and `lora_alpha` are required
     and kept as given, since vLLM scales the update by lora_alpha / r.
 
-    Each file is written to a temporary name and moved over the old one with `os.replace`, so an engine that
-    reloads in place reads either the previous adapter or the new one, never half of a file. The weights go
+    Each file is written to a temporary name and moved over the old one (`write_new_file(..., replace=True)`), so
+    an engine that reloads in place reads either the previous adapter or the new one, never half of a file. The weights go
     first and the config last: the config names the rank and the modules, and it only changes when they do.
     """
     if not tensors:
@@ -121,13 +115,11 @@ def write_adapter(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], 
         if ".lora_" not in key:
             raise ValueError(f"write_adapter: {name!r} is not a LoRA tensor (expected ...lora_A/lora_B.weight)")
         state[key] = tensor.detach().to("cpu").contiguous()
-    weights_tmp = out / f".{ADAPTER_WEIGHTS}.{uuid.uuid4().hex}.tmp"
-    save_file(state, str(weights_tmp), metadata={"format": "pt"})
-    size = weights_tmp.stat().st_size
-    os.replace(weights_tmp, out / ADAPTER_WEIGHTS)
+    weights = write_new_file(out / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}),
+                             replace=True)
     config_bytes = json.dumps(config, indent=2, sort_keys=True).encode()
-    _atomic_write_bytes(out / ADAPTER_CONFIG, config_bytes)
-    return size + len(config_bytes)
+    write_new_file(out / ADAPTER_CONFIG, lambda tmp: tmp.write_bytes(config_bytes), replace=True)
+    return weights.stat().st_size + len(config_bytes)
 
 
 def merge_lora_weight(base_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -197,7 +189,7 @@ class MergedModelWriter:
             raise ValueError("MergedModelWriter.finish with no tensors added")
         index = {"metadata": {"total_size": self._tensor_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
         data = json.dumps(index, indent=2).encode()
-        _atomic_write_bytes(self.out_dir / MERGED_INDEX, data)
+        write_new_file(self.out_dir / MERGED_INDEX, lambda tmp: tmp.write_bytes(data), replace=True)
         self._finished = True
         return self.bytes_written + len(data)
 
