@@ -53,6 +53,13 @@ def redact_uri(uri) -> str:
             f"{tail[0] + HIDDEN if tail else ''}")
 
 
+def param_text(value) -> str:
+    """A value as MLflow stores a param or tag: URI-like text redacted (a second line behind the loader, which
+    refuses credentials in the URIs it knows), cut to MLflow's 500 characters."""
+    text = redact_uri(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
 def tracking_uri(configured: str | None = None) -> str:
     """Where runs are tracked: the config's `trainer.mlflow_tracking_uri`, else $MLFLOW_TRACKING_URI, else a
     local sqlite store `./mlruns/mlflow.db` that needs no server."""

@@ -12,14 +12,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-from ground.mlflow_uri import PARENT_TAG, get_experiment_id, redact_uri, tracking_uri
-
-
-def _short(value: Any) -> str:
-    # The config's own URIs hold no secret (config/loader.py refuses them); redacting every value shown as a
-    # param is the second line, for URI-like values the loader does not know as URIs.
-    text = redact_uri(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 500 else text[:497] + "..."
+from ground.mlflow_uri import PARENT_TAG, get_experiment_id, param_text, redact_uri, tracking_uri
 
 
 class PipelineTracking:
@@ -48,7 +41,7 @@ class PipelineTracking:
             run.manifest["mlflow_tracking_uri"] = redact_uri(self.uri)  # may be $MLFLOW_TRACKING_URI
             run.save()
             for key, value in cfg.flat().items():
-                self.client.log_param(self.parent_run_id, key, _short(value))
+                self.client.log_param(self.parent_run_id, key, param_text(value))
         else:
             self.client.update_run(self.parent_run_id, status="RUNNING")
 
@@ -67,7 +60,7 @@ class PipelineTracking:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.client.log_metric(run_id, key, float(value))
             elif isinstance(value, (str, bool)) or value is None:
-                self.client.set_tag(run_id, f"output.{key}", _short(value))
+                self.client.set_tag(run_id, f"output.{key}", param_text(value))
         self.client.set_terminated(run_id, "FINISHED" if status == "succeeded" else "FAILED")
 
     def log_metrics(self, metrics: dict[str, float]) -> None:

@@ -13,6 +13,8 @@ import logging
 import math
 import time
 
+from ground.mlflow_uri import param_text
+
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +49,7 @@ class TrainTracking:
             tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(experiment_id, run_name=cfg.trainer.experiment_name, tags=tags)
         self.run_id = run.info.run_id
-        params = [Param(k, _short(v)) for k, v in cfg.flat().items()]
+        params = [Param(k, param_text(v)) for k, v in cfg.flat().items()]
         for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[start : start + 100])
         log.info("MLflow run %s at %s", self.run_id, self.uri)
@@ -77,16 +79,11 @@ class TrainTracking:
     def set_tags(self, tags: dict) -> None:
         if self.enabled:
             for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, _short(v))
+                self.client.set_tag(self.run_id, k, param_text(v))
 
     def end(self, status: str) -> None:
         if self.enabled and self.run_id:
             self.client.set_terminated(self.run_id, status)
-
-
-def _short(value) -> str:
-    text = str(value)
-    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def _metric_key(key: str) -> str:
