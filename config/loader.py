@@ -341,7 +341,7 @@ def validate(cfg: Config) -> None:
     if unknown:
         raise ConfigError(
             f"trainer.logger={loggers}: {', '.join(unknown)} is not supported; supported: {', '.join(SUPPORTED_LOGGERS)}. "
-            "Every run is tracked in MLflow; set e.g. trainer.logger=[console,mlflow]."
+            "A run is tracked in MLflow only with mlflow in the list; set e.g. trainer.logger=[console,mlflow]."
         )
     keep = cfg.trainer.max_actor_ckpt_to_keep
     if keep is not None and keep < 1:
