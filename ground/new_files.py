@@ -15,6 +15,8 @@ import secrets
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ground.errors import ConfigError
+
 
 def temp_beside(target: Path) -> Path:
     """A hidden, unique name in the target's folder (same filesystem, so the final move is atomic)."""
@@ -75,3 +77,30 @@ def refuse_existing_out(parser, outs: list[str], force: bool) -> None:
     if there and not force:
         parser.error(f"{' and '.join(map(str, there))} already exist(s); pass --force to replace, or choose "
                      "another --out")
+
+
+# What registry/local.py writes at a local registry's root ({"format": N}); named here, on the ground floor, so
+# that every writer of a user-named output folder can refuse a registry without importing the registry.
+REGISTRY_MARKER = "registry.json"
+
+
+def registry_root_of(folder: str | Path) -> Path | None:
+    """The local registry that `folder` is or lies inside (the nearest of it and its parents holding
+    REGISTRY_MARKER), else None. `folder` need not exist; symlinks are followed, so a link to a registry is one."""
+    path = Path(folder).expanduser().absolute().resolve()
+    for candidate in (path, *path.parents):
+        if (candidate / REGISTRY_MARKER).is_file():
+            return candidate
+    return None
+
+
+def refuse_registry_folder(folder: str | Path, what: str) -> None:
+    """Raise ConfigError when `folder` (an output folder, named by `what`, e.g. "--out-dir") is a registry or
+    lies inside one: a registry holds only its own files, and its cleanup judges everything under its root."""
+    root = registry_root_of(folder)
+    if root is None:
+        return
+    inside = "is" if root == Path(folder).expanduser().absolute().resolve() else "lies inside"
+    raise ConfigError(f"{what} `{folder}` {inside} the adapter registry at `{root}` (it holds {REGISTRY_MARKER}); "
+                      "outputs, logs and checkpoints never go into a registry. Choose a folder outside it; "
+                      "`pipeline registry publish` is how an adapter enters the registry.")

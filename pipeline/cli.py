@@ -10,6 +10,7 @@ import click
 from config import load_config
 from ground.errors import PipelineError
 from ground.logs import log_to_file, setup_logging
+from ground.new_files import refuse_registry_folder
 
 CONFIG_OPTION = click.option("-c", "--config", "config_file", type=click.Path(), default=None,
                              help="YAML config file (default: the embedded CPU demo).")
@@ -45,6 +46,8 @@ def run(pipeline_name, config_file, overrides, run_dir, resume_dir):
             raise PipelineError(f"Run `{resume_dir}` is a `{the_run.pipeline.name}` run, not `{pipeline_name}`.")
     else:
         cfg = load_run_config(config_file, overrides)
+        # Before the stages' checks, which may write the demo's data: a run never writes into a registry.
+        refuse_registry_folder(run_dir or "runs", "--run-dir" if run_dir else "The default run folder ./runs")
         PIPELINES[pipeline_name].check(cfg)  # e.g. a missing data file: before the run directory and any stage
         the_run = Run.create(PIPELINES[pipeline_name], cfg, run_dir)
     from pipeline.tracking import make_tracking

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 from config import Config, load_config
 from ground.errors import PipelineError, StageError
 from ground.logs import console_log
-from ground.new_files import write_new_text
+from ground.new_files import refuse_registry_folder, write_new_text
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class Run:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = Path("runs") / f"{pipeline.name}-{stamp}-{os.getpid()}"
         run_dir = Path(run_dir)
+        refuse_registry_folder(run_dir, "--run-dir")  # its stages' outputs and checkpoints all go under it
         if (run_dir / MANIFEST).exists():
             raise PipelineError(f"`{run_dir}` already holds a run. Use --resume {run_dir} to continue it, or another --run-dir.")
         # A run writes config.yaml, manifest.json, report.md, curves and stage folders into its directory: only

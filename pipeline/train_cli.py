@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ground.logs import log_to_file
+from ground.new_files import refuse_registry_folder
 
 
 
@@ -27,6 +28,10 @@ def train_command(config_file, overrides, out_dir, force):
     from stages.train.prepare_data import ensure_data
 
     cfg = load_run_config(config_file, overrides)
+    # Before anything is written (data, pipeline.log, checkpoints): no output folder may be a registry.
+    if out_dir:
+        refuse_registry_folder(out_dir, "--out-dir")
+    refuse_registry_folder(cfg.trainer.default_local_dir, "trainer.default_local_dir")
     ensure_data(cfg)  # a missing data file fails here, before any log file, model staging or Ray
     check_start_adapter(cfg)  # so does a lora_adapter_path that is neither a folder nor a registry reference
     out_root = Path(out_dir or cfg.trainer.default_local_dir)
