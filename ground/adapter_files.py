@@ -60,7 +60,8 @@ def version_file_path(folder, ref: str, name: str, where: str):
     check_version_files(ref, [name], where)
     folder = Path(folder)
     path = folder / name
-    if path.resolve().parent != folder.resolve():
+    # a plain name can leave `folder` only through a link planted under that name (one lstat to rule that out)
+    if path.is_symlink() and path.resolve().parent != folder.resolve():
         raise RegistryError(f"Adapter version {ref} is refused: {path} resolves to {path.resolve()}, outside its "
                             f"folder {folder} (a planted link). Delete the version and publish it again.")
     return path

@@ -43,7 +43,7 @@ from filelock import FileLock
 
 from ground.errors import RegistryError
 from ground.processes import pid_alive
-from registry.integrity import read_regular
+from registry.integrity import open_regular, read_regular, verify_folder
 from registry.refs import NAME_RE, VERSION_RE
 from registry.store import Store
 
@@ -71,19 +71,30 @@ def read_recorded_digests(adapter_dir: Path, ref: str) -> dict[int, str] | None:
 
     The last record of a number wins: a publisher killed after appending but before its rename leaves a record
     whose number the next publish takes again."""
+    path = adapter_dir / DIGESTS
     try:
-        text = read_regular(adapter_dir / DIGESTS, ref).decode()
+        with open_regular(path, ref) as f:
+            st = os.fstat(f.fileno())
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            known = _parsed_digests.get(path)
+            if known is not None and known[0] == key:  # `verify` of every version reads it once, not N times
+                return known[1]
+            text = f.read().decode()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{ref}: {adapter_dir / DIGESTS} is unreadable ({exc}); it records what each version "
-                            "was published with. Restore it from a backup or re-publish the adapter.") from None
+        raise RegistryError(f"{ref}: {path} is unreadable ({exc}); it records what each version was published "
+                            "with. Restore it from a backup or re-publish the adapter.") from None
     records = {}
     for line in text.splitlines():
         number, _, digest = line.partition(" ")
         if VERSION_RE.fullmatch(number) and len(digest) == 64:
             records[int(number)] = digest
+    _parsed_digests[path] = (key, records)
     return records
+
+
+_parsed_digests: dict[Path, tuple[tuple, dict[int, str]]] = {}  # manifests.log -> (its stat, its records)
 
 
 def recorded_digest_problem(version_dir: Path, ref: str, manifest_bytes: bytes) -> str | None:
@@ -264,17 +275,18 @@ class LocalStore(Store):
 
     def verify_version(self, ref: str, name: str, version: int) -> list[str]:
         """The folder against its manifest, and the manifest against the digest recorded at publish."""
-        problems = super().verify_version(ref, name, version)
         path = self.version_dir(name, version)
-        if path is not None:
-            try:
-                problem = recorded_digest_problem(path, ref, read_regular(path / "manifest.json", ref))
-            except OSError:
-                problem = None  # a missing manifest is already reported
-            except RegistryError as exc:
-                problem = str(exc)
-            if problem and problem not in problems:
-                problems.append(problem)
+        if path is None:
+            return [f"{ref} does not exist"]
+        problems = verify_folder(ref, path)
+        try:
+            problem = recorded_digest_problem(path, ref, read_regular(path / "manifest.json", ref))
+        except OSError:
+            problem = None  # a missing manifest is already reported
+        except RegistryError as exc:
+            problem = str(exc)
+        if problem and problem not in problems:
+            problems.append(problem)
         return problems
 
     def update_aliases(self, name: str, change: Callable[[dict[str, int]], dict[str, int]]) -> dict[str, int]:
