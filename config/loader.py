@@ -241,7 +241,8 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
-        raise ConfigError(f"Config key `{loc}` has a bad value {err.get('input')!r}: {err['msg']}.") from None
+        value = "" if loc in URI_KEYS else f" {err.get('input')!r}"  # a URI's value may hold a secret
+        raise ConfigError(f"Config key `{loc}` has a bad value{value}: {err['msg']}.") from None
     cfg = Config.model_validate(_interpolate(cfg.to_dict(), cfg.to_dict()))
     cfg._sources = sources
     validate(cfg)

@@ -109,3 +109,9 @@ def test_start_adapter_from_the_environment_shows_no_secret(monkeypatch, capfd, 
 def test_redact_uri(uri, shown):
     assert redact_uri(uri) == shown
     assert bool(secret_parts(uri)) == (uri != shown)
+
+
+def test_a_uri_of_the_wrong_type_is_refused_without_echoing_it():
+    with pytest.raises(ConfigError, match=r"registry\.uri") as refused:
+        load_config(None, [f"registry.uri=[{WITH_CREDENTIALS}]"])
+    assert SECRET not in str(refused.value)
