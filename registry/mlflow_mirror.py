@@ -40,10 +40,12 @@ def _weights_sha(av) -> str:
     import json
 
     from ground.adapter_files import ADAPTER_WEIGHTS
+    from ground.errors import RegistryError
+    from registry.integrity import read_regular
 
-    try:
-        return json.loads((av.path / "manifest.json").read_text())["files"][ADAPTER_WEIGHTS]["sha256"]
-    except (OSError, ValueError, KeyError):
+    try:  # a regular file only: a FIFO here would block the publish that mirrors this version
+        return json.loads(read_regular(av.path / "manifest.json", av.ref))["files"][ADAPTER_WEIGHTS]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, RegistryError):
         return ""
 
 
