@@ -78,16 +78,23 @@ def records_of_the_dead(owners_dir: Path, alive) -> list[tuple[Path, dict]]:
 
 def clear_record(path: Path, data: dict) -> list[str]:
     """Remove what a dead owner recorded: its /dev/shm segments (only names that look like vLLM's), its run
-    folder (only a `pipeline-serve-run-*` one), then the record itself; returns the segments removed."""
+    folder (only a `pipeline-serve-run-*` one), then the record itself, but only once none of its segments is
+    left (a record deleted first would leave segments that no later start can attribute). Returns the segments
+    removed."""
     from serve.verified import _remove_tree
 
-    gone = [s for s in data.get("segments", []) if SEGMENT_RE.fullmatch(s) and os.path.exists(s)]
+    ours = [s for s in data.get("segments", []) if SEGMENT_RE.fullmatch(s)]
+    gone = [s for s in ours if os.path.exists(s)]
     remove_files(gone)
     run_dir = data.get("run_dir")
     if run_dir and Path(run_dir).name.startswith("pipeline-serve-run-"):
         _remove_tree(Path(run_dir))
-    path.unlink(missing_ok=True)
-    return gone
+    left = [s for s in ours if os.path.exists(s)]
+    if left:
+        log.warning("kept the owner record %s: could not remove %s", path, ", ".join(left))
+    else:
+        path.unlink(missing_ok=True)
+    return [s for s in gone if s not in left]
 
 
 def remove_orphans(session_pids) -> list[str]:

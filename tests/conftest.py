@@ -21,6 +21,44 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def pytest_configure(config):
+    """Watch /dev/shm for the whole session (tests/shm_guard.py): every process started from here on carries
+    the session's mark, so the segments it maps can be told from other programs' at the end."""
+    from tests.shm_guard import ShmGuard
+
+    if not hasattr(config, "workerinput"):  # the controlling process only
+        config._shm_guard = ShmGuard().start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if psm_* segments that the suite's own processes mapped are still in /dev/shm and no
+    live process maps them (left behind by something the suite started)."""
+    guard = getattr(session.config, "_shm_guard", None)
+    if guard is None:
+        return
+    session.config._shm_guard = None
+    leaked, unattributed = guard.finish()
+    session.config._shm_report = (leaked, unattributed)
+    if leaked and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    leaked, unattributed = getattr(config, "_shm_report", ([], []))
+    if leaked:
+        terminalreporter.section("/dev/shm leaked by this test session", red=True, bold=True)
+        terminalreporter.line(f"{len(leaked)} psm_* segment(s) that processes of this session mapped are still in "
+                              "/dev/shm and mapped by no live process (RAM until reboot):", red=True)
+        for line in leaked:
+            terminalreporter.line(f"  {line}", red=True)
+    if unattributed:
+        terminalreporter.section("/dev/shm: new unmapped segments of unknown owner", yellow=True)
+        terminalreporter.line(f"{len(unattributed)} psm_* segment(s) appeared during the session and are mapped by "
+                              "nobody, but no process of this session was seen mapping them (another run's?):")
+        for line in unattributed:
+            terminalreporter.line(f"  {line}")
+
+
 def _has_cuda() -> bool:
     try:
         import torch

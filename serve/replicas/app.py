@@ -10,7 +10,10 @@ an address joins an existing cluster, where only this application is deleted at 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+import uuid
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ REPLICA_CPUS = 0.5  # vLLM's CPU engine threads are not what Ray counts; half a 
 INGRESS_CPUS = 0.1
 STICKY_ROUTER = "serve.replicas.sticky_router.StickyAdapterRouter"
 MAX_ONGOING_REQUESTS = 32  # per replica: vLLM batches them; Serve's default of 5 would queue at the router
+OWNERS_TIMEOUT_S = 30.0  # at stop: how long this run's replica processes on this node may take to exit
 
 
 AUTOSCALING_SOURCE = "serve.autoscaling (--min-replicas / --max-replicas / --target-ongoing-requests)"
@@ -61,17 +65,18 @@ class ReplicatedServer:
     started_ray: bool
     api_key: str | None = None
     lora_tier: str = ""  # per replica: the host-memory adapter tier chosen and why
+    app_token: str = ""  # written into every replica's owner record (leftovers.py): which replicas are ours
     extra: dict = field(default_factory=dict)
     _stopped: bool = False
 
-    def stop(self) -> None:
+    def stop(self, owners_timeout_s: float = OWNERS_TIMEOUT_S) -> None:
         if self._stopped:
             return
         self._stopped = True
         import ray
         from ray import serve
 
-        from serve.replicas.leftovers import sweep
+        from serve.replicas.leftovers import sweep, wait_for_owners
 
         try:
             if ray.is_initialized():
@@ -84,7 +89,16 @@ class ReplicatedServer:
         finally:
             if self.started_ray and ray.is_initialized():
                 ray.shutdown()
-            sweep()  # replicas on this node that did not get to shut their engine down
+            # Ray stops a replica that overran its graceful shutdown, or one still running at ray.shutdown(),
+            # without its __del__, and an actor's process outlives the call that killed it for a moment; the
+            # sweep only takes what dead replicas left, so wait for this run's replicas on this node to be gone
+            live = wait_for_owners(self.app_token, owners_timeout_s) if self.app_token else []
+            if live:
+                log.warning("replica process(es) %s still run %.0f s after the stop; the next start on this "
+                            "node removes what they leave", live, owners_timeout_s)
+            removed = sweep()  # what replicas on this node that did not get to clean up left
+            if removed:
+                log.info("removed %d shared-memory segment(s) left by this run's replicas", len(removed))
 
     def wait(self, poll_s: float = 5.0) -> None:
         """Block until the application is no longer running (Ctrl-C raises KeyboardInterrupt)."""
@@ -116,7 +130,8 @@ def plan_replicas(base_dir: str | Path, registry_uri: str | None = None, routing
                   api_key: str | None = None, max_loras: int = 4, max_cpu_loras: int | None = None,
                   lora_cache_gib: float = DEFAULT_LORA_CACHE_GIB, max_lora_rank: int | None = None,
                   max_model_len: int = 512, kv_cache_gib: float = 0.25, dtype: str = "auto",
-                  base_name: str | None = None, alias_ttl_s: float = 1.0, max_body_mb: float = 32.0) -> ReplicaPlan:
+                  base_name: str | None = None, alias_ttl_s: float = 1.0, max_body_mb: float = 32.0,
+                  request_limits: dict | None = None) -> ReplicaPlan:
     """Check the settings and size each replica as the single server sizes itself: the host-memory tier from
     `lora_cache_gib` and the registry's largest adapter on this base unless `max_cpu_loras` is given. Serve's
     per-replica model cache (max_num_models_per_replica) is that same number (see serve/replicas/replica.py)."""
@@ -143,7 +158,8 @@ def plan_replicas(base_dir: str | Path, registry_uri: str | None = None, routing
                 "dtype": dtype, "kv_cache_bytes": int(kv_cache_gib * (1 << 30)), "routing": routing}
     environment = {ENV_REGISTRY: registry.uri, ENV_BASE_FINGERPRINT: base_fp, ENV_BASE_NAME: base_name,
                    ENV_ALIAS_TTL: str(alias_ttl_s), ENV_MAX_LORA_RANK: str(max_lora_rank),
-                   ENV_BASE_DIR: str(base_dir), ENV_MAX_BODY_BYTES: str(int(max_body_mb * (1 << 20)))}
+                   ENV_BASE_DIR: str(base_dir), ENV_MAX_BODY_BYTES: str(int(max_body_mb * (1 << 20))),
+                   **(request_limits or {})}  # serve.server.request_limits_env: lookup deadline, --max-n
     if api_key:
         environment["VLLM_API_KEY"] = api_key  # the middleware's AccessPolicy reads it, as in the single server
     return ReplicaPlan(settings=settings, environment=environment, lora_tier=tier)
@@ -156,7 +172,8 @@ def start_replicated(base_dir: str | Path, registry_uri: str | None = None, repl
                      max_lora_rank: int | None = None, max_model_len: int = 512,
                      kv_cache_gib: float = 0.25, dtype: str = "auto", base_name: str | None = None,
                      alias_ttl_s: float = 1.0, max_body_mb: float = 32.0, ready_timeout_s: float = 600.0,
-                     max_replicas_per_node: int | None = None, ray_num_cpus: int | None = None) -> ReplicatedServer:
+                     max_replicas_per_node: int | None = None, ray_num_cpus: int | None = None,
+                     request_limits: dict | None = None) -> ReplicatedServer:
     """Start the replicated server and wait until every replica is ready and /health answers."""
     import ray
     from ray import serve
@@ -171,20 +188,22 @@ def start_replicated(base_dir: str | Path, registry_uri: str | None = None, repl
     plan = plan_replicas(base_dir, registry_uri, routing=routing, api_key=api_key, max_loras=max_loras,
                          max_cpu_loras=max_cpu_loras, lora_cache_gib=lora_cache_gib, max_lora_rank=max_lora_rank,
                          max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=base_name,
-                         alias_ttl_s=alias_ttl_s, max_body_mb=max_body_mb)
+                         alias_ttl_s=alias_ttl_s, max_body_mb=max_body_mb, request_limits=request_limits)
     settings, environment = plan.settings, plan.environment
     base_name, max_cpu_loras = settings["base_name"], settings["max_cpu_loras"]
     max_lora_rank = settings["max_lora_rank"]
     log.info("host-memory adapter tier per replica: %s", plan.lora_tier)
 
     sweep()
+    settings = {**settings, "app": f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"}
     started_ray = not ray.is_initialized() and ray_address is None
     if not ray.is_initialized():
         log.info("starting Ray (%s)", ray_address or "a local instance")
         ray.init(address=ray_address or "local", num_cpus=ray_num_cpus if ray_address is None else None,
                  include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     server = ReplicatedServer(url=f"http://{host}:{port}/v1", base_name=base_name, replicas=replicas,
-                              routing=routing, started_ray=started_ray, api_key=api_key, lora_tier=plan.lora_tier)
+                              routing=routing, started_ray=started_ray, api_key=api_key, lora_tier=plan.lora_tier,
+                              app_token=settings["app"])
     try:
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
         scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}

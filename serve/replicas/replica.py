@@ -50,7 +50,7 @@ class LoraReplica:
         self.base_name = settings["base_name"]
         self.name = serve.get_replica_context().replica_id.unique_id
         self.run_dir = tempfile.mkdtemp(prefix="pipeline-serve-run-")
-        self.owner = OwnerRecord(self.run_dir)
+        self.owner = OwnerRecord(self.run_dir, app=settings.get("app"))
         self.catalog = AdapterCatalog(
             open_registry(settings["registry_uri"]), base_fingerprint=settings["base_fingerprint"],
             base_name=self.base_name, ttl_s=settings["alias_ttl_s"], max_lora_rank=settings["max_lora_rank"],
@@ -60,7 +60,14 @@ class LoraReplica:
         self._state = None
         self._state_lock = asyncio.Lock()
         started = time.perf_counter()
-        self.engine = self._start_engine(settings)
+        starting = self.owner.watch()  # the engine core maps its segments while it starts: record them as they come
+        try:
+            self.engine = self._start_engine(settings)
+        except BaseException:  # Serve retries with a new replica; what this engine start left goes now
+            starting.set()
+            self.owner.release()
+            raise
+        starting.set()
         self.owner.refresh()  # the engine core and its segments exist now
         log.info("replica %s: engine ready in %.1f s (pid %d)", self.name, time.perf_counter() - started, os.getpid())
         # dynamic multiplexing: Serve's model cache per replica is as large as vLLM's CPU LoRA cache
@@ -106,24 +113,28 @@ class LoraReplica:
 
     async def check_health(self) -> None:
         """Serve calls this periodically; a dead engine makes Serve replace the replica."""
+        if self.owner is not None:  # cheap; rewrites the record only when something changed
+            await asyncio.to_thread(self.owner.refresh)
         await self.engine.check_health()
 
     def __del__(self):
-        # Serve calls this when it stops the replica gracefully: without it the engine's /dev/shm segments stay
+        # Serve calls this when it stops the replica gracefully (also after a failed health check, when the
+        # engine core is already dead). vLLM's shutdown SIGKILLs an engine core that has not exited 5 s after
+        # SIGTERM (a busy engine on loaded cores), and an engine core killed by anything leaves its segments:
+        # so after the shutdown the replica removes what its engine recorded, then the record (release()).
         engine = getattr(self, "engine", None)
+        owner = getattr(self, "owner", None)
+        if owner is not None and engine is not None:
+            owner.refresh()
         if engine is not None:
             try:
                 engine.shutdown()
-            except Exception:  # already dead: the sweep of the next start cleans up
+            except Exception:  # already dead: release() below stops what is left and removes its segments
                 log.exception("replica %s: engine shutdown failed", getattr(self, "name", "?"))
             self.engine = None
-        owner = getattr(self, "owner", None)
         if owner is not None:
-            from serve.verified import _remove_tree
-            from pathlib import Path
-
-            _remove_tree(Path(self.run_dir))
-            owner.forget()
+            owner.release()
+            self.owner = None
 
     # ------------------------------------------------------------------------------------------ adapters
     async def _load_adapter(self, ref: str):

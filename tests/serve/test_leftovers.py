@@ -1,4 +1,5 @@
-"""serve.replicas.leftovers.sweep with real processes (no Ray, no vLLM): what a SIGKILLed replica leaves goes."""
+"""serve.replicas.leftovers with real processes (no Ray, no vLLM): what a dead replica leaves goes, what a stopping
+replica's engine left goes before its record, and a record outlives any segment it names."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import secrets
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from serve.replicas.leftovers import sweep
 from serve.shm_owners import start_ticks
@@ -54,3 +56,109 @@ def test_sweep_stops_a_dead_replicas_engine_and_removes_its_files_but_leaves_a_l
         for seg in (dead_seg, live_seg):
             if os.path.exists(seg):
                 os.unlink(seg)
+
+
+# A replica stand-in: it starts an "engine core" child that maps a /dev/shm/psm_* segment and ignores SIGTERM
+# (like a busy engine core that vLLM's shutdown gives up on), records both, and on a line from stdin releases.
+REPLICA = """
+import json, subprocess, sys
+from pathlib import Path
+from serve.replicas.leftovers import OwnerRecord
+segment, owners, run_dir = sys.argv[1:4]
+engine = subprocess.Popen([sys.executable, "-c", '''
+import mmap, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+with open(sys.argv[1], "w+b") as f:
+    f.truncate(4096)
+    mapping = mmap.mmap(f.fileno(), 4096)
+print("ready", flush=True)
+time.sleep(120)
+''', segment], stdout=subprocess.PIPE, text=True)
+assert engine.stdout.readline().strip() == "ready"
+record = OwnerRecord(run_dir, owners_dir=Path(owners), app="test-app")
+print(json.dumps({"engine": engine.pid, "record": json.loads(record.path.read_text())}), flush=True)
+sys.stdin.readline()
+gone = record.release(grace_s=5.0)
+print(json.dumps({"gone": gone, "engine_rc": engine.wait(timeout=5)}), flush=True)
+"""
+
+
+def _repo_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
+def test_release_stops_the_engine_and_removes_its_segments_before_its_record(tmp_path):
+    """What a replica does when Serve stops it, after engine.shutdown(): an engine process left running is
+    killed, its segment and the run folder go, and the record goes last."""
+    owners = tmp_path / "owners"
+    segment = f"/dev/shm/psm_lorapipelinetest{secrets.token_hex(4)}"
+    run_dir = tmp_path / "pipeline-serve-run-x"
+    run_dir.mkdir()
+    replica = subprocess.Popen([sys.executable, "-c", REPLICA, segment, str(owners), str(run_dir)], env=_repo_env(),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        started = json.loads(replica.stdout.readline())
+        record = started["record"]
+        assert record["app"] == "test-app" and record["owner"][0] == replica.pid
+        assert segment in record["segments"] and started["engine"] in [pid for pid, _ in record["engine"]]
+        assert (owners / f"{replica.pid}.json").exists()
+
+        replica.stdin.write("release\n")
+        replica.stdin.flush()
+        released = json.loads(replica.stdout.readline())
+
+        assert released == {"gone": [segment], "engine_rc": -9}
+        assert not os.path.exists(segment) and not run_dir.exists()
+        assert not (owners / f"{replica.pid}.json").exists()
+    finally:
+        replica.kill()
+        replica.wait()
+        if os.path.exists(segment):
+            os.unlink(segment)
+
+
+def test_a_record_stays_while_one_of_its_segments_cannot_be_removed(tmp_path):
+    """The record is what lets a later start find the segments: it is deleted only once they are gone."""
+    from serve.shm_owners import clear_record
+
+    removable = f"/dev/shm/psm_lorapipelinetest{secrets.token_hex(4)}"
+    stuck = f"/dev/shm/psm_lorapipelinetest{secrets.token_hex(4)}"  # a folder: unlink() fails on it
+    path = tmp_path / "1.json"
+    data = {"owner": [1, None], "engine": [], "segments": [removable, stuck], "run_dir": None}
+    path.write_text(json.dumps(data))
+    open(removable, "wb").close()
+    os.mkdir(stuck)
+    try:
+        assert clear_record(path, data) == [removable]
+        assert not os.path.exists(removable) and path.exists()
+        os.rmdir(stuck)
+        assert clear_record(path, data) == [] and not path.exists()
+    finally:
+        for seg in (removable, stuck):
+            if os.path.isdir(seg):
+                os.rmdir(seg)
+            elif os.path.exists(seg):
+                os.unlink(seg)
+
+
+def test_wait_for_owners_waits_only_for_this_runs_live_replicas(tmp_path):
+    from serve.replicas.leftovers import wait_for_owners
+
+    owners = tmp_path / "owners"
+    owners.mkdir()
+    ours, other = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2))
+    try:
+        for proc, app in ((ours, "run-a"), (other, "run-b")):
+            (owners / f"{proc.pid}.json").write_text(json.dumps(
+                {"owner": [proc.pid, start_ticks(proc.pid)], "engine": [], "segments": [], "run_dir": None,
+                 "app": app}))
+        assert wait_for_owners("run-a", 0.3, owners_dir=owners) == [ours.pid]
+        ours.kill()
+        ours.wait()
+        started = time.monotonic()
+        assert wait_for_owners("run-a", 10, owners_dir=owners) == []  # the other run's live replica is not waited for
+        assert time.monotonic() - started < 5
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()

@@ -114,19 +114,21 @@ def served(tmp_path_factory, tiny_model_dir):
         poller.join()
         url = f"http://127.0.0.1:{port}/v1"
         started_with = _replica_segments()
-        yield {"url": url, "registry": reg, "expected": expected, "base_dir": tiny_model_dir, "root": root,
-               "output": output, "health": health,
-               "client": openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)}
-        mine = _replica_segments() | started_with  # only this server's: other engines may run on the machine
-        assert mine, "the replicas' engines should map /dev/shm segments"
-        cli.send_signal(signal.SIGINT)
-        rest, _ = cli.communicate(timeout=180)
-        assert cli.returncode == 0 and "stopping the server" in rest, output + rest
-        deadline = time.monotonic() + 30
-        while replica_pids() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert replica_pids() == {}
-        assert not any(os.path.exists(s) for s in mine), f"left behind: {[s for s in mine if os.path.exists(s)]}"
+        served = {"url": url, "registry": reg, "expected": expected, "base_dir": tiny_model_dir, "root": root,
+                  "output": output, "health": health, "cli": cli,
+                  "client": openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)}
+        yield served
+        if cli.poll() is None:  # the last test stops it under load; when it did not run, a plain Ctrl-C here
+            mine = _replica_segments() | started_with  # only this server's: other engines may run on the machine
+            assert mine, "the replicas' engines should map /dev/shm segments"
+            cli.send_signal(signal.SIGINT)
+            rest, _ = cli.communicate(timeout=180)
+            assert cli.returncode == 0 and "stopping the server" in rest, output + rest
+            deadline = time.monotonic() + 30
+            while replica_pids() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert replica_pids() == {}
+            assert not any(os.path.exists(s) for s in mine), f"left behind: {[s for s in mine if os.path.exists(s)]}"
     finally:
         stop_polling.set()
         if cli is not None and cli.poll() is None:
@@ -316,3 +318,150 @@ def test_sigkill_of_a_replica_costs_no_request(served):
     retries = int(re.search(r"pipeline_request_retries_total (\d+)", _metrics(served["url"])).group(1))
     print(f"\nSIGKILL under load: 100 requests answered {load_done - killed_at[0]:.1f} s after the kill, "
           f"{retries} retried; a new replica answered {time.monotonic() - killed_at[0]:.1f} s after the kill")
+
+
+class _ShmWatch:
+    """Samples, every `every_s` while a server runs: the processes below its command (Ray, the replicas, their
+    engines), the /dev/shm segments they map and the replicas' owner records. A record that disappears while
+    one of its segments still exists is a violation: nothing could attribute that segment any more."""
+
+    def __init__(self, cli_pid: int, every_s: float = 0.5):
+        self.cli_pid, self.every_s = cli_pid, every_s
+        self.pids: dict[int, int | None] = {}  # pid -> start time (a recycled pid is not ours)
+        self.segments: set[str] = set()
+        self.records: dict = {}  # path -> record, for records of our replicas seen at the last sample
+        self.violations: list = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> None:
+        from ground.processes import child_pids, shm_segments_of
+        from serve.replicas.leftovers import OWNERS_DIR
+        from serve.shm_owners import start_ticks
+
+        pids = child_pids(self.cli_pid)
+        for pid in pids:
+            self.pids.setdefault(pid, start_ticks(pid))
+        self.segments |= shm_segments_of(pids)
+        now = {}
+        for path in OWNERS_DIR.glob("*.json"):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if int(data["owner"][0]) in self.pids:
+                now[path] = data
+                self.segments |= set(data["segments"])
+        for path, data in self.records.items():
+            if path not in now and not path.exists():
+                early = [s for s in data["segments"] if os.path.exists(s)]
+                if early:
+                    self.violations.append(f"{path.name} deleted while {early} existed")
+        self.records = now
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.every_s):
+            self.sample()
+
+    def alive(self) -> list[int]:
+        from ground.processes import pid_alive
+        from serve.shm_owners import start_ticks
+
+        return [p for p, ticks in self.pids.items() if pid_alive(p) and start_ticks(p) == ticks]
+
+    def __enter__(self) -> "_ShmWatch":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.sample()
+
+
+def _engine_core_of(replica: int) -> int:
+    from ground.processes import child_pids
+
+    for pid in child_pids(replica):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"EngineCore" in f.read():
+                    return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no EngineCore process below replica {replica}")
+
+
+def _sizes(paths) -> str:
+    return ", ".join(f"{p} ({os.path.getsize(p) / 2**20:.0f} MiB)" for p in sorted(paths) if os.path.exists(p))
+
+
+def test_ctrl_c_under_load_after_an_engine_kill_leaves_no_shared_memory(served):
+    """Runs last: it stops the module's server. One replica's engine core is SIGKILLed (its segments stay, and
+    Serve replaces the replica after the failed health check); once the replacement runs, Ctrl-C while 8
+    clients keep the engines busy (vLLM force-kills an engine core still busy 5 s after SIGTERM, which leaves its
+    segments too). Then no segment that the server's processes mapped may remain, no owner record of its replicas
+    either, and no record may ever have been deleted while one of its segments still existed."""
+    from ground.processes import child_pids, shm_segments_of
+    from serve.replicas.leftovers import OWNERS_DIR
+
+    cli, client = served["cli"], served["client"]
+    assert cli.poll() is None, "the server stopped before the last test"
+    with _ShmWatch(cli.pid) as watch:
+        ours = sorted(p for p in replica_pids() if p in watch.pids)
+        assert len(ours) == 2, f"the replicas should run below the command: {ours}, {replica_pids()}"
+        victim = ours[0]
+        killed_engine = _engine_core_of(victim)
+        killed_segments = shm_segments_of(child_pids(victim))
+        assert killed_segments, "the replica's engine should map /dev/shm segments"
+        os.kill(killed_engine, signal.SIGKILL)
+        killed_at = time.monotonic()
+        deadline = killed_at + 300
+        # Serve's health check (every 5 s) finds the dead engine and replaces the replica
+        while time.monotonic() < deadline:
+            now = [p for p in replica_pids() if p in watch.pids]
+            if victim not in now and len(now) == 2 and all(watch.records.get(OWNERS_DIR / f"{p}.json", {}).get(
+                    "segments") for p in now):  # the replacement's engine is up
+                break
+            time.sleep(1)
+        assert victim not in replica_pids(), "Serve did not replace the replica whose engine was killed"
+        replaced_s = time.monotonic() - killed_at
+
+        answered, busy = [], threading.Event()
+
+        def load():
+            while not busy.is_set():
+                try:
+                    client.completions.create(model="tiny-base", prompt=PROMPT, max_tokens=128,
+                                              extra_body={"ignore_eos": True})
+                    answered.append(1)
+                except Exception:  # the replacement may still warm up, and the stop cuts requests off
+                    time.sleep(0.2)
+
+        clients = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        deadline = time.monotonic() + 120
+        while len(answered) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # the engines are mid-batch now
+        mapped = watch.segments | killed_segments
+        sigint_at = time.monotonic()
+        cli.send_signal(signal.SIGINT)
+        rest, _ = cli.communicate(timeout=240)
+        stop_s = time.monotonic() - sigint_at
+        busy.set()
+        assert cli.returncode == 0 and "stopping the server" in rest, rest[-3000:]
+        deadline = time.monotonic() + 30
+        while watch.alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    mapped |= watch.segments
+    left = [s for s in mapped if os.path.exists(s)]
+    print(f"\nengine kill + Ctrl-C under load: replica replaced {replaced_s:.1f} s after the engine kill, "
+          f"{len(answered)} requests answered before the stop, stop took {stop_s:.1f} s; "
+          f"{len(mapped)} segment(s) mapped during the test, {len(left)} left: {_sizes(left)}")
+    assert not watch.alive(), f"processes of the server still run after the stop: {watch.alive()}"
+    assert not left, f"left in /dev/shm: {_sizes(left)}"
+    assert not watch.violations, watch.violations
+    assert not watch.records, f"owner records left behind: {sorted(p.name for p in watch.records)}"
