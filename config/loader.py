@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import logging
+import posixpath
+import re
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +128,6 @@ def _interpolate(d: dict[str, Any], root: dict[str, Any], budget: list[int] | No
 
     What the references add, over all values together, is bounded by MAX_BYTES: a small file of many
     `${a}` naming one large value would otherwise build gigabytes of strings."""
-    import re
-
     budget = [MAX_BYTES] if budget is None else budget
 
     def lookup(match: re.Match) -> str:
@@ -248,7 +248,26 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     validate(cfg)
     warn_inert_keys(cfg)  # valid keys that change nothing in this mode (config/inert.py)
     check_uris(cfg)
+    check_param_keys(cfg)
     return cfg
+
+
+# Every key of the config becomes an MLflow param of the run (pipeline/tracking.py, the trainer's run), and MLflow
+# refuses a whole batch for one bad key, after the run directory exists. Free-form sections
+# (data.generate_kwargs) take any YAML key, so their keys are held to MLflow's rule here.
+PARAM_KEY_RE = re.compile(r"[/\w.\- :]{1,250}")
+
+
+def check_param_keys(cfg: Config) -> None:
+    for key in cfg.flat():
+        normal = posixpath.normpath(key)
+        if not PARAM_KEY_RE.fullmatch(key) or normal != key or normal.startswith(("..", "/")):
+            shown = key if len(key) <= 80 else f"{key[:80]}... ({len(key)} characters)"
+            raise ConfigError(
+                f"Config key `{shown}` (from {cfg.source_of(key)}) cannot be recorded as an MLflow param: keys "
+                "are at most 250 characters of letters, digits, '_', '-', '.', ' ', ':' and '/', without '//', "
+                "'/./', '..' or a leading '/'. Rename it."
+            )
 
 
 # A URI in the config ends up in the run's config.yaml, its MLflow params and its messages, so it must hold no

@@ -109,3 +109,13 @@ def test_ordinary_anchors_and_deep_enough_values_still_load(tmp_path):
     cfg = load_config(path, ["data.generate_kwargs.more=[1, [2, [3]]]"])
     assert cfg.data.generate_kwargs["again"] == ["+", "-"]
     assert cfg.data.generate_kwargs["more"] == [1, [2, [3]]]
+
+
+@pytest.mark.parametrize("key", ["a!b", "k" * 300, "a//b", "a/./b"])
+def test_a_free_form_key_mlflow_cannot_record_is_refused_at_load(tmp_path, key):
+    """Every config key becomes an MLflow param; MLflow refused the run's whole batch for one such key, with a
+    traceback, after the run directory existed."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  generate_kwargs:\n    '{key}': 1\n")
+    with pytest.raises(ConfigError, match=r"cannot be recorded as an MLflow param.*c\.yaml|c\.yaml.*MLflow param"):
+        load_config(path)
