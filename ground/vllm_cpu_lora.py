@@ -88,18 +88,33 @@ def _slot_matrices(weights):
 def _grouped_product(x, weights, out, groups, covered, add: bool, scaling: float = 1.0) -> None:
     """out[rows] (+)= scaling * x[rows] @ weights[slot]^T for each (slot, rows); out may be a column view.
 
-    x is already in out's dtype; each slot's matrix is cast to it once per group (a no-op when equal). One fused
-    addmm per group, in place on the output rows when they are a contiguous range (beta=0 assigns)."""
+    Otherwise in out's dtype, as upstream: each slot's matrix is cast to it once per group (a no-op when equal),
+    then one fused addmm per group, in place on the output rows when they are a contiguous range (beta=0
+    assigns)."""
     matrices = _slot_matrices(weights)
     if not add and not covered:
         out.zero_()  # rows without an adapter: the assigning upstream op writes a zero product there
     beta = 1 if add else 0
     for slot, rows in groups:
-        weight_t = matrices[slot].to(dtype=out.dtype).t()
+        weight = matrices[slot]
+        if x.dtype != out.dtype and x.dtype == weight.dtype:
+            # shrink of a bf16 model into vLLM's float32 buffer: the product in bf16, then widened. Upstream widens
+            # x and A first, but a float32 GEMM with 16 output columns ran 4-7x slower than the bf16 one here,
+            # and the next op (expand) rounds this buffer to bf16 anyway.
+            widened = (x[rows] @ weight.t()).to(dtype=out.dtype)
+            if scaling != 1.0:
+                widened.mul_(scaling)
+            if add:
+                out[rows] += widened
+            else:
+                out[rows] = widened
+            continue
+        weight_t = weight.to(dtype=out.dtype).t()
+        x_rows = x[rows].to(dtype=out.dtype)
         if isinstance(rows, slice):
-            out[rows].addmm_(x[rows], weight_t, beta=beta, alpha=scaling)
+            out[rows].addmm_(x_rows, weight_t, beta=beta, alpha=scaling)
         else:  # scattered rows: gather, compute, scatter back (activations only, never weights)
-            out[rows] = torch.addmm(out[rows], x[rows], weight_t, beta=beta, alpha=scaling)
+            out[rows] = torch.addmm(out[rows], x_rows, weight_t, beta=beta, alpha=scaling)
 
 
 def _rows_agree(inputs, output, token_count: int) -> bool:
@@ -113,8 +128,7 @@ def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scal
     if not _rows_agree(inputs, output_tensor, lora_indices_tensor.shape[0]):
         return _upstream("bgmv_shrink")(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
     groups, covered = _groups_from_token_slots(lora_indices_tensor)
-    _grouped_product(inputs.to(dtype=output_tensor.dtype), lora_a_weights, output_tensor[:, :rank], groups,
-                     covered, add=False, scaling=scaling)
+    _grouped_product(inputs, lora_a_weights, output_tensor[:, :rank], groups, covered, add=False, scaling=scaling)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
@@ -141,8 +155,7 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
                                         lora_indices_tensor, batches, max_seq_length, token_nums, scaling)
     rank = _slot_matrices(lora_a_weights).shape[-2]
     groups, covered = _groups_from_runs(b_seq_start_loc, seq_len_tensor, lora_indices_tensor)
-    _grouped_product(inputs.to(dtype=output_tensor.dtype), lora_a_weights, output_tensor[:, :rank], groups,
-                     covered, add=False, scaling=scaling)
+    _grouped_product(inputs, lora_a_weights, output_tensor[:, :rank], groups, covered, add=False, scaling=scaling)
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,

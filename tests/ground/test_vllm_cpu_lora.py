@@ -88,7 +88,8 @@ def test_shrink_equals_upstream(seed, mix, prefill):
     else:
         upstream.bgmv_shrink(x, lora_a, expected, slots, 0.5)
         segmented.bgmv_shrink(x, lora_a, actual, slots, 0.5)
-    close(actual, expected, torch.float32)
+    # a bf16 model's shrink is computed in bf16 (ground/vllm_cpu_lora.py says why): bf16 rounding apart
+    close(actual, expected, dtype)
 
 
 @pytest.mark.parametrize("add_inputs", [True, False])
