@@ -6,6 +6,12 @@ one instance per process, configured from the environment that `serve.server.sta
 Why a short-lived cache: a pinned reference (`NAME@7`) names an immutable version, so its answer never changes;
 `NAME` (latest) and `NAME@prod` move, so their answers are reused for at most `ttl_s` seconds. That bounds how
 long an alias move takes to reach requests, while a burst of requests costs one registry lookup per second.
+The last answer for a moving reference is kept after it expires: while the registry cannot answer, requests
+are served with it (serve/lookups.py, which also runs every lookup off the server's event loop with a deadline).
+
+Registry errors keep their meaning whatever the store: a version whose stored files or manifest were changed
+after publishing is a CorruptVersionError (422) also when an MLflow server holds it, a server that does not
+answer is a RegistryUnavailableError (503), and a version number past what any registry numbers is a 404.
 """
 
 from __future__ import annotations
@@ -17,11 +23,19 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ground.errors import RegistryError
+from ground.errors import NotFoundError, RegistryError
 
 log = logging.getLogger(__name__)
 
 PINNED_CACHE_SIZE = 4096
+# MLflow numbers versions in a 32-bit integer column (MySQL, PostgreSQL): past it the server answers HTTP 500.
+# No store numbers that far (versions count up from 1), so such a reference is simply one that does not exist.
+LARGEST_VERSION = 2**31 - 1
+LONGEST_REF = 256  # NAME (128) @ ALIAS (64), with room to spare: longer ones are refused before parsing
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry did not answer (stopped, unreachable, failing, or slower than the lookup deadline)."""
 
 
 class BaseMismatchError(RegistryError):
@@ -54,16 +68,25 @@ class AdapterCatalog:
         self.base_fingerprint = base_fingerprint
         self.base_name = base_name
         self.ttl_s = ttl_s
-        self._moving: dict[str, tuple[float, Resolved]] = {}  # NAME / NAME@alias -> (expires, answer)
+        # NAME / NAME@alias -> (when it was looked up, answer); kept after ttl_s to serve while the registry is down
+        self._moving: dict[str, tuple[float, Resolved]] = {}
         self._pinned: OrderedDict[str, Resolved] = OrderedDict()  # NAME@V -> answer (immutable)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ resolution
+    @property
+    def registry_uri(self) -> str:
+        return self.registry.uri
+
     def lookup(self, ref: str) -> Resolved:
         """`NAME`, `NAME@7`, `NAME@prod` -> the version it means now. Raises RegistryError (invalid name),
-        NotFoundError (lists what exists) or BaseMismatchError (names both fingerprints)."""
+        NotFoundError (lists what exists), BaseMismatchError (names both fingerprints), CorruptVersionError or
+        RegistryUnavailableError."""
         from registry import parse_ref
 
+        if isinstance(ref, str) and len(ref) > LONGEST_REF:  # also keeps a 5,000-digit version from int()
+            raise RegistryError(f"Invalid adapter reference {ref[:80]!r}... ({len(ref)} characters): names have at "
+                                "most 128 characters, aliases 64; write NAME, NAME@VERSION or NAME@ALIAS.")
         name, version, alias = parse_ref(ref)  # validates: a name never reaches the filesystem unchecked
         pinned = version is not None
         key = f"{name}@{version}" if pinned else ref
@@ -72,19 +95,65 @@ class AdapterCatalog:
             if pinned and key in self._pinned:
                 self._pinned.move_to_end(key)
                 return self._pinned[key]
-            if not pinned and key in self._moving and self._moving[key][0] > now:
+            if not pinned and key in self._moving and now - self._moving[key][0] < self.ttl_s:
                 return self._moving[key][1]
-        found = self.registry.resolve(ref)
+        if pinned and version > LARGEST_VERSION:
+            raise self._past_range(name, version)
+        try:
+            found = self.registry.resolve(ref)
+            path = str(found.path)  # a remote registry downloads the version here and checks it against its manifest
+        except RegistryError as exc:
+            raise _serving_error(exc, f"{name}@{version}" if pinned else ref) from None
         resolved = Resolved(ref=f"{found.name}@{found.version}", name=found.name, version=int(found.version),
-                            path=str(found.path), base_fingerprint=found.base_fingerprint, rank=found.rank)
+                            path=path, base_fingerprint=found.base_fingerprint, rank=found.rank)
         self.check_servable(resolved)
         with self._lock:
             if not pinned:
-                self._moving[key] = (now + self.ttl_s, resolved)
+                self._moving[key] = (now, resolved)
             self._pinned[resolved.ref] = resolved
             while len(self._pinned) > PINNED_CACHE_SIZE:
                 self._pinned.popitem(last=False)
         return resolved
+
+    def resolve_for_request(self, ref: str) -> Resolved:
+        """What a request for `ref` gets: `lookup`, then the per-request check of the version (see check_current)."""
+        resolved = self.lookup(ref)
+        try:
+            self.check_current(resolved)
+        except RegistryError as exc:
+            raise _serving_error(exc, resolved.ref) from None
+        return resolved
+
+    def last_known(self, ref: str) -> tuple[Resolved, float] | None:
+        """(the last answer for `ref`, its age in seconds), however old; None when this server never resolved it.
+        Served while the registry does not answer: a pinned version never changes, and its files were verified."""
+        from registry import parse_ref
+
+        try:
+            name, version, _ = parse_ref(ref)
+        except (RegistryError, ValueError):
+            return None
+        with self._lock:
+            if version is not None:
+                found = self._pinned.get(f"{name}@{version}")
+                return (found, 0.0) if found is not None else None
+            if ref in self._moving:
+                looked_up, found = self._moving[ref]
+                return found, self.clock() - looked_up
+        return None
+
+    def _past_range(self, name: str, version: int) -> NotFoundError:
+        """The local store's 404 for a version that does not exist, without asking MLflow for it (HTTP 500)."""
+        from registry.refs import format_versions
+
+        try:
+            versions = self.registry.store.version_numbers(name)
+            if not versions:
+                self.registry.resolve(name)  # raises NotFoundError naming the adapters that exist
+        except RegistryError as exc:
+            raise _serving_error(exc, name) from None
+        return NotFoundError(f"`{name}@{version}` does not exist; versions of `{name}`: {format_versions(versions)} "
+                             f"(no registry numbers versions past {LARGEST_VERSION}).")
 
     def check_servable(self, resolved: Resolved) -> None:
         if self.max_lora_rank and resolved.rank > self.max_lora_rank:
@@ -117,8 +186,6 @@ class AdapterCatalog:
     def servable(self) -> list[dict]:
         """Model cards for every reference this server can serve: each version `NAME@V`, plus `NAME` (latest)
         and `NAME@ALIAS` when the version they point at is servable (trained on this base, rank that fits)."""
-        from ground.errors import NotFoundError
-
         cards = []
         for name in self.registry.list_adapters():
             try:
@@ -141,6 +208,24 @@ class AdapterCatalog:
         if self.base_fingerprint and fp and fp != self.base_fingerprint:
             return False
         return not (self.max_lora_rank and version.rank > self.max_lora_rank)
+
+
+def _serving_error(exc: RegistryError, ref: str) -> RegistryError:
+    """A registry error as the server answers it, the same for every store: 404 stays, a server that failed is
+    503, and a version whose stored files or manifest no longer match what was published is 422 (a remote store
+    raises plain RegistryErrors for these; the local store's are checked in serve/verified.py)."""
+    from registry.integrity import NotARegularFileError
+    from registry.mlflow_http import ServerUnavailableError
+    from serve.verified import CorruptVersionError
+
+    if isinstance(exc, ServerUnavailableError):
+        return RegistryUnavailableError(str(exc))
+    if type(exc) is RegistryError or isinstance(exc, NotARegularFileError):
+        message = str(exc)
+        if "verify" not in message:
+            message += f" Check it with `pipeline registry verify {ref}`."
+        return CorruptVersionError(message)
+    return exc  # NotFoundError, the catalog's and serve.verified's own, AuthError / ApiError as they were
 
 
 _catalog: AdapterCatalog | None = None

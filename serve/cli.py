@@ -7,6 +7,7 @@ import signal
 import click
 
 from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, MAX_CPU_LORAS_CAP
+from serve.server import DEFAULT_LOOKUP_TIMEOUT_S, DEFAULT_MAX_N, ENV_LOOKUP_TIMEOUT, request_limits_env
 
 
 @click.command("serve")
@@ -38,6 +39,12 @@ from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, MAX_CPU_LORAS_CAP
               help="Seconds an alias or latest-version lookup is reused (bounds how fast alias moves apply).")
 @click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(0.001),
               help="Largest request body in MiB; larger ones get 413 before they are read.")
+@click.option("--lookup-timeout", default=DEFAULT_LOOKUP_TIMEOUT_S, show_default=True, type=click.FloatRange(0.1),
+              envvar=ENV_LOOKUP_TIMEOUT, show_envvar=True,
+              help="Seconds a request waits for the registry to resolve its model before a 503; what was resolved "
+                   "before keeps being served while the registry does not answer.")
+@click.option("--max-n", default=DEFAULT_MAX_N, show_default=True, type=click.IntRange(1),
+              help="Largest `n` / `best_of` (completions per request); larger ones get 400.")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1),
               help="vLLM replicas behind one endpoint; above 1 they run on Ray Serve (one engine each).")
 @click.option("--ray-address", default=None,
@@ -51,7 +58,7 @@ from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, MAX_CPU_LORAS_CAP
               help="Autoscaling target of requests in flight per replica.")
 def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
               kv_cache_gib, dtype, served_name, alias_ttl, max_body_mb, replicas, ray_address, routing, min_replicas,
-              max_replicas, target_ongoing_requests, lora_cache_gib):
+              max_replicas, target_ongoing_requests, lora_cache_gib, lookup_timeout, max_n):
     """Serve the base model and the registry's adapters behind one OpenAI-compatible endpoint.
 
     A request's `model` may be the base model's name, NAME (latest version), NAME@7 or NAME@ALIAS. Stop with
@@ -72,7 +79,7 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
             autoscaling=autoscaling, host=host, port=port, api_key=api_key, max_loras=max_loras,
             max_cpu_loras=max_cpu_loras, lora_cache_gib=lora_cache_gib, max_lora_rank=max_lora_rank,
             max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name,
-            alias_ttl_s=alias_ttl, max_body_mb=max_body_mb))
+            alias_ttl_s=alias_ttl, max_body_mb=max_body_mb, request_limits=request_limits_env(lookup_timeout, max_n)))
         return
     # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C, also while the server starts
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -80,7 +87,8 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
         handle = start_server(base_dir, registry_uri, host=host, port=port, api_key=api_key, max_loras=max_loras,
                               max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
                               kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl,
-                              max_body_mb=max_body_mb, lora_cache_gib=lora_cache_gib)
+                              max_body_mb=max_body_mb, lora_cache_gib=lora_cache_gib,
+                              lookup_timeout_s=lookup_timeout, max_n=max_n)
     except KeyboardInterrupt:  # start_server already stopped the half-started server
         signal.signal(signal.SIGTERM, previous)
         click.echo("interrupted while starting; the server was stopped", err=True)

@@ -7,15 +7,21 @@ In order:
    headers, before a byte of the body is read, so an anonymous caller can neither make the server buffer a
    body nor learn a registry name.
 2. Bounded input: a body over `--max-body-mb` is refused with 413 as soon as its Content-Length, or the bytes
-   streamed in so far, pass the limit. A JSON body that does not parse (including a nesting so deep that the
-   parser recurses out) or nests deeper than MAX_JSON_DEPTH is a 400, before vLLM parses it again.
+   streamed in so far, pass the limit. Every body but a form (multipart, urlencoded: vLLM's audio routes) is
+   JSON to vLLM and to the replicated ingress whatever its Content-Type says, so it is checked as JSON whatever
+   the type: one that does not parse (including a nesting so deep that the parser recurses out), nests deeper
+   than MAX_JSON_DEPTH or is not an object is a 400, and so is `n` or `best_of` above `--max-n`; the body goes on
+   labelled application/json. The replicated ingress is wrapped in this same middleware, so both modes refuse
+   the same requests with the same status and message.
 3. Pin moving references. A JSON request whose `model` is `NAME` or `NAME@ALIAS` is rewritten to the `NAME@V`
    it means now (looked up at most `ttl_s` ago). vLLM caches a resolved LoRA name forever, so without this an
    alias move would never reach `NAME@prod`; with it, requests already in flight keep their version (a
    distinct adapter to vLLM) and new requests get the new one, with no restart. The response's `model` field
    then says which version answered. A version deleted or changed in the registry since this server loaded it
    is refused here (404 / 422, see serve/verified.py), and so are unknown or invalid references (the caller
-   holds the key by now, so the 404 may list what exists; names are cut to 80 characters).
+   holds the key by now, so the 404 may list what exists; names are cut to 80 characters). Lookups run off the
+   event loop with a deadline (serve/lookups.py): a registry that does not answer costs the requests that need
+   it a 503 after `--lookup-timeout`, while everything already resolved is served as before.
 4. List what can be served. A successful `GET /v1/models` lists the base and every servable reference from the
    registry (every version, `NAME` and each alias); adapters vLLM still holds but the registry no longer has
    are left out, and so are vLLM's paths.
@@ -32,7 +38,9 @@ log = logging.getLogger(__name__)
 MAX_JSON_DEPTH = 128  # OpenAI requests (tool schemas included) nest a few dozen levels at most
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-               413: "RequestEntityTooLargeError", 422: "UnprocessableEntityError"}
+               413: "RequestEntityTooLargeError", 422: "UnprocessableEntityError", 503: "ServiceUnavailableError"}
+FORM_TYPES = ("multipart/", "application/x-www-form-urlencoded")  # bodies vLLM does not read as JSON
+COUNT_FIELDS = ("n", "best_of")  # completions generated per request: each costs a sequence in the batch
 
 
 class RequestRefused(Exception):
@@ -45,7 +53,9 @@ class RegistryRefMiddleware:
     def __init__(self, app):
         from serve.access import AccessPolicy
         from serve.catalog import get_catalog
-        from serve.server import DEFAULT_MAX_BODY_MB, ENV_MAX_BODY_BYTES, ENV_RUN_DIR
+        from serve.lookups import RequestLookups
+        from serve.server import (DEFAULT_LOOKUP_TIMEOUT_S, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_N, ENV_LOOKUP_TIMEOUT,
+                                  ENV_MAX_BODY_BYTES, ENV_MAX_N, ENV_RUN_DIR)
 
         self.app = app
         self.catalog = get_catalog()
@@ -54,6 +64,9 @@ class RegistryRefMiddleware:
         self.access = AccessPolicy(os.environ.get("VLLM_API_KEY") or None)
         self.max_body = int(os.environ.get(ENV_MAX_BODY_BYTES) or DEFAULT_MAX_BODY_MB << 20)
         self.run_dir = os.environ.get(ENV_RUN_DIR)
+        self.max_n = int(os.environ.get(ENV_MAX_N) or DEFAULT_MAX_N)
+        timeout_s = float(os.environ.get(ENV_LOOKUP_TIMEOUT) or DEFAULT_LOOKUP_TIMEOUT_S)
+        self.lookups = RequestLookups(self.catalog, timeout_s) if self.catalog is not None else None
 
     async def __call__(self, scope, receive, send):
         if self.catalog is None or scope["type"] not in ("http", "websocket", "lifespan"):
@@ -93,13 +106,15 @@ class RegistryRefMiddleware:
                 break
         body = b"".join(chunks)
         try:
-            new_body = self._checked_body(scope, body)
+            new_body, as_json = await self._checked_body(scope, body)
         except RequestRefused as refused:
             return await _error(send, refused.status, str(refused))
-        if new_body is not body:
+        if as_json:  # checked as JSON (and maybe rewritten): read as JSON downstream whatever its declared type
             scope = dict(scope)
-            scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-            scope["headers"].append((b"content-length", str(len(new_body)).encode()))
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length",
+                                                                                          b"content-type")]
+            scope["headers"] += [(b"content-length", str(len(new_body)).encode()),
+                                 (b"content-type", b"application/json")]
         replay = [{"type": "http.request", "body": new_body, "more_body": False}]
         return await self.app(scope, _replay(replay, receive), send)
 
@@ -107,10 +122,29 @@ class RegistryRefMiddleware:
         return (f"The request body ({declared[:20]} bytes) is larger than this server's limit of "
                 f"{self.max_body >> 20} MiB (`pipeline serve --max-body-mb`).")
 
-    def _checked_body(self, scope, body: bytes) -> bytes:
+    async def _checked_body(self, scope, body: bytes) -> tuple[bytes, bool]:
+        """(the body to pass on, whether it was checked as JSON). Raises RequestRefused."""
         content_type = (_header(scope, b"content-type") or "").lower()
-        if not body.strip() or not ("json" in content_type or (not content_type and body.lstrip()[:1] in b"{[")):
-            return body  # not JSON (multipart audio, form): vLLM's route checks its own format
+        if not body.strip() or content_type.startswith(FORM_TYPES):
+            return body, False  # no body, or a form (audio uploads): vLLM's route checks its own format
+        data = self._parsed(body)
+        model = data.get("model")
+        if not isinstance(model, str) or not model or self.catalog.is_base(model):
+            return body, True
+        from ground.errors import RegistryError
+        from serve.resolver import error_status
+
+        try:
+            resolved = await self.lookups.pin(model)  # off the event loop, with a deadline; stale while it is down
+        except RegistryError as exc:
+            raise RequestRefused(int(error_status(exc)), str(exc)) from None
+        if resolved.ref == model:
+            return body, True
+        data["model"] = resolved.ref
+        return json.dumps(data).encode(), True
+
+    def _parsed(self, body: bytes) -> dict:
+        """The body as a JSON object within the server's limits, or RequestRefused (400)."""
         try:
             data = json.loads(body)
         except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
@@ -118,24 +152,24 @@ class RegistryRefMiddleware:
                                       f"{str(exc)[:120]}).") from None
         if _depth_over(data, MAX_JSON_DEPTH):
             raise RequestRefused(400, f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.")
-        model = data.get("model") if isinstance(data, dict) else None
-        if not isinstance(model, str) or not model or self.catalog.is_base(model):
-            return body
-        from ground.errors import RegistryError
-        from serve.resolver import error_status
-
-        try:
-            resolved = self.catalog.lookup(model)
-            self.catalog.check_current(resolved)  # deleted or changed in the registry since it was loaded here
-        except RegistryError as exc:
-            raise RequestRefused(int(error_status(exc)), str(exc)) from None
-        if resolved.ref == model:
-            return body
-        data["model"] = resolved.ref
-        return json.dumps(data).encode()
+        if not isinstance(data, dict):
+            raise RequestRefused(400, f"The request body must be a JSON object ({{...}}), not a JSON "
+                                      f"{_json_kind(data)}.")
+        for field in COUNT_FIELDS:
+            count = _count(data.get(field))
+            if count is not None and count > self.max_n:
+                raise RequestRefused(400, f"`{field}` is {str(data[field])[:20]}, above this server's limit of "
+                                          f"{self.max_n} completions per request (`pipeline serve --max-n`).")
+        return data
 
     # -------------------------------------------------------------------------------- 4. list servable
     async def _extend_models(self, scope, receive, send):
+        from ground.errors import RegistryError
+
+        try:  # first: a registry that does not answer is a 503 here, not a listing without the registry
+            cards = await self.lookups.servable()
+        except RegistryError as exc:
+            return await _error(send, 503, f"Cannot list the registry's adapters: {exc}")
         start, parts = {}, []
 
         async def capture(message):
@@ -144,18 +178,18 @@ class RegistryRefMiddleware:
             elif message["type"] == "http.response.body":
                 parts.append(message.get("body", b""))
                 if not message.get("more_body", False):
-                    await self._send_models(send, start, b"".join(parts))
+                    await self._send_models(send, start, b"".join(parts), cards)
 
         await self.app(scope, receive, capture)
 
-    async def _send_models(self, send, start, body: bytes):
+    async def _send_models(self, send, start, body: bytes, cards: list[dict]):
         if start.get("status") == 200:
             try:
                 listing = json.loads(body)
                 # vLLM's own cards: keep the base models; its adapter cards go (a version deleted from the
                 # registry stays loaded in vLLM, and its card carries a server path): the registry says what exists
                 bases = [card for card in listing.get("data", []) if not card.get("parent")]
-                listing["data"] = bases + self.catalog.servable()
+                listing["data"] = bases + cards
                 body = json.dumps(listing).encode()
             except Exception:  # a listing problem must not take /v1/models down; vLLM's own list still answers
                 log.exception("could not add registry adapters to /v1/models")
@@ -181,6 +215,21 @@ def _header(scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key.lower() == name:
             return value.decode("latin-1").strip()
+    return None
+
+
+def _json_kind(data) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
+
+
+def _count(value) -> float | None:
+    """`n` / `best_of` as vLLM's validation would read it (7, 7.0, "7"), or None when it is not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value.strip()[:30])
     return None
 
 

@@ -35,21 +35,24 @@ def to_vllm_error(exc: Exception) -> Exception:
 
     if isinstance(exc, NotFoundError):
         return VLLMNotFoundError(str(exc))
-    if error_status(exc) == HTTPStatus.UNPROCESSABLE_ENTITY:
-        return GracefulHTTPError(str(exc), HTTPStatus.UNPROCESSABLE_ENTITY)
+    if error_status(exc) in (HTTPStatus.UNPROCESSABLE_ENTITY, HTTPStatus.SERVICE_UNAVAILABLE):
+        return GracefulHTTPError(str(exc), error_status(exc))
     return VLLMValidationError(str(exc), parameter="model")
 
 
 def error_status(exc: Exception) -> HTTPStatus:
-    """The HTTP status for a registry error: 404 unknown, 422 known but not servable here, 400 malformed."""
+    """The HTTP status for a registry error: 404 unknown, 422 known but not servable here, 503 the registry did
+    not answer, 400 malformed."""
     from ground.errors import NotFoundError
-    from serve.catalog import BaseMismatchError, RankTooLargeError
+    from serve.catalog import BaseMismatchError, RankTooLargeError, RegistryUnavailableError
     from serve.verified import AdapterMismatchError, CorruptVersionError
 
     if isinstance(exc, NotFoundError):
         return HTTPStatus.NOT_FOUND
     if isinstance(exc, (BaseMismatchError, RankTooLargeError, CorruptVersionError, AdapterMismatchError)):
         return HTTPStatus.UNPROCESSABLE_ENTITY
+    if isinstance(exc, RegistryUnavailableError):
+        return HTTPStatus.SERVICE_UNAVAILABLE
     return HTTPStatus.BAD_REQUEST
 
 
@@ -71,8 +74,8 @@ def _make_resolver_class():
             catalog = get_catalog()
             if catalog is None:
                 return None
-            try:
-                found = catalog.lookup(lora_name)
+            try:  # the middleware pinned lora_name already, so this is a cache hit; still never on the event loop
+                found = await asyncio.to_thread(catalog.lookup, lora_name)
                 # hashing + copying is blocking file work: keep it off the event loop that serves other requests
                 path = await asyncio.to_thread(catalog.engine_path, found)
             except RegistryError as exc:

@@ -44,10 +44,26 @@ ENV_BASE_DIR = "PIPELINE_SERVE_BASE_DIR"
 ENV_RUN_DIR = "PIPELINE_SERVE_RUN_DIR"  # the server's own folder: verified adapter copies, routes.json
 ENV_VERIFY = "PIPELINE_SERVE_VERIFY"  # "0" serves straight from the registry folders (benchmark baseline only)
 ENV_MAX_BODY_BYTES = "PIPELINE_SERVE_MAX_BODY_BYTES"
+ENV_LOOKUP_TIMEOUT = "PIPELINE_SERVE_LOOKUP_TIMEOUT_S"  # also what `pipeline serve --lookup-timeout` reads
+ENV_MAX_N = "PIPELINE_SERVE_MAX_N"
 
 # A request body limit with room for long prompts: 128k tokens as a JSON list of ids is ~1 MiB, as text a few
 # MiB; images or audio inline in base64 are what needs the rest.
 DEFAULT_MAX_BODY_MB = 32
+# How long a request waits for a registry lookup before a 503: far below a client's timeout (OpenAI's is 600 s),
+# above a healthy MLflow lookup (tens of ms; a first download of an adapter's few MiB is well under a second).
+DEFAULT_LOOKUP_TIMEOUT_S = 5.0
+DEFAULT_MAX_N = 16  # completions per request (`n`, `best_of`): each is a sequence in the batch and its KV cache
+
+
+def request_limits_env(lookup_timeout_s: float = DEFAULT_LOOKUP_TIMEOUT_S, max_n: int = DEFAULT_MAX_N) -> dict:
+    """The middleware's settings beyond the body limit, as environment for its process (single or ingress)."""
+    if not lookup_timeout_s > 0:
+        raise StageError(f"--lookup-timeout must be above 0 seconds (got {lookup_timeout_s}).")
+    if max_n < 1:
+        raise StageError(f"--max-n must be at least 1 (got {max_n}).")
+    return {ENV_LOOKUP_TIMEOUT: str(float(lookup_timeout_s)), ENV_MAX_N: str(int(max_n))}
+
 
 def round_lora_rank(rank: int) -> int:
     """`ground.vllm_lora.max_lora_rank_for` for the server: the smallest --max-lora-rank vLLM accepts that holds
@@ -258,7 +274,8 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
                  ready_timeout_s: float = 300.0, log_path: str | Path | None = None,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None,
                  max_body_mb: float = DEFAULT_MAX_BODY_MB, verify_weights: bool = True,
-                 lora_cache_gib: float = DEFAULT_LORA_CACHE_GIB) -> ServerHandle:
+                 lora_cache_gib: float = DEFAULT_LORA_CACHE_GIB, lookup_timeout_s: float = DEFAULT_LOOKUP_TIMEOUT_S,
+                 max_n: int = DEFAULT_MAX_N) -> ServerHandle:
     """Start the multi-adapter server and wait until /health answers; returns a `ServerHandle`.
 
     base_dir: the base model folder (must be the one the adapters were trained on: adapters whose recorded
@@ -270,7 +287,9 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
     bodies get 413. verify_weights=False hands the engine the registry folders instead of verified read-only
     copies (serve/verified.py): only for measuring what verification costs. max_cpu_loras: adapters kept
     loaded in host memory; None sizes it from `lora_cache_gib` and the registry's adapters (serve/lora_tier.py).
-    The server's output goes to `log_path` (default: a temp file).
+    lookup_timeout_s: how long a request waits for the registry before a 503 (serve/lookups.py). max_n: the
+    largest `n` / `best_of` a request may ask for (400 above). The server's output goes to `log_path` (default:
+    a temp file).
     """
     from registry import open_registry
     from ground.model_files import fingerprint
@@ -278,6 +297,7 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
     base_dir = Path(base_dir).expanduser().absolute()
     if not (base_dir / "config.json").is_file():
         raise StageError(f"Base model folder `{base_dir}` has no config.json; pass --base a model folder or `default`.")
+    limits = request_limits_env(lookup_timeout_s, max_n)
     registry = open_registry(registry_uri)
     base_fp = fingerprint(base_dir)
     if not enable_lora:
@@ -312,6 +332,7 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
         ENV_RUN_DIR: str(run_dir),
         ENV_VERIFY: "1" if verify_weights else "0",
         ENV_MAX_BODY_BYTES: str(int(max_body_mb * (1 << 20))),
+        **limits,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                      child_env.get("PYTHONPATH")])),
     })
