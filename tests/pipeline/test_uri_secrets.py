@@ -68,7 +68,8 @@ def test_credentials_in_a_config_file_name_the_file_not_the_password(tmp_path):
 
 
 def test_plain_uris_and_paths_still_load(tmp_path):
-    cfg = load_config(None, ["registry.uri=mlflow+http://127.0.0.1:5000", f"trainer.mlflow_tracking_uri=sqlite:///{tmp_path}/m.db"])
+    cfg = load_config(None, ["registry.uri=mlflow+http://127.0.0.1:5000",
+                             f"trainer.mlflow_tracking_uri=sqlite:///{tmp_path}/m.db"])
     assert cfg.registry.uri == "mlflow+http://127.0.0.1:5000"
     assert load_config(None, [f"registry.uri={tmp_path}/store"]).registry.uri == f"{tmp_path}/store"
 
