@@ -44,6 +44,16 @@ def secret_parts(uri: str) -> list[str]:
     return [part for part, present in (("user-info", userinfo), ("query", tail)) if present]
 
 
+# A URI inside free text: a scheme, '://', then anything up to whitespace or a quote that closes it.
+_URI_IN_TEXT = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]+://[^\s`'"<>]+""")
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URI in it shown as `redact_uri` shows it: the last line for messages that embed text
+    from elsewhere (an exception of a library, a value the user typed in the wrong place)."""
+    return _URI_IN_TEXT.sub(lambda match: redact_uri(match.group(0)), str(text))
+
+
 def redact_uri(uri) -> str:
     """`uri` as it may be shown: user-info and query (and fragment) replaced by `***`, the rest kept."""
     if uri is None:

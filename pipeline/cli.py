@@ -9,6 +9,7 @@ import click
 
 from config import load_config
 from ground.errors import PipelineError
+from ground.mlflow_uri import redact_text
 from ground.logs import log_to_file, setup_logging
 from ground.new_files import refuse_registry_folder
 
@@ -128,8 +129,8 @@ def cli_entry(args: list[str] | None = None) -> int:
     """Run the CLI; a PipelineError prints its message and exits 2, Ctrl-C exits 130."""
     try:
         main.main(args=args, standalone_mode=False)
-    except PipelineError as exc:
-        click.echo(f"error: {exc}", err=True)
+    except PipelineError as exc:  # a URI in the message is shown without user-info or query, wherever it came from
+        click.echo(f"error: {redact_text(str(exc))}", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)

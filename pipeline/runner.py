@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from config import Config, load_config
 from ground.errors import PipelineError, StageError
 from ground.logs import console_log
+from ground.mlflow_uri import redact_text
 from ground.new_files import refuse_registry_folder, write_new_text
 
 log = logging.getLogger(__name__)
@@ -216,10 +217,10 @@ class Run:
             if isinstance(exc, KeyboardInterrupt):
                 error = "interrupted (Ctrl-C or SIGINT)"
             elif isinstance(exc, PipelineError):
-                error = str(exc)
+                error = redact_text(str(exc))  # the manifest is a file a run keeps: no URI secret in it
             else:
-                error = f"{type(exc).__name__}: {exc}"
-                entry["traceback"] = traceback.format_exc(limit=20)
+                error = redact_text(f"{type(exc).__name__}: {exc}")
+                entry["traceback"] = redact_text(traceback.format_exc(limit=20))
             entry.update(status=status, ended=_now(), error=error)
             self.save()
             if tracking is not None:

@@ -116,3 +116,28 @@ def test_a_uri_of_the_wrong_type_is_refused_without_echoing_it():
     with pytest.raises(ConfigError, match=r"registry\.uri") as refused:
         load_config(None, [f"registry.uri=[{WITH_CREDENTIALS}]"])
     assert SECRET not in str(refused.value)
+
+
+@pytest.mark.parametrize("args", [["config", "show", WITH_CREDENTIALS],  # the value without its `registry.uri=`
+                                  ["run", "train", f"registry.uri{WITH_CREDENTIALS}"]])
+def test_a_uri_typed_in_the_wrong_place_is_shown_redacted(capfd, args):
+    code, shown = _run(args, capfd)
+    assert code == 2 and SECRET not in shown and "***@127.0.0.1:5000" in shown, shown
+
+
+def test_a_failed_stage_records_its_error_redacted(tmp_path):
+    from pipeline.runner import Pipeline, Run, Stage, read_manifest
+    from ground.errors import StageError
+
+    def leaky(ctx):
+        raise StageError(f"could not reach {WITH_CREDENTIALS}/api")
+
+    def crashing(ctx):
+        raise RuntimeError(f"connection to https://bob:{SECRET}@example.org?sig={SECRET} reset")
+
+    for stage in (leaky, crashing):
+        run = Run.create(Pipeline("p", [Stage("s", stage)]), load_config(None, []), tmp_path / stage.__name__)
+        with pytest.raises(Exception):
+            run.execute()
+        assert SECRET not in (tmp_path / stage.__name__ / "manifest.json").read_text()
+        assert "***@" in read_manifest(tmp_path / stage.__name__)["stages"][0]["error"]
