@@ -71,6 +71,7 @@ class OwnerRecord:
         self.segments: set[str] = set()
         self.engine: dict[int, int | None] = {}
         self._written: dict | None = None
+        self._released = False  # after release() the record stays deleted (a late refresh must not rewrite it)
         self._lock = threading.Lock()  # refreshed from the engine-start watcher thread and from the replica
         self.refresh()
 
@@ -82,6 +83,8 @@ class OwnerRecord:
         """Add the processes below this one and the segments they map now; rewrite the record if that changed.
         Segments and processes are only ever added: one that is gone costs nothing to remove later."""
         with self._lock:
+            if self._released:
+                return
             children = child_pids(self.pid)
             for pid in children:
                 self.engine.setdefault(pid, start_ticks(pid))
@@ -116,12 +119,13 @@ class OwnerRecord:
         and only then the record. Returns the segments removed."""
         self.refresh()  # processes or segments that appeared since the last refresh
         with self._lock:
+            self._released = True
             data = self.data()
         stopped = _stop_engine(data, grace_s)
         gone = clear_record(self.path, data)
         if stopped or gone:  # a warning: vLLM's shutdown did not leave the engine clean
             log.warning("replica pid %d: stopped %d engine process(es) left running, removed %d shared-memory "
-                     "segment(s) its engine left", self.pid, stopped, len(gone))
+                        "segment(s) its engine left", self.pid, stopped, len(gone))
         return gone
 
 

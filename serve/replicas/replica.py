@@ -133,7 +133,10 @@ class LoraReplica:
                 log.exception("replica %s: engine shutdown failed", getattr(self, "name", "?"))
             self.engine = None
         if owner is not None:
-            owner.release()
+            try:
+                owner.release()
+            except Exception:  # the record stays: the command's sweep at stop, or the next start, tries again
+                log.exception("replica %s: removing what the engine left failed", getattr(self, "name", "?"))
             self.owner = None
 
     # ------------------------------------------------------------------------------------------ adapters
