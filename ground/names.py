@@ -7,6 +7,8 @@ name, and a failed lookup is a ConfigError that names the config key, the bad va
 
 from __future__ import annotations
 
+import difflib
+
 from collections.abc import Mapping
 from typing import Callable, Generic, Iterator, TypeVar
 
@@ -40,7 +42,9 @@ class NameRegistry(Mapping, Generic[T]):
         if name in self:
             return self.aliases.get(name, name)
         valid = [*self._items, *self.aliases, *extra_valid]
-        raise ConfigError(f"{key}={name!r}: no {self.kind} has that name; valid: {', '.join(valid)}.")
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        hint = f" Did you mean {key}={close[0]}?" if close else ""
+        raise ConfigError(f"{key}={name!r}: no {self.kind} has that name; valid: {', '.join(valid)}.{hint}")
 
     def lookup(self, name: str, key: str) -> T:
         return self._items[self.canonical(name, key)]

@@ -7,7 +7,6 @@ import sys
 
 import click
 
-from config import load_config
 from ground.errors import PipelineError
 from ground.mlflow_uri import redact_text
 from ground.logs import log_to_file, setup_logging
@@ -89,8 +88,10 @@ def config():
 @CONFIG_OPTION
 @OVERRIDES
 def config_show(config_file, overrides):
-    """Print the resolved config as YAML."""
-    click.echo(load_config(config_file, list(overrides)).to_yaml(), nl=False)
+    """Print the resolved config as YAML (checked as `pipeline run` checks it: a misspelt name fails here too)."""
+    from pipeline.runner import load_run_config
+
+    click.echo(load_run_config(config_file, overrides).to_yaml(), nl=False)
 
 
 @main.group()

@@ -51,9 +51,11 @@ def _train(ctx: StageContext) -> dict:
 
 
 def _check_train(config) -> None:
+    from config.inert import warn_replaced_local_dir
     from stages.start_adapter import check_start_adapter
     from stages.train.prepare_data import ensure_data
 
+    warn_replaced_local_dir(config, "the run directory's train/checkpoints")  # _train sets it there
     ensure_data(config)  # the demo's files are written here when missing; a user's missing file is an error
     check_start_adapter(config)  # a reference that resolves nowhere fails before the run directory exists
 

@@ -42,6 +42,7 @@ from typing import Callable, Iterator
 from filelock import FileLock
 
 from ground.errors import RegistryError
+from ground.new_files import REGISTRY_MARKER
 from ground.processes import pid_alive
 from registry.integrity import open_regular, read_regular, verify_folder
 from registry.refs import NAME_RE, VERSION_RE
@@ -62,7 +63,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-OWN_ROOT_ENTRIES = {".tmp", "adapters", "registry.json"}
+OWN_ROOT_ENTRIES = {".tmp", "adapters", REGISTRY_MARKER}
 DIGESTS = "manifests.log"
 
 
@@ -129,7 +130,7 @@ class LocalStore(Store):
         self._root_resolved = None
         self._locks: dict[str, FileLock] = {}
         self._locks_guard = threading.Lock()
-        fmt = self.root / "registry.json"
+        fmt = self.root / REGISTRY_MARKER
         if fmt.is_file():
             found = json.loads(fmt.read_text()).get("format")
             if found != FORMAT:
@@ -137,19 +138,19 @@ class LocalStore(Store):
 
     # ------------------------------------------------------------------------------------------- paths
     def _init_root(self) -> None:
-        if not (self.root / "registry.json").is_file():
+        if not (self.root / REGISTRY_MARKER).is_file():
             # A new registry takes only a new or empty folder (or one a concurrent first publish is setting
             # up): its cleanup would otherwise judge, and its files land among, files that are not its own.
             others = sorted(set(os.listdir(self.root)) - OWN_ROOT_ENTRIES) if self.root.is_dir() else []
             if others or (self.root.exists() and not self.root.is_dir()):
                 raise RegistryError(
-                    f"`{self.root}` is not a registry (it has no registry.json) and is not empty "
+                    f"`{self.root}` is not a registry (it has no {REGISTRY_MARKER}) and is not empty "
                     f"({', '.join(others[:5]) or 'a file'}); a new registry needs a new or empty folder. Point "
                     "--registry (or PIPELINE_REGISTRY, registry.uri) at one."
                 )
             (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
             (self.root / "adapters").mkdir(exist_ok=True)
-            self._atomic_write(self.root / "registry.json", json.dumps({"format": FORMAT}) + "\n")
+            self._atomic_write(self.root / REGISTRY_MARKER, json.dumps({"format": FORMAT}) + "\n")
 
     def _inside(self, path: Path) -> Path:
         """Refuse a path that resolves outside the root (a symlink planted in the store, for instance)."""

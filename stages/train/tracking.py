@@ -13,7 +13,7 @@ import logging
 import math
 import time
 
-from ground.mlflow_uri import param_text
+from ground.mlflow_uri import param_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class TrainTracking:
         params = [Param(k, param_text(v)) for k, v in cfg.flat().items()]
         for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[start : start + 100])
-        log.info("MLflow run %s at %s", self.run_id, self.uri)
+        log.info("MLflow run %s at %s", self.run_id, redact_uri(self.uri))  # the URI may come from the environment
 
     def _exists(self, run_id: str) -> bool:
         try:

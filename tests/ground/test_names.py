@@ -30,7 +30,8 @@ def test_unknown_name_names_the_key_and_every_valid_name():
     reg.add("grpo", 1)
     reg.add("gae", 2, aliases=("ppo_gae",))
     with pytest.raises(ConfigError, match=r"algorithm.adv_estimator='grpoo': no advantage estimator has that name; "
-                                          r"valid: grpo, gae, ppo_gae, dapo \(= grpo\)\."):
+                                          r"valid: grpo, gae, ppo_gae, dapo \(= grpo\)\. "
+                                          r"Did you mean algorithm.adv_estimator=grpo\?"):
         reg.canonical("grpoo", "algorithm.adv_estimator", extra_valid=("dapo (= grpo)",))
     with pytest.raises(ConfigError, match="actor.loss_mode='nope': no advantage estimator"):
         reg.lookup("nope", "actor.loss_mode")

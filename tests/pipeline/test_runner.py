@@ -164,11 +164,12 @@ def test_mlflow_parent_and_nested_stage_runs(tmp_path, tiny_model_dir):
     ("algorithm.kl_penalty=k4", "algorithm.kl_penalty='k4': no KL estimator"),
     ("reward_model.scorer=gsm9k", "reward_model.scorer='gsm9k': no reward scorer"),
 ])
-@pytest.mark.parametrize("command", ["run", "train"])
+@pytest.mark.parametrize("command", ["run", "train", "config show"])
 def test_a_misspelt_component_name_fails_before_any_run_directory(tmp_path, monkeypatch, capsys, override,
                                                                    message, command):
     monkeypatch.chdir(tmp_path)
-    args = ["run", "train-and-publish", override] if command == "run" else ["train", override]
+    args = {"run": ["run", "train-and-publish"], "train": ["train"], "config show": ["config", "show"]}[command]
+    args = [*args, override]
     assert cli_entry(args) == 2
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/, no mlruns/, no data written
@@ -195,3 +196,18 @@ def test_console_is_short_and_the_run_log_holds_the_rest(tmp_path, tiny_model_di
     log_text = (run_dir / "pipeline.log").read_text()
     assert "INFO stages.stage_model: Base model" in log_text and "fingerprint" in log_text
     assert "WARNING vllm.engine: a library warning" in log_text
+
+
+def test_pipeline_run_warns_that_it_replaces_a_set_default_local_dir(tmp_path, monkeypatch, caplog):
+    # `pipeline run` keeps checkpoints in the run directory (for --resume): a default_local_dir the user set is
+    # not read, and its pre-run check says so; left at its default, nothing is said.
+    import logging
+
+    from pipeline.pipelines import _check_train
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        _check_train(load_config(None, []))
+        assert "default_local_dir" not in caplog.text
+        _check_train(load_config(None, ["trainer.default_local_dir=mine"]))
+    assert "trainer.default_local_dir=mine (the command line) is not used by this command" in caplog.text
