@@ -7,9 +7,9 @@ In order:
    headers, before a byte of the body is read, so an anonymous caller can neither make the server buffer a
    body nor learn a registry name.
 2. Bounded input: a body over `--max-body-mb` is refused with 413 as soon as its Content-Length, or the bytes
-   streamed in so far, pass the limit. Every body but a form (multipart, urlencoded: vLLM's audio routes) is
-   JSON to vLLM and to the replicated ingress whatever its Content-Type says, so it is checked as JSON whatever
-   the type: one that does not parse (including a nesting so deep that the parser recurses out), nests deeper
+   streamed in so far, pass the limit. Every body but an upload to vLLM's audio routes (multipart) is JSON to
+   the replicated ingress whatever its Content-Type says, so it is checked as JSON whatever the type (vLLM
+   alone would refuse some types with its own message, the ingress would parse them: one rule for both): one that does not parse (including a nesting so deep that the parser recurses out), nests deeper
    than MAX_JSON_DEPTH or is not an object is a 400, and so is `n` or `best_of` above `--max-n`; the body goes on
    labelled application/json. The replicated ingress is wrapped in this same middleware, so both modes refuse
    the same requests with the same status and message.
@@ -39,7 +39,7 @@ MAX_JSON_DEPTH = 128  # OpenAI requests (tool schemas included) nest a few dozen
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                413: "RequestEntityTooLargeError", 422: "UnprocessableEntityError", 503: "ServiceUnavailableError"}
-FORM_TYPES = ("multipart/", "application/x-www-form-urlencoded")  # bodies vLLM does not read as JSON
+FORM_ROUTES = ("/v1/audio/",)  # the only routes that read a form (multipart uploads); every other body is JSON
 COUNT_FIELDS = ("n", "best_of")  # completions generated per request: each costs a sequence in the batch
 
 
@@ -125,8 +125,8 @@ class RegistryRefMiddleware:
     async def _checked_body(self, scope, body: bytes) -> tuple[bytes, bool]:
         """(the body to pass on, whether it was checked as JSON). Raises RequestRefused."""
         content_type = (_header(scope, b"content-type") or "").lower()
-        if not body.strip() or content_type.startswith(FORM_TYPES):
-            return body, False  # no body, or a form (audio uploads): vLLM's route checks its own format
+        if not body.strip() or (content_type.startswith("multipart/") and scope["path"].startswith(FORM_ROUTES)):
+            return body, False  # no body, or an audio upload: vLLM's route checks its own format
         data = self._parsed(body)
         model = data.get("model")
         if not isinstance(model, str) or not model or self.catalog.is_base(model):

@@ -5,7 +5,10 @@ API key and closed routes (serve/access.py), bounded bodies, JSON checks, pinnin
 `NAME@V` through the catalog, and the registry listing on `GET /v1/models`. It reads its settings from the
 process environment, which `Ingress.__init__` sets before the app's middleware stack is built (on the first
 request). So there is no second implementation of pinning, validation or access: the routes below only see
-requests that passed, with `model` already pinned.
+requests that passed, with `model` already pinned, and the same answers for the same requests: every refusal
+made before a request reaches an engine is the middleware's, and what a replica's vLLM refuses by raising is
+answered as vLLM's own server answers it (`_refusal_of`). `tests/serve/test_same_answers.py` checks both modes
+with one table of requests.
 
 Routing: with `routing="multiplexed"` the pinned `NAME@V` is Serve's multiplexed model id, so Serve sends a
 request to a replica that already holds the adapter when one has room; `round_robin` sends no id (plain Serve
@@ -48,6 +51,23 @@ def _retryable(exc: BaseException) -> bool:
         cause = getattr(exc, "cause", None)
         return type(cause).__name__ in ("EngineDeadError", "EngineGenerateError")
     return False
+
+
+def _refusal_of(exc: BaseException) -> Response | None:
+    """A request that vLLM refused by raising inside the replica (`n` > 1 with greedy sampling raises a
+    VLLMValidationError there): the answer the single server gives for the same exception, built by vLLM's own
+    `create_error_response`, so both modes answer alike (it was a 500 here). None for server faults (5xx)."""
+    from ray.exceptions import RayTaskError
+
+    cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
+    if not isinstance(cause, Exception):
+        return None
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    error = create_error_response(cause)
+    if error.error.code >= 500:
+        return None
+    return JSONResponse(error.model_dump(), status_code=error.error.code)
 
 
 def _ingress_class():
@@ -169,8 +189,17 @@ def _ingress_class():
 
         async def _forward(self, kind: str, body: dict) -> Response:
             deadline = time.monotonic() + RETRY_BUDGET_S
-            if body.get("stream"):
-                return await self._forward_stream(kind, body, deadline)
+            try:
+                if body.get("stream"):
+                    return await self._forward_stream(kind, body, deadline)
+                return await self._forward_whole(kind, body, deadline)
+            except Exception as exc:
+                refusal = _refusal_of(exc)
+                if refusal is None:
+                    raise
+                return refusal
+
+        async def _forward_whole(self, kind: str, body: dict, deadline: float) -> Response:
             result = await self._until_answered(
                 lambda: self._handle_for(body, stream=False).handle.remote(kind, body), deadline)
             headers = self._note(result)

@@ -1,0 +1,141 @@
+"""One table of requests against the single server and `--replicas 2`: the same status and message for each.
+
+The replicated ingress wraps the single server's own middleware, so every refusal below is made by the same
+code in both modes; before that was true for every row, the ingress answered a JSON body that is not an object
+with 500 (single: 400), and with `Content-Type: text/plain` the middleware skipped its JSON, depth and pinning
+checks while the ingress parsed the body anyway (100k-deep JSON: 500; `alpha@prod`: 404 "does not exist"), and
+a request vLLM refuses by raising in a replica (`n` > 1 with greedy sampling) was a 500 there (single: 400).
+`n` / `best_of` above `--max-n` are refused the same way in both.
+
+Both servers are started at once with the real `pipeline serve` command (one registry, a synthetic adapter)
+and stopped with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from registry import open_registry
+from tests.serve.cli_server import free_port, read_until_ready
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+API_KEY = "same-answers-key"
+MAX_N = 3
+DEEP = b"[" * 100_000 + b"]" * 100_000
+COMMON = ["--max-loras", "1", "--max-model-len", "128", "--kv-cache-gib", "0.0625", "--dtype", "float32",
+          "--served-name", "tiny-base", "--max-n", str(MAX_N)]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    script = os.path.join(os.path.dirname(sys.executable), "pipeline")
+    return subprocess.Popen([script, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PIPELINE_SERVE_API_KEY": API_KEY})
+
+
+def _stop(cli: subprocess.Popen, timeout: float) -> None:
+    if cli.poll() is None:
+        cli.send_signal(signal.SIGINT)
+        try:
+            cli.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, tiny_model_dir):
+    """{"single": base URL, "replicated": base URL}: both started together (the replicated one takes longer)."""
+    from tests.synthetic_lora import write_lora
+
+    root = tmp_path_factory.mktemp("same-answers")
+    reg = open_registry(str(root / "registry"))
+    reg.publish(write_lora(root / "a1", seed=1), "alpha", base_dir=tiny_model_dir, alias="prod")
+    ports = {"single": free_port(), "replicated": free_port()}
+    registry = ["--registry", str(root / "registry"), "--base", str(tiny_model_dir)]
+    clis = {}
+    try:
+        clis["replicated"] = _start([*registry, "--port", str(ports["replicated"]), "--replicas", "2", *COMMON])
+        clis["single"] = _start([*registry, "--port", str(ports["single"]), *COMMON])
+        read_until_ready(clis["single"], 300)
+        read_until_ready(clis["replicated"], 420)
+        yield {kind: f"http://127.0.0.1:{port}" for kind, port in ports.items()}
+    finally:
+        for kind, cli in clis.items():
+            _stop(cli, 180 if kind == "replicated" else 90)
+
+
+def _post(base: str, path: str, body: bytes, content_type: str | None) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {API_KEY}", **({"Content-Type": content_type} if content_type else {})}
+    request = urllib.request.Request(base + path, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, {"raw": raw[:200].decode(errors="replace")}
+
+
+def _completion(model="alpha@prod", **extra) -> bytes:
+    return json.dumps({"model": model, "prompt": "hi", "max_tokens": 2, "temperature": 0, **extra}).encode()
+
+
+JSON, TEXT = "application/json", "text/plain"
+# (what, path, body, content type, expected status)
+TABLE = [
+    ("a JSON list body", "/v1/completions", b"[]", JSON, 400),
+    ("a JSON string body", "/v1/completions", b'"s"', JSON, 400),
+    ("a JSON list body, chat", "/v1/chat/completions", b"[1, 2]", JSON, 400),
+    ("a JSON number body, text/plain", "/v1/completions", b"7", TEXT, 400),
+    ("100k-deep JSON", "/v1/completions", DEEP, JSON, 400),
+    ("100k-deep JSON, text/plain", "/v1/completions", DEEP, TEXT, 400),
+    ("100k-deep JSON, a form content type", "/v1/completions", DEEP, "application/x-www-form-urlencoded", 400),
+    ("broken JSON, text/plain", "/v1/completions", b'{"model": ', TEXT, 400),
+    ("an alias, text/plain", "/v1/completions", _completion(), TEXT, 200),
+    ("an alias, a form content type", "/v1/completions", _completion(), "application/x-www-form-urlencoded", 200),
+    ("an alias, multipart", "/v1/completions", _completion(), "multipart/form-data; boundary=x", 200),
+    ("an alias, JSON", "/v1/completions", _completion(), JSON, 200),
+    ("an unknown name, text/plain", "/v1/completions", _completion("nosuch@prod"), TEXT, 404),
+    ("an invalid name, text/plain", "/v1/completions", _completion("../etc"), TEXT, 400),
+    ("a version past any registry's range", "/v1/completions", _completion("alpha@99999999999999999999"), JSON, 404),
+    (f"n = --max-n ({MAX_N})", "/v1/completions", _completion(n=MAX_N, temperature=1.0), JSON, 200),
+    ("n = 2 with greedy sampling (vLLM refuses it)", "/v1/completions", _completion(n=2), JSON, 400),
+    ("a 5,000-digit version", "/v1/completions", _completion("alpha@" + "9" * 5000), JSON, 400),
+    (f"n above --max-n", "/v1/completions", _completion(n=MAX_N + 1), JSON, 400),
+    ("n = 1000, text/plain", "/v1/completions", _completion(n=1000), TEXT, 400),
+    ("best_of above --max-n", "/v1/completions", _completion(n=1, best_of=MAX_N + 1), JSON, 400),
+    ("n above --max-n, chat, base model", "/v1/chat/completions",
+     json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                 "n": 1000}).encode(), JSON, 400),
+]
+
+
+def test_one_table_of_requests_gets_the_same_answers_from_both_modes(servers):
+    differences, unexpected = [], []
+    for what, path, body, content_type, expected in TABLE:
+        answers = {kind: _post(base, path, body, content_type) for kind, base in servers.items()}
+        (s_status, s_body), (r_status, r_body) = answers["single"], answers["replicated"]
+        shown = {kind: (status, (body.get("error") or {}).get("message", body.get("model", body))
+                        if isinstance(body, dict) else body) for kind, (status, body) in answers.items()}
+        if s_status != r_status or shown["single"][1] != shown["replicated"][1]:
+            differences.append(f"{what}: {shown}")
+        if s_status != expected or r_status != expected:
+            unexpected.append(f"{what}: expected {expected}, got {shown}")
+        if expected == 200 and not s_body.get("model") == r_body.get("model") == "alpha@1":
+            unexpected.append(f"{what}: expected the answer of alpha@1, got {shown}")
+        if expected == 400 and ("max-n" in what or "n = 1000" in what or "best_of" in what):
+            message = str(shown["single"][1])
+            if not (str(MAX_N) in message and "--max-n" in message):
+                unexpected.append(f"{what}: the message does not name the limit and --max-n: {message}")
+    assert not differences and not unexpected, "\n".join(differences + unexpected)
