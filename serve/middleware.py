@@ -164,12 +164,15 @@ class RegistryRefMiddleware:
 
     # -------------------------------------------------------------------------------- 4. list servable
     async def _extend_models(self, scope, receive, send):
-        from ground.errors import RegistryError
+        from serve.catalog import RegistryUnavailableError
 
         try:  # first: a registry that does not answer is a 503 here, not a listing without the registry
             cards = await self.lookups.servable()
-        except RegistryError as exc:
+        except RegistryUnavailableError as exc:
             return await _error(send, 503, f"Cannot list the registry's adapters: {exc}")
+        except Exception:  # a listing problem must not take /v1/models down: the base model still answers
+            log.exception("could not add registry adapters to /v1/models")
+            cards = []
         start, parts = {}, []
 
         async def capture(message):
