@@ -23,6 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ground.errors import RegistryError
+from registry.mlflow_http import ServerUnavailableError
 from serve.catalog import RegistryUnavailableError, Resolved
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ class RequestLookups:
         except RegistryUnavailableError:
             self._failed_at = self.clock()
             raise
+        except ServerUnavailableError as exc:  # from the listing, which the catalog does not map
+            self._failed_at = self.clock()
+            raise RegistryUnavailableError(str(exc)) from None
         except RegistryError:
             self._failed_at = None  # an answer (404, 422) all the same
             raise
