@@ -18,14 +18,21 @@ log = logging.getLogger(__name__)
 SHM_SEGMENT_PREFIX = "/dev/shm/psm_"
 
 
-def stat_field(pid: int, index: int) -> str | None:
-    """Field `index` of /proc/PID/stat counted after the command name (0: state, 1: parent pid, 19: start time
-    in clock ticks since boot); None when the process is gone or the file cannot be read."""
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (0: state, 1: parent pid, 3: session id, 19: start
+    time in clock ticks since boot); None when the process is gone or the file cannot be read. The name is cut
+    at its last ")" because a command name may itself hold spaces and parentheses."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[index]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def stat_field(pid: int, index: int) -> str | None:
+    """Field `index` of `stat_fields(pid)`; None when the process is gone."""
+    fields = stat_fields(pid)
+    return fields[index] if fields is not None and index < len(fields) else None
 
 
 def pid_alive(pid: int) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ground.errors import StageError
-from ground.processes import remove_files, shm_segments_of
+from ground.processes import remove_files, shm_segments_of, stat_fields
 from ground.vllm_lora import VLLM_LORA_RANKS, max_lora_rank_for
 from serve import shm_owners
 from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, choose_max_cpu_loras
@@ -81,13 +81,8 @@ def session_pids(session_id: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # after the ")" closing comm: state ppid pgrp session ...
-        if int(fields[3]) == session_id and fields[0] != "Z":
+        fields = stat_fields(entry)
+        if fields is not None and int(fields[3]) == session_id and fields[0] != "Z":  # state ppid pgrp session
             pids.append(int(entry))
     return pids
 

@@ -22,6 +22,7 @@ import os
 import re
 from pathlib import Path
 
+from ground.new_files import write_new_text
 from ground.processes import remove_files, stat_field
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,7 @@ def record(session_id: int, segments: set[str], run_dir: str | None) -> None:
     OWNERS_DIR.mkdir(mode=0o700, exist_ok=True)
     data = {"session": session_id, "start_ticks": start_ticks(session_id), "segments": sorted(segments),
             "run_dir": run_dir}
-    tmp = OWNERS_DIR / f".{session_id}.json.tmp"
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, OWNERS_DIR / f"{session_id}.json")
+    write_new_text(OWNERS_DIR / f"{session_id}.json", json.dumps(data) + "\n", replace=True)
 
 
 def forget(session_id: int) -> None:

@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from ground.new_files import write_new_text
 from ground.processes import child_pids, pid_alive, shm_segments_of
 from serve.shm_owners import clear_record, records_of_the_dead, start_ticks
 
@@ -94,9 +95,7 @@ class OwnerRecord:
                 return
             try:
                 self.path.parent.mkdir(mode=0o700, exist_ok=True)
-                tmp = self.path.with_name(f".{self.path.name}.tmp")
-                tmp.write_text(json.dumps(data) + "\n")
-                os.replace(tmp, self.path)
+                write_new_text(self.path, json.dumps(data) + "\n", replace=True)
                 self._written = data
             except OSError as exc:
                 log.warning("could not write the replica owner record %s: %s", self.path, exc)
