@@ -183,6 +183,9 @@ class RolloutConfig(Section):
     enforce_eager: bool = True
     seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Keep the engine's log-prob of each sampled token (verl's name): the rollout_corr/ mismatch metrics are then
+    # logged every step, and algorithm.rollout_correction needs it.
+    calculate_log_probs: bool = False
     log_prob_micro_batch_size_per_gpu: int = 16
     log_prob_use_dynamic_bsz: Optional[bool] = None  # None: actor.use_dynamic_bsz
     log_prob_max_token_len_per_gpu: Optional[int] = None  # None: actor.ppo_max_token_len_per_gpu
@@ -232,6 +235,16 @@ class FilterGroupsConfig(Section):
     max_num_gen_batches: int = 10
 
 
+class RolloutCorrectionConfig(Section):
+    """verl's rollout-training mismatch correction (stages/train/rollout_corr.py); off unless set."""
+
+    rollout_is: Optional[Literal["token", "sequence"]] = None  # truncated importance sampling level
+    rollout_is_threshold: float = 2.0  # cap on an importance weight
+    rollout_rs: Optional[str] = None  # rejection sampling options, comma-separated: token_k1, seq_mean_k3, ...
+    rollout_rs_threshold: Optional[Union[str, float]] = None  # k1: "lower_upper" ratio bounds; k2/k3: upper
+    bypass_mode: bool = False  # the engine's log-probs serve as the old log-probs (no separate pass)
+
+
 class AlgorithmConfig(Section):
     adv_estimator: str = "grpo"
     gamma: float = 1.0
@@ -241,6 +254,7 @@ class AlgorithmConfig(Section):
     kl_penalty: str = "kl"  # KL estimator used in the reward: kl (k1), abs, mse (k2), low_var_kl (k3), k3+
     kl_ctrl: KLControlConfig = Field(default_factory=KLControlConfig)
     filter_groups: FilterGroupsConfig = Field(default_factory=FilterGroupsConfig)
+    rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -362,10 +376,18 @@ class ServeConfig(Section):
     max_loras: int = 4
     max_cpu_loras: Optional[int] = None  # None: as many as lora_cache_gib holds (serve/lora_tier.py)
     lora_cache_gib: float = 1.0  # host memory for loaded adapters, sizes max_cpu_loras
-    gpu_memory_utilization: float = 0.2
+    # vLLM's KV cache in GiB (its --kv-cache-memory-bytes), the same in both modes and as `pipeline serve
+    # --kv-cache-gib`: a fixed size works on a machine shared with other engines, where a memory fraction fails
+    # or over-reserves.
+    kv_cache_gib: float = Field(default=0.25, gt=0)
     # False: start the server, check that the published adapter answers one request, stop it (a smoke test
     # of what was published). True: keep serving in the foreground until Ctrl-C.
     keep_running: bool = False
+
+    REFUSED_VERL_KEYS: ClassVar[dict[str, str]] = {
+        "gpu_memory_utilization": "the server sizes vLLM's KV cache in GiB, which overrides a memory fraction; "
+                                  "set serve.kv_cache_gib",
+    }
 
 
 class Config(Section):

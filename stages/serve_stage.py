@@ -36,12 +36,12 @@ def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path)
             staged["model_dir"], registry_uri, replicas=s.replicas, ray_address=s.ray_address, routing=s.routing,
             autoscaling=s.autoscaling.as_dict(), host=s.host, port=s.port, api_key=s.api_key,
             max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, lora_cache_gib=s.lora_cache_gib,
-            max_model_len=max(256, max_len))
+            kv_cache_gib=s.kv_cache_gib, max_model_len=max(256, max_len))
     else:
         handle = start_server(
             staged["model_dir"], registry_uri=registry_uri, host=s.host, port=s.port,
             api_key=s.api_key, max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, lora_cache_gib=s.lora_cache_gib,
-            gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=max(256, max_len),
+            kv_cache_gib=s.kv_cache_gib, max_model_len=max(256, max_len),
             log_path=stage_dir / "server.log",
         )
     with handle:

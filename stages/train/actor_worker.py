@@ -236,12 +236,14 @@ class ActorWorker:
         is evaluated, so the old log-probs equal this forward's own (detached) values and the trainer skipped
         the separate old-log-prob pass.
         """
+        from stages.train import rollout_corr
         from stages.train.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
         from stages.train.micro_batching import loss_weight, mini_batch_rows, shuffle_seed
 
         actor = self.cfg.actor_rollout_ref.actor
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
         policy_loss = get_policy_loss_fn(actor.policy_loss.loss_mode)
+        rc = self.cfg.algorithm.rollout_correction
         self.model.train()
         batch = self._to_device(batch)
         n = batch["responses"].shape[0]
@@ -271,7 +273,15 @@ class ActorWorker:
                     log_prob, entropy = self._forward_log_probs(mb, "policy", temperature, True,
                                                                 entropy_grad=bool(actor.entropy_coeff))
                     old = log_prob.detach() if reuse_forward_as_old else mb["old_log_probs"]
-                    loss, pg_metrics = policy_loss(old, log_prob, mb["advantages"], mask, actor.loss_agg_mode, actor)
+                    advantages = mb["advantages"]
+                    if "rollout_log_probs" in mb:  # the engine's own log-probs: measure, and correct if asked
+                        # bypass mode: old *is* the engine's, so the actor's side is this forward's
+                        actor_side = log_prob if rc.bypass_mode else old
+                        advantages, mask, corr_metrics = rollout_corr.correct(
+                            rc, actor_side, mb["rollout_log_probs"], advantages, mask)
+                        for key, value in corr_metrics.items():
+                            record(key, value)
+                    loss, pg_metrics = policy_loss(old, log_prob, advantages, mask, actor.loss_agg_mode, actor)
                     if actor.entropy_coeff:
                         loss = loss - actor.entropy_coeff * agg_loss(entropy, mask, actor.loss_agg_mode)
                     if actor.use_kl_loss:

@@ -22,6 +22,7 @@ class Rollout:
     finish_reasons: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     accs: list[float | None] = field(default_factory=list)
+    log_probs: list[list[float]] = field(default_factory=list)  # the engine's log-prob of each sampled token
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -29,10 +30,10 @@ class Rollout:
     def select(self, rows: list[int]) -> "Rollout":
         pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
         return Rollout(pick(self.prompt_ids), pick(self.response_ids), pick(self.index), pick(self.items),
-                       pick(self.finish_reasons), pick(self.scores), pick(self.accs))
+                       pick(self.finish_reasons), pick(self.scores), pick(self.accs), pick(self.log_probs))
 
     def extend(self, other: "Rollout") -> None:
-        for name in ("prompt_ids", "response_ids", "index", "items", "finish_reasons", "scores", "accs"):
+        for name in ("prompt_ids", "response_ids", "index", "items", "finish_reasons", "scores", "accs", "log_probs"):
             getattr(self, name).extend(getattr(other, name))
 
 
@@ -46,6 +47,8 @@ def flatten_generation(items: list[dict], outputs: list[list[dict]]) -> Rollout:
             r.index.append(str(item["uid"]))
             r.items.append(item)
             r.finish_reasons.append(out.get("finish_reason", ""))
+            if "logprobs" in out:
+                r.log_probs.append(list(out["logprobs"]))
     return r
 
 
@@ -72,6 +75,15 @@ def build_tensors(prompt_ids: list[list[int]], response_ids: list[list[int]], pa
         "responses": input_ids[:, p:].clone(),
         "response_mask": response_mask,
     }
+
+
+def padded_log_probs(log_probs: list[list[float]], width: int) -> torch.Tensor:
+    """Per-token values of each response, right-padded with 0 to `width` columns: [B, width] float32."""
+    out = torch.zeros((len(log_probs), width), dtype=torch.float32)
+    for i, row in enumerate(log_probs):
+        if row:
+            out[i, : len(row)] = torch.tensor(row[:width], dtype=torch.float32)
+    return out
 
 
 def outcome_rewards(scores: list[float], response_mask: torch.Tensor) -> torch.Tensor:

@@ -321,6 +321,9 @@ def check_algorithm_names(cfg) -> None:
     check_loss_agg_mode(cfg.critic.loss_agg_mode, "critic.loss_agg_mode")
     check_kl_kind(actor.kl_loss_type, "actor_rollout_ref.actor.kl_loss_type")
     check_kl_kind(cfg.algorithm.kl_penalty, "algorithm.kl_penalty")
+    from stages.train import rollout_corr
+
+    rollout_corr.check_config(cfg)
     if cfg.reward_model.scorer and not cfg.custom_reward_function.path:
         from stages.train.rewards import REWARD_SCORERS
 

@@ -20,7 +20,7 @@ import torch
 
 from ground.logs import console_log
 from stages.train import checkpoint
-from stages.train.batch import Rollout, build_tensors, flatten_generation, outcome_rewards
+from stages.train.batch import Rollout, build_tensors, flatten_generation, outcome_rewards, padded_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,10 @@ class Trainer:
         # On-policy shortcut: with one PPO epoch over one mini-batch the weights do not move before each micro-batch
         # is evaluated, so the old log-probs equal the update's own forward (detached). This saves a full forward
         # pass per step. A KL penalty in the reward needs them before the update, so it turns the shortcut off.
+        # In rollout correction's bypass mode the engine's log-probs are the old ones: no pass, no shortcut.
+        self.bypass_old_log_probs = cfg.algorithm.rollout_correction.bypass_mode
         self.reuse_forward_as_old = (actor.ppo_epochs == 1 and self.num_mini_batches == 1
-                                     and not cfg.algorithm.use_kl_in_reward)
+                                     and not cfg.algorithm.use_kl_in_reward and not self.bypass_old_log_probs)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.history_path = out_dir / "history.jsonl"
 
@@ -144,6 +146,9 @@ class Trainer:
         batch = build_tensors(r.prompt_ids, r.response_ids, self.pad_id)
         mask = batch["response_mask"]
         scores = outcome_rewards(r.scores, mask)
+        if self.cfg.actor_rollout_ref.rollout.calculate_log_probs and len(r.log_probs) == len(r):
+            # the update compares them with the actor's (rollout_corr/ metrics) and corrects when configured
+            batch["rollout_log_probs"] = padded_log_probs(r.log_probs, mask.shape[1])
 
         reward_baselines = None
         if self.greedy_baseline:  # ReMax: the greedy response's reward is each prompt's baseline
@@ -159,7 +164,9 @@ class Trainer:
             batch["values"] = self.workers.compute_values(batch)
             timing["values"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if not self.reuse_forward_as_old:
+        if self.bypass_old_log_probs:
+            batch["old_log_probs"] = batch["rollout_log_probs"].clone()
+        elif not self.reuse_forward_as_old:
             batch["old_log_probs"] = self.workers.compute_log_probs(batch, "policy")["log_probs"]
         timing["old_log_prob"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -112,3 +112,13 @@ def test_fsdp_config_is_typed_and_refuses_unknown_keys_with_the_supported_list(t
     assert "no optimizer" in msg and "supports: param_offload." in msg
     with pytest.raises(ConfigError, match="load_weights"):
         load_config(None, ["actor_rollout_ref.actor.fsdp_config.load_weights=rank_0"])
+
+
+def test_serve_gpu_memory_utilization_is_refused_for_the_key_that_sizes_the_kv_cache():
+    # vLLM's --kv-cache-memory-bytes, which the server always passes, overrides a memory fraction: the old key did
+    # nothing. Its replacement reaches the server in both modes (stages/serve_stage.py).
+    with pytest.raises(ConfigError, match=r"serve.gpu_memory_utilization` .*set serve.kv_cache_gib"):
+        load_config(None, ["serve.gpu_memory_utilization=0.3"])
+    assert load_config(None, ["serve.kv_cache_gib=0.5"]).serve.kv_cache_gib == 0.5
+    with pytest.raises(ConfigError, match="kv_cache_gib"):
+        load_config(None, ["serve.kv_cache_gib=0"])

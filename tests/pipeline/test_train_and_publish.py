@@ -53,7 +53,7 @@ def test_train_and_publish_end_to_end_with_serving(tiny_model_dir, tmp_path, cap
     args = ["run", "train-and-publish", "--run-dir", str(run_dir),
             *_overrides(tiny_model_dir, tmp_path, steps=12, extra={
                 "trainer.cpu_workers": 2, "trainer.test_freq": 4, "trainer.save_freq": 4,
-                "serve.enable": True, "serve.port": free_port(), "serve.gpu_memory_utilization": 0.1,
+                "serve.enable": True, "serve.port": free_port(), "serve.kv_cache_gib": 0.1,
                 "serve.api_key": "test-key"})]
     assert cli_entry(args) == 0
 
