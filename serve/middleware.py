@@ -7,12 +7,12 @@ In order:
    headers, before a byte of the body is read, so an anonymous caller can neither make the server buffer a
    body nor learn a registry name.
 2. Bounded input: a body over `--max-body-mb` is refused with 413 as soon as its Content-Length, or the bytes
-   streamed in so far, pass the limit. Every body but an upload to vLLM's audio routes (multipart) is JSON to
-   the replicated ingress whatever its Content-Type says, so it is checked as JSON whatever the type (vLLM
-   alone would refuse some types with its own message, the ingress would parse them: one rule for both): one that does not parse (including a nesting so deep that the parser recurses out), nests deeper
-   than MAX_JSON_DEPTH or is not an object is a 400, and so is `n` or `best_of` above `--max-n`; the body goes on
-   labelled application/json. The replicated ingress is wrapped in this same middleware, so both modes refuse
-   the same requests with the same status and message.
+   streamed in so far, pass the limit. Every body but an upload to vLLM's audio routes (multipart) must be JSON:
+   one without a JSON Content-Type (none, `text/plain`, a form) is a 400 here, as vLLM's own routes refuse it
+   (the replicated ingress would parse it anyway, past the checks below: one rule for both modes). A body that
+   does not parse (including a nesting so deep that the parser recurses out), nests deeper than MAX_JSON_DEPTH
+   or is not an object is a 400, and so is `n` or `best_of` above `--max-n`. The replicated ingress is wrapped
+   in this same middleware, so both modes refuse the same requests with the same status and message.
 3. Pin moving references. A JSON request whose `model` is `NAME` or `NAME@ALIAS` is rewritten to the `NAME@V`
    it means now (looked up at most `ttl_s` ago). vLLM caches a resolved LoRA name forever, so without this an
    alias move would never reach `NAME@prod`; with it, requests already in flight keep their version (a
@@ -106,15 +106,13 @@ class RegistryRefMiddleware:
                 break
         body = b"".join(chunks)
         try:
-            new_body, as_json = await self._checked_body(scope, body)
+            new_body, rewritten = await self._checked_body(scope, body)
         except RequestRefused as refused:
             return await _error(send, refused.status, str(refused))
-        if as_json:  # checked as JSON (and maybe rewritten): read as JSON downstream whatever its declared type
+        if rewritten:
             scope = dict(scope)
-            scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length",
-                                                                                          b"content-type")]
-            scope["headers"] += [(b"content-length", str(len(new_body)).encode()),
-                                 (b"content-type", b"application/json")]
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+            scope["headers"].append((b"content-length", str(len(new_body)).encode()))
         replay = [{"type": "http.request", "body": new_body, "more_body": False}]
         return await self.app(scope, _replay(replay, receive), send)
 
@@ -123,14 +121,19 @@ class RegistryRefMiddleware:
                 f"{self.max_body >> 20} MiB (`pipeline serve --max-body-mb`).")
 
     async def _checked_body(self, scope, body: bytes) -> tuple[bytes, bool]:
-        """(the body to pass on, whether it was checked as JSON). Raises RequestRefused."""
+        """(the body to pass on, whether it was rewritten). Raises RequestRefused."""
         content_type = (_header(scope, b"content-type") or "").lower()
         if not body.strip() or (content_type.startswith("multipart/") and scope["path"].startswith(FORM_ROUTES)):
             return body, False  # no body, or an audio upload: vLLM's route checks its own format
+        media_type = content_type.split(";")[0].strip()
+        if not (media_type == "application/json" or media_type.endswith("+json")):
+            # vLLM refuses these too, but the replicated ingress would parse them: refused here for both modes
+            raise RequestRefused(400, f"Send the request body as JSON with `Content-Type: application/json` "
+                                      f"(got {repr(media_type[:60]) if media_type else 'none'}).")
         data = self._parsed(body)
         model = data.get("model")
         if not isinstance(model, str) or not model or self.catalog.is_base(model):
-            return body, True
+            return body, False
         from ground.errors import RegistryError
         from serve.resolver import error_status
 
@@ -139,7 +142,7 @@ class RegistryRefMiddleware:
         except RegistryError as exc:
             raise RequestRefused(int(error_status(exc)), str(exc)) from None
         if resolved.ref == model:
-            return body, True
+            return body, False
         data["model"] = resolved.ref
         return json.dumps(data).encode(), True
 
