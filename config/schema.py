@@ -324,6 +324,9 @@ class TrainerConfig(Section):
     resume_from_path: Optional[str] = None
     seed: int = 1
     critic_warmup: int = 0
+    # Ours: every N steps, check after the weight sync that the rollout engine's log-probs on a few fixed tokens
+    # moved with the actor's (stages/train/sync_guard.py); the run fails naming the step if not. 0: never.
+    sync_check_freq: int = Field(default=1, ge=0)
     mlflow_tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else a local sqlite store
 
 

@@ -21,6 +21,7 @@ import torch
 from ground.logs import console_log
 from stages.train import checkpoint
 from stages.train.batch import Rollout, build_tensors, flatten_generation, outcome_rewards, padded_log_probs
+from stages.train.sync_guard import SyncGuard
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Trainer:
         self.reuse_forward_as_old = (actor.ppo_epochs == 1 and self.num_mini_batches == 1
                                      and not cfg.algorithm.use_kl_in_reward and not self.bypass_old_log_probs)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.sync_guard = SyncGuard(cfg.trainer.sync_check_freq, self._engine_scores, self._actor_scores)
         self.history_path = out_dir / "history.jsonl"
 
     # --------------------------------------------------------------------------------------------- rollout
@@ -67,6 +69,13 @@ class Trainer:
         import ray
 
         return ray.get(getattr(self.engine, method).remote(*args, **kwargs))
+
+    def _engine_scores(self, prompt: list[int], response: list[int]) -> list[float]:
+        return self._call_engine("score", prompt, response)
+
+    def _actor_scores(self, prompt: list[int], response: list[int]) -> list[float]:
+        probe = build_tensors([prompt], [response], self.pad_id)
+        return self.workers.compute_log_probs(probe, "policy")["log_probs"][0, : len(response)].tolist()
 
     def _generate(self, items: list[dict], greedy: bool = False, n: int | None = None, **sampling) -> list:
         rollout = self.cfg.actor_rollout_ref.rollout
@@ -158,6 +167,7 @@ class Trainer:
             base = dict(zip(g.index, g.scores))
             reward_baselines = torch.tensor([base[i] for i in r.index])
 
+        self.sync_guard.before(self.global_step + 1, r.prompt_ids, r.response_ids)  # before the engine sleeps
         self._call_engine("sleep")  # CUDA: the actor's passes get the engine's GPU memory (a no-op on CPU)
         if self.use_critic:
             t0 = time.perf_counter()
@@ -197,6 +207,7 @@ class Trainer:
         t0 = time.perf_counter()
         sync = self.sync()
         timing["sync"] = time.perf_counter() - t0
+        metrics.update(self.sync_guard.after(self.global_step + 1))  # raises when the engine kept old weights
 
         timing["step"] = time.perf_counter() - t_step
         lengths = mask.sum(-1)
