@@ -6,6 +6,8 @@ import signal
 
 import click
 
+from config.schema import ServeConfig
+
 from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, MAX_CPU_LORAS_CAP
 from serve.server import DEFAULT_LOOKUP_TIMEOUT_S, DEFAULT_MAX_N, ENV_LOOKUP_TIMEOUT, request_limits_env
 
@@ -31,8 +33,8 @@ from serve.server import DEFAULT_LOOKUP_TIMEOUT_S, DEFAULT_MAX_N, ENV_LOOKUP_TIM
 @click.option("--max-lora-rank", default=None, type=click.IntRange(1),
               help="Default: the registry's largest rank, rounded up to a value vLLM accepts.")
 @click.option("--max-model-len", default=512, show_default=True, type=click.IntRange(16))
-@click.option("--kv-cache-gib", default=0.25, show_default=True, type=click.FloatRange(0.01),
-              help="KV-cache size in GiB.")
+@click.option("--kv-cache-gib", default=ServeConfig.model_fields["kv_cache_gib"].default, show_default=True,
+              type=click.FloatRange(0.01), help="KV-cache size in GiB (config: serve.kv_cache_gib).")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--served-name", default=None, help="The base model's name in requests (default: its folder name).")
 @click.option("--alias-ttl", default=1.0, show_default=True, type=click.FloatRange(0),
@@ -48,11 +50,12 @@ from serve.server import DEFAULT_LOOKUP_TIMEOUT_S, DEFAULT_MAX_N, ENV_LOOKUP_TIM
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1),
               help="vLLM replicas behind one endpoint; above 1 they run on Ray Serve (one engine each).")
 @click.option("--ray-address", default=None,
-              help="With --replicas > 1: join this Ray cluster (`auto`, HOST:PORT); default: start a local one.")
+              help="Run on Ray Serve in this Ray cluster (`auto`, HOST:PORT), even with one replica; with "
+                   "--replicas > 1 alone a local Ray is started.")
 @click.option("--routing", default="multiplexed", show_default=True, type=click.Choice(["multiplexed", "round_robin"]),
               help="With --replicas > 1: send each adapter to a replica that holds it, or plain Serve routing.")
 @click.option("--min-replicas", default=None, type=click.IntRange(0),
-              help="Autoscale between --min-replicas and --max-replicas (Ray Serve's autoscaler).")
+              help="Autoscale between --min-replicas and --max-replicas (Ray Serve's autoscaler; runs on Ray Serve).")
 @click.option("--max-replicas", default=None, type=click.IntRange(1))
 @click.option("--target-ongoing-requests", default=None, type=click.FloatRange(0.01),
               help="Autoscaling target of requests in flight per replica.")

@@ -19,6 +19,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ground.model_files import stored_dtype
+
 log = logging.getLogger(__name__)
 
 # Default budget: on a 24 GiB machine that runs a few engines at once, 1 GiB holds about a thousand rank-8
@@ -47,12 +49,11 @@ def max_cpu_loras_for(budget_bytes: int, per_adapter_bytes: int, max_loras: int,
 
 
 def dtype_bytes(dtype: str, base_config: dict) -> int:
-    """Bytes per element at the serving dtype; `auto` reads the base's config.json like vLLM does (its
-    `torch_dtype`, or `dtype` in newer transformers; float32 when neither is there)."""
+    """Bytes per element at the serving dtype; `auto` is the dtype the base's config.json names, as vLLM reads it
+    (`ground.model_files.stored_dtype`)."""
     name = str(dtype).lower().removeprefix("torch.")
     if name == "auto":
-        name = str(base_config.get("torch_dtype") or base_config.get("dtype") or "float32").lower()
-        name = name.removeprefix("torch.")
+        name = stored_dtype(base_config)
     if name not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(sorted(_DTYPE_BYTES))})")
     return _DTYPE_BYTES[name]
