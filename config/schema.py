@@ -328,6 +328,11 @@ class TrainerConfig(Section):
     # moved with the actor's (stages/train/sync_guard.py); the run fails naming the step if not. 0: never.
     sync_check_freq: int = Field(default=1, ge=0)
     mlflow_tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else a local sqlite store
+    # verl's dumps (stages/train/dumps.py): one JSONL per step of every sampled response with its score, never
+    # overwriting; and N validation samples as a table in the trackers (MLflow: an artifact) and the outputs.
+    rollout_data_dir: Optional[str] = None
+    validation_data_dir: Optional[str] = None
+    log_val_generations: int = Field(default=0, ge=0)
 
 
 class RayInitConfig(Section):

@@ -70,6 +70,7 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
         "startup_seconds": train.get("startup_seconds") or {},
         "steps": train.get("steps"),
         "history_path": train.get("history_path"),
+        "rollout_mismatch": train.get("rollout_mismatch"),
         "mlflow_parent_run_id": m.get("mlflow_parent_run_id"),
     }
 
@@ -137,6 +138,11 @@ def render_text(s: dict[str, Any]) -> list[str]:
     if s["decision"]:
         lines += ["", f"Publish decision: {s['decision']}"]
     lines += ["", f"Published: `{s['published_ref']}`" if s["published_ref"] else "Published: nothing"]
+    mismatch = s.get("rollout_mismatch")
+    if mismatch:  # actor_rollout_ref.rollout.calculate_log_probs=true (docs/training.md)
+        lines += ["", f"Rollout-training mismatch (the engine's log-probs against the actor's, mean of "
+                      f"{mismatch['steps']} steps): k3 KL {mismatch['k3_kl']:.3g}, kl {mismatch['kl']:.3g}, "
+                      f"mean |log-ppl diff| {mismatch['log_ppl_abs_diff']:.3g}, chi2 {mismatch['chi2_token']:.3g}"]
     if s["phase_seconds"]:
         lines += ["", "## Time per training step, by phase (mean seconds)", "", "| phase | seconds |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v, 2)} |" for k, v in s["phase_seconds"].items()]

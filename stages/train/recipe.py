@@ -296,6 +296,7 @@ class TrainRecipe:
         outputs = {
             "adapter_dir": str(adapter_dir),
             "history_path": str(trainer.history_path),
+            "val_generations": trainer.val_generations,  # trainer.log_val_generations samples of the last validation
             "checkpoint_dir": str(Path(self.cfg.trainer.default_local_dir).expanduser().resolve()),
             "steps": trainer.global_step,
             "mlflow_run_id": self.tracking.run_id,
@@ -305,6 +306,7 @@ class TrainRecipe:
             "val_acc_before": val_before.get("val/acc"),
             "val_acc_after": val_after.get("val/acc"),
             "phase_seconds": {p: sum(h.get(f"timing/{p}", 0.0) for h in steps) / max(len(steps), 1) for p in phases},
+            "rollout_mismatch": rollout_mismatch(trainer.history),
             "startup_seconds": {k.split("/", 1)[1]: v for k, v in self.startup.items()},
             "placement": self.workers.placement_report,
             "seconds": time.perf_counter() - self._t0,
@@ -328,3 +330,12 @@ def _truncate_history(path: Path, step: int) -> list[dict]:
     kept = [e for e in kept if e.get("step", 0) <= step]
     path.write_text("".join(json.dumps(e) + "\n" for e in kept))
     return kept
+
+
+def rollout_mismatch(history: list[dict]) -> dict | None:
+    """Mean rollout_corr/ metrics over the steps that logged them (calculate_log_probs=true); None otherwise."""
+    rows = [h for h in history if "rollout_corr/k3_kl" in h]
+    if not rows:
+        return None
+    keys = ("kl", "k3_kl", "log_ppl_abs_diff", "chi2_token")
+    return {"steps": len(rows), **{k: sum(h[f"rollout_corr/{k}"] for h in rows) / len(rows) for k in keys}}

@@ -76,6 +76,13 @@ class TrainTracking:
         if self.enabled:
             self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        """Rows of dicts as an MLflow table artifact (column-wise JSON, what `mlflow.load_table` reads)."""
+        if self.run_id is None or not rows:
+            return
+        columns = {key: [row.get(key) for row in rows] for key in dict.fromkeys(k for row in rows for k in row)}
+        self.client.log_table(self.run_id, columns, artifact_file)
+
     def set_tags(self, tags: dict) -> None:
         if self.enabled:
             for k, v in tags.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ground.logs import console_log
-from stages.train import checkpoint
+from stages.train import checkpoint, dumps
 from stages.train.batch import Rollout, build_tensors, flatten_generation, outcome_rewards, padded_log_probs
 from stages.train.sync_guard import SyncGuard
 
@@ -63,6 +63,7 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.sync_guard = SyncGuard(cfg.trainer.sync_check_freq, self._engine_scores, self._actor_scores)
         self.history_path = out_dir / "history.jsonl"
+        self.val_generations: list[dict] = []  # the last validation's table (trainer.log_val_generations)
 
     # --------------------------------------------------------------------------------------------- rollout
     def _call_engine(self, method: str, *args, **kwargs):
@@ -152,6 +153,9 @@ class Trainer:
             log.warning("step %d: every sampled group had equal rewards; skipping the update", self.global_step + 1)
             return {"step_skipped": 1.0}
         metrics.update(self._overlong_metrics(r, "reward/"))
+        if self.cfg.trainer.rollout_data_dir:
+            dumps.dump_generations(self.cfg.trainer.rollout_data_dir, self.global_step + 1,
+                                   dumps.generation_rows(self.tokenizer, r, self.global_step + 1))
         batch = build_tensors(r.prompt_ids, r.response_ids, self.pad_id)
         mask = batch["response_mask"]
         scores = outcome_rewards(r.scores, mask)
@@ -262,6 +266,14 @@ class Trainer:
         if accs:
             out["val/acc"] = _mean(accs)
         out.update(self._overlong_metrics(r, "val/"))
+        t = self.cfg.trainer
+        if t.validation_data_dir or t.log_val_generations:
+            rows = dumps.generation_rows(self.tokenizer, r, self.global_step)
+            if t.validation_data_dir:
+                dumps.dump_generations(t.validation_data_dir, self.global_step, rows)
+            if t.log_val_generations:
+                self.val_generations = dumps.pick_table(rows, t.log_val_generations)
+                self.tracking.log_table(self.val_generations, f"val_generations/step_{self.global_step}.json")
         return out
 
     # ------------------------------------------------------------------------------------------ checkpoints
