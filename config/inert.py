@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def inert_keys(cfg: Config) -> list[str]:
     """One message per key whose value changes nothing under this config."""
     return [*_lora_keys_replaced_by_the_adapter(cfg), *_layered_summon_in_merged_sync(cfg),
-            *_overlong_log_without_shaping(cfg)]
+            *_overlong_log_without_shaping(cfg), *_rollout_correction_thresholds_unused(cfg)]
 
 
 def warn_inert_keys(cfg: Config) -> None:
@@ -87,6 +87,19 @@ def _overlong_log_without_shaping(cfg: Config) -> list[str]:
         return []
     return ["reward_model.overlong_buffer.log=True has no effect while reward_model.overlong_buffer.enable=False: "
             "there is no overlong reward to log. Set enable=True to shape (and log) it."]
+
+
+def _rollout_correction_thresholds_unused(cfg: Config) -> list[str]:
+    rc = cfg.algorithm.rollout_correction
+    out = []
+    default_threshold = type(rc).model_fields["rollout_is_threshold"].default
+    if rc.rollout_is is None and rc.rollout_is_threshold != default_threshold:
+        out.append(f"algorithm.rollout_correction.rollout_is_threshold={rc.rollout_is_threshold} has no effect while "
+                   "rollout_is is null: no importance weight is applied. Set rollout_is=token or sequence to use it.")
+    if rc.rollout_rs is None and rc.rollout_rs_threshold is not None:
+        out.append(f"algorithm.rollout_correction.rollout_rs_threshold={rc.rollout_rs_threshold!r} has no effect while "
+                   "rollout_rs is null: nothing is rejected. Set rollout_rs (e.g. token_k1) to use it.")
+    return out
 
 
 def warn_replaced_local_dir(cfg: Config, replacement: str) -> None:

@@ -148,3 +148,15 @@ def test_the_run_checks_refuse_a_correction_without_the_engines_log_probs():
 
     with pytest.raises(ConfigError, match="calculate_log_probs=true"):
         check_algorithm_names(_config(bypass_mode=True))
+
+
+def test_thresholds_without_their_correction_are_reported_inert():
+    from config.inert import inert_keys
+
+    assert not [m for m in inert_keys(Config()) if "rollout_correction" in m]
+    cfg = _config(rollout_is_threshold=5.0, rollout_rs_threshold="0.5_2.0")
+    found = [m for m in inert_keys(cfg) if "rollout_correction" in m]
+    assert len(found) == 2 and "rollout_is is null" in found[0] and "rollout_rs is null" in found[1]
+    assert not [m for m in inert_keys(_config(rollout_is="token", rollout_is_threshold=5.0,
+                                              rollout_rs="token_k1", rollout_rs_threshold="0.5_2.0"))
+                if "rollout_correction" in m]
