@@ -107,3 +107,38 @@ def test_the_reference_pass_uses_the_refs_micro_batch_size(worker, monkeypatch):
     policy = worker.compute_log_probs(batch, "policy")["log_probs"]
     assert sizes["ref"] == [3, 3, 3, 3] and sizes["policy"] == [12]
     assert ref.shape == policy.shape == batch["responses"].shape
+
+
+def test_rollout_correction_in_the_loss_is_the_same_packed_and_padded(worker):
+    """One micro-batch of ragged rows: the rollout_corr/ metrics equal the whole batch's, computed directly,
+    and the corrected loss is the same with padding trimmed (use_remove_padding) and with full padding."""
+    from stages.train import rollout_corr
+
+    arr, rc = worker.cfg.actor_rollout_ref, worker.cfg.algorithm.rollout_correction
+    batch = ragged_batch(seed=5, rows=12)
+    gen = torch.Generator().manual_seed(5)
+    # the engine's log-probs: the old ones plus a mismatch of up to +-0.7 per real token
+    batch["rollout_log_probs"] = batch["old_log_probs"] + (torch.rand(batch["old_log_probs"].shape, generator=gen)
+                                                           - 0.5) * 1.4 * batch["response_mask"]
+    expected = rollout_corr.mismatch_metrics(batch["old_log_probs"], batch["rollout_log_probs"],
+                                             batch["response_mask"])
+    arr.actor.ppo_micro_batch_size_per_gpu = 16
+    results = {}
+    try:
+        for label, is_level, trim in (("off", None, True), ("packed", "token", True), ("padded", "token", False)):
+            rc.rollout_is, rc.rollout_rs, rc.rollout_rs_threshold = is_level, "token_k1", "0.6_1.6"
+            if is_level is None:
+                rc.rollout_rs = rc.rollout_rs_threshold = None
+            arr.model.use_remove_padding = trim
+            results[label] = worker.update_actor({k: v.clone() for k, v in batch.items()}, num_mini_batches=1,
+                                                 reuse_forward_as_old=False)
+    finally:
+        rc.rollout_is = rc.rollout_rs = rc.rollout_rs_threshold = None
+        arr.model.use_remove_padding = True
+        arr.actor.ppo_micro_batch_size_per_gpu = 8
+    for label in ("off", "packed", "padded"):
+        for key, value in expected.items():
+            assert results[label][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (label, key)
+    assert results["packed"]["actor/pg_loss"] == pytest.approx(results["padded"]["actor/pg_loss"], rel=1e-4)
+    assert results["packed"]["rollout_corr/rollout_rs_masked_fraction"] > 0
+    assert results["packed"]["actor/pg_loss"] != pytest.approx(results["off"]["actor/pg_loss"], rel=1e-3)
