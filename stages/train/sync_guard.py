@@ -8,11 +8,11 @@ tokens (the first response it sampled, kept for the whole run) twice on each sid
     before the update: engine e0, actor a0        after the sync: engine e1, actor a1
 
 The actor moved by da = a1 - a0, the engine by de = e1 - e0. If the actor moved (mean |da| above `MIN_MOVE`)
-the engine must have moved with it: not against it (cosine of de and da above `MIN_COSINE`) and by at least
-`MIN_SCALE` of its size. A stale engine scores the probe exactly as before (de = 0) and fails. The bounds are
-loose on purpose: the engine's log-probs are at temperature 1 and the actor's at rollout.temperature, and a
-bf16 engine under merged sync rounds W + dW back to W wherever dW is below bf16's spacing, so a working sync
-may show only part of the actor's move, with rounding noise in its direction.
+the engine must have moved too, by at least `MIN_SCALE` of the actor's move (norms). A stale engine scores the
+probe exactly as before (de = 0) and fails. The direction (cosine of de and da, `sync/check_cosine`) is logged
+but not enforced: a bf16 engine under merged sync rounds W + dW to bf16, so on a few tokens its move is
+dominated by rounding. Measured on the default demo (bf16 engine, float32 actor), step 2: the actor's probe
+log-probs moved 0.039 on average, the engine's 0.065, cosine -0.10; in float32 the two moves are equal.
 
 `trainer.sync_check_freq` runs it every N steps (1: every step, 0: never); the cost is one engine scoring call
 and one actor forward on one short sequence, twice, logged as `timing/sync_check`.
@@ -27,7 +27,6 @@ import torch
 from ground.errors import StageError
 
 MIN_MOVE = 1e-3  # mean |log-prob change| of the actor below which a sync cannot be told from rounding noise
-MIN_COSINE = 0.0
 MIN_SCALE = 0.1
 PROBE_TOKENS = 8  # response tokens scored; the prompt is kept whole
 
@@ -82,11 +81,11 @@ class SyncGuard:
         cosine = torch.nn.functional.cosine_similarity(de, da, dim=0).item() if de.norm() > 0 else 0.0
         scale = (de.norm() / da.norm()).item()
         metrics["sync/check_cosine"] = cosine
-        if cosine < MIN_COSINE or scale < MIN_SCALE:
+        if scale < MIN_SCALE:
             raise StageError(
                 f"step {step}: the rollout engine did not take the new weights. On fixed probe tokens the actor's "
                 f"log-probs moved by {actor_move:.3g} on average and the engine's by {de.abs().mean().item():.3g} "
-                f"(cosine {cosine:.2f}, size ratio {scale:.2f}; a working float32 sync gives about 1 and 1). The engine "
+                f"(size ratio {scale:.2f}, below {MIN_SCALE}; a working sync moves the engine about as much as the actor). The engine "
                 "is sampling from a stale adapter. Check the weight sync (actor_rollout_ref.rollout.lora_sync); "
                 "trainer.sync_check_freq=0 turns this check off."
             )
