@@ -6,7 +6,7 @@ import signal
 
 import click
 
-from config.schema import ServeConfig
+from config.serve_schema import ServeConfig
 
 from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, MAX_CPU_LORAS_CAP
 from serve.server import DEFAULT_LOOKUP_TIMEOUT_S, DEFAULT_MAX_N, ENV_LOOKUP_TIMEOUT, request_limits_env

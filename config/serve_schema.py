@@ -1,0 +1,68 @@
+"""The config sections of the registry, publishing and serving (`registry.*`, `publish.*`, `serve.*`): ours, not
+verl's. Part of `config.schema.Config`; kept apart so the training sections read as one file.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from config.section import Section
+
+
+class RegistryConfig(Section):
+    uri: Optional[str] = None  # None: $PIPELINE_REGISTRY, else ./registry-store
+
+
+class PublishConfig(Section):
+    name: str = "arithmetic-grpo"
+    alias: Optional[str] = "latest-good"
+    tags: dict[str, str] = Field(default_factory=dict)
+    min_improvement: float = 0.0  # publish only if adapter reward - base reward > this
+    force: bool = False
+
+
+class AutoscalingConfig(Section):
+    """Ray Serve's autoscaler for the replicated mode; unset (None) keeps a fixed `serve.replicas`."""
+
+    min_replicas: Optional[int] = Field(default=None, ge=0)
+    max_replicas: Optional[int] = Field(default=None, ge=1)
+    target_ongoing_requests: Optional[float] = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _min_below_max(self):
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.autoscaling.min_replicas ({self.min_replicas}) is above max_replicas "
+                             f"({self.max_replicas}); set min_replicas <= max_replicas")
+        return self
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ServeConfig(Section):
+    enable: bool = False  # end the pipeline by serving what it published
+    # above 1 (or with autoscaling / a Ray address): N vLLM replicas on Ray Serve behind one endpoint
+    replicas: int = Field(default=1, ge=1)
+    ray_address: Optional[str] = None  # None: start a local Ray; "auto" or host:port joins a cluster
+    routing: Literal["multiplexed", "round_robin"] = "multiplexed"
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    max_loras: int = 4
+    max_cpu_loras: Optional[int] = None  # None: as many as lora_cache_gib holds (serve/lora_tier.py)
+    lora_cache_gib: float = 1.0  # host memory for loaded adapters, sizes max_cpu_loras
+    # vLLM's KV cache in GiB (its --kv-cache-memory-bytes), the same in both modes and as `pipeline serve
+    # --kv-cache-gib`: a fixed size works on a machine shared with other engines, where a memory fraction fails
+    # or over-reserves.
+    kv_cache_gib: float = Field(default=0.25, gt=0)
+    # False: start the server, check that the published adapter answers one request, stop it (a smoke test
+    # of what was published). True: keep serving in the foreground until Ctrl-C.
+    keep_running: bool = False
+
+    REFUSED_VERL_KEYS: ClassVar[dict[str, str]] = {
+        "gpu_memory_utilization": "the server sizes vLLM's KV cache in GiB, which overrides a memory fraction; "
+                                  "set serve.kv_cache_gib",
+    }
