@@ -34,7 +34,6 @@ import logging
 import os
 import random
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.serve_targets import raw_adapter_folders  # noqa: E402
 from ground.new_files import refuse_existing_out, write_new_text  # noqa: E402
+from ground.ports import free_port  # noqa: E402
 
 log = logging.getLogger("serve_multi_lora")
 
@@ -168,12 +168,6 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         self.sample()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def verification_ms(log_path: Path) -> list[float]:

@@ -60,7 +60,7 @@ def main() -> int:
     from config import load_config
     from ground.base_model import resolve_model_path
     from stages.train.actor_worker import ActorWorker
-    from stages.train.worker_group import free_port
+    from ground.ports import free_port
 
     model_dir = str(resolve_model_path("smollm2-135m-instruct"))
     cfg = load_config(None, [f"actor_rollout_ref.model.path={model_dir}", "actor_rollout_ref.model.dtype=float32",

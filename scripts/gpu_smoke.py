@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
     from config import load_config
     from stages.train.actor_worker import ActorWorker
-    from stages.train.worker_group import free_port
+    from ground.ports import free_port
 
     with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as tmp:
         t0 = time.perf_counter()

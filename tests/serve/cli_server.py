@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
 
 from ground.processes import stat_field
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ground.ports import free_port  # noqa: F401  (re-exported: the serve tests import it from here)
 
 
 def ppid(pid: int) -> int | None:
