@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import yaml
 from pydantic import Field, PrivateAttr, field_validator
 
+from config.multi_turn_schema import AgentConfig, MultiTurnConfig
 from config.section import Section
 from config.serve_schema import AutoscalingConfig, PublishConfig, RegistryConfig, ServeConfig  # noqa: F401
 
@@ -189,6 +190,8 @@ class RolloutConfig(Section):
     log_prob_use_dynamic_bsz: Optional[bool] = None  # None: actor.use_dynamic_bsz
     log_prob_max_token_len_per_gpu: Optional[int] = None  # None: actor.ppo_max_token_len_per_gpu
     val_kwargs: ValKwargs = Field(default_factory=ValKwargs)
+    multi_turn: MultiTurnConfig = Field(default_factory=MultiTurnConfig)  # tool-using rollouts (multi_turn_schema)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
 
 
 class RefConfig(Section):
@@ -270,6 +273,7 @@ class DataConfig(Section):
     shuffle: bool = True
     seed: int = 1
     val_max_samples: Optional[int] = None
+    return_raw_chat: bool = False  # keep each row's messages for the agent loops (multi_turn.enable needs it)
     # When the train/val files are missing, write them first with the named generator (the demo's
     # `arithmetic`, the same as `pipeline data make-arithmetic`). None: a missing file is an error.
     generate_if_missing: Optional[Literal["arithmetic"]] = None

@@ -204,13 +204,15 @@ def compute_rloo_advantage(token_level_rewards, response_mask, index, config, va
 
 
 def _discounted_returns(token_level_rewards, mask, gamma):
-    """G_t = r_t + gamma * G_{t+1} within each response; the running sum restarts at masked positions."""
+    """G_t = r_t + gamma * G_{t+1} over each response's model tokens: a masked position (padding, or a tool's
+    tokens inside a multi-turn response) carries the sum through unchanged, so a reward after a tool turn still
+    reaches the tokens before it, discounted by model tokens only."""
     returns = torch.zeros_like(token_level_rewards)
     running = torch.zeros_like(token_level_rewards[:, 0])
     for t in reversed(range(token_level_rewards.shape[-1])):
-        running = token_level_rewards[:, t] + gamma * running
+        m = mask[:, t]
+        running = m * (token_level_rewards[:, t] + gamma * running) + (1 - m) * running
         returns[:, t] = running
-        running = running * mask[:, t]
     return returns
 
 
@@ -324,6 +326,9 @@ def check_algorithm_names(cfg) -> None:
     from stages.train import rollout_corr
 
     rollout_corr.check_config(cfg)
+    from stages.train import agent_loops
+
+    agent_loops.check_config(cfg)  # the default agent loop's name, the tool YAML
     if cfg.reward_model.scorer and not cfg.custom_reward_function.path:
         from stages.train.rewards import REWARD_SCORERS
 

@@ -158,6 +158,7 @@ class PromptDataset:
                 "ability": row.get("ability"),
                 "ground_truth": row["reward_model"]["ground_truth"],
                 "extra_info": row.get("extra_info") or {},
+                "agent_name": row.get("agent_name"),  # the row's agent loop (stages/train/agent_loops.py); None: default
                 # Stable across processes and runs (hashlib, never hash()): groups responses by prompt.
                 "uid": hashlib.sha256(where.encode()).hexdigest()[:16],
             })

@@ -129,21 +129,27 @@ class RolloutEngine:
         log.info("rollout engine up in %.1f s", self.start_seconds)
 
     # -- generation ---------------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], *, n: int, max_tokens: int, temperature: float, top_p: float,
-                 top_k: int, greedy: bool = False) -> list[list[dict]]:
-        """For each prompt (token ids), n responses: {"token_ids", "logprobs" (of each sampled token), "finish_reason"}."""
+    def generate(self, prompts: list[list[int]], *, n: int, max_tokens: int | list[int], temperature: float,
+                 top_p: float, top_k: int, greedy: bool = False) -> list[list[dict]]:
+        """For each prompt (token ids), n responses: {"token_ids", "logprobs" (of each sampled token), "finish_reason"}.
+
+        `max_tokens` is one budget for all prompts, or one per prompt (multi-turn samples are at different turns).
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
-            n=n,
-            max_tokens=max_tokens,
-            temperature=0.0 if greedy else temperature,
-            top_p=1.0 if greedy else top_p,
-            top_k=0 if greedy or top_k is None or top_k < 1 else top_k,
-            logprobs=0,  # the sampled token's own log-prob, nothing else
-            detokenize=False,  # the trainer works on ids; skipping text saves CPU
-        )
+        def sampling(budget: int) -> SamplingParams:
+            return SamplingParams(
+                n=n,
+                max_tokens=budget,
+                temperature=0.0 if greedy else temperature,
+                top_p=1.0 if greedy else top_p,
+                top_k=0 if greedy or top_k is None or top_k < 1 else top_k,
+                logprobs=0,  # the sampled token's own log-prob, nothing else
+                detokenize=False,  # the trainer works on ids; skipping text saves CPU
+            )
+
+        params = [sampling(b) for b in max_tokens] if isinstance(max_tokens, list) else sampling(max_tokens)
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                      lora_request=self._lora_request, use_tqdm=False)
         results = []

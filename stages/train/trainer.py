@@ -20,7 +20,9 @@ import torch
 
 from ground.logs import console_log
 from stages.train import checkpoint, dumps
-from stages.train.batch import Rollout, build_tensors, flatten_generation, outcome_rewards, padded_log_probs
+from stages.train.batch import (
+    Rollout, build_tensors, flatten_agent_outputs, flatten_generation, outcome_rewards, padded_log_probs,
+)
 from stages.train.sync_guard import SyncGuard
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,14 @@ class Trainer:
         self.sync_guard = SyncGuard(cfg.trainer.sync_check_freq, self._engine_scores, self._actor_scores)
         self.history_path = out_dir / "history.jsonl"
         self.val_generations: list[dict] = []  # the last validation's table (trainer.log_val_generations)
+        from stages.train import agent_loops
+        from stages.train.tools import load_tools
+
+        # Multi-turn rollouts (agent loops, tools); with none of them configured every batch takes the plain path.
+        self.default_agent = agent_loops.default_agent_name(cfg)
+        self.tools = load_tools(cfg.actor_rollout_ref.rollout.multi_turn.tool_config_path)
+        agent_loops.check_items(getattr(train_iter, "dataset", []), self.default_agent, "data.train_files")
+        agent_loops.check_items(val_items, self.default_agent, "data.val_files")
 
     # --------------------------------------------------------------------------------------------- rollout
     def _call_engine(self, method: str, *args, **kwargs):
@@ -85,8 +95,31 @@ class Trainer:
         params.update(sampling)
         return self._call_engine("generate", [it["prompt_ids"] for it in items], **params)
 
+    def _rollout(self, items: list[dict], greedy: bool = False, n: int | None = None, **sampling) -> Rollout:
+        """n responses per item: one engine call (single-turn rows), or each row's agent loop (multi-turn)."""
+        from stages.train import agent_loops
+
+        if not agent_loops.uses_agent_loops(self.cfg, items):
+            return flatten_generation(items, self._generate(items, greedy=greedy, n=n, **sampling))
+        rollout = self.cfg.actor_rollout_ref.rollout
+
+        def generate_many(prompts: list[list[int]], budgets: list[int]) -> list[dict]:
+            params = dict(n=1, max_tokens=budgets, temperature=rollout.temperature, top_p=rollout.top_p,
+                          top_k=rollout.top_k, greedy=greedy)
+            params.update(sampling)
+            params["n"] = 1  # each sample is its own conversation
+            return [outs[0] for outs in self._call_engine("generate", prompts, **params)]
+
+        response_length = rollout.response_length or self.cfg.data.max_response_length
+        max_model_len = rollout.max_model_len or (self.cfg.data.max_prompt_length + response_length)
+        outputs = agent_loops.run_agent_loops(items, n or rollout.n, cfg=self.cfg, tokenizer=self.tokenizer,
+                                              tools=self.tools, generate_many=generate_many,
+                                              response_length=response_length, max_model_len=max_model_len)
+        return flatten_agent_outputs(items, outputs)
+
     def _score(self, r: Rollout) -> None:
-        texts = self.tokenizer.batch_decode(r.response_ids, skip_special_tokens=True)
+        # the model's own tokens: a tool's output (a calculator's result) must not earn the reward
+        texts = self.tokenizer.batch_decode(r.model_token_ids(), skip_special_tokens=True)
         results = self.reward_fn([it["data_source"] for it in r.items], texts,
                                  [it["ground_truth"] for it in r.items], [it["extra_info"] for it in r.items])
         r.scores = [float(x["score"]) for x in results]
@@ -120,7 +153,7 @@ class Trainer:
         gen_batches = 0
         while True:
             items = self.train_iter.next_batch()
-            r = flatten_generation(items, self._generate(items))
+            r = self._rollout(items)
             self._score(r)
             gen_batches += 1
             if not fg.enable:
@@ -156,9 +189,9 @@ class Trainer:
         if self.cfg.trainer.rollout_data_dir:
             dumps.dump_generations(self.cfg.trainer.rollout_data_dir, self.global_step + 1,
                                    dumps.generation_rows(self.tokenizer, r, self.global_step + 1))
-        batch = build_tensors(r.prompt_ids, r.response_ids, self.pad_id)
+        batch = build_tensors(r.prompt_ids, r.response_ids, self.pad_id, r.response_masks or None)
         mask = batch["response_mask"]
-        scores = outcome_rewards(r.scores, mask)
+        scores = outcome_rewards(r.scores, mask, r.turn_rewards)
         if self.cfg.actor_rollout_ref.rollout.calculate_log_probs and len(r.log_probs) == len(r):
             # the update compares them with the actor's (rollout_corr/ metrics) and corrects when configured
             batch["rollout_log_probs"] = padded_log_probs(r.log_probs, mask.shape[1])
@@ -166,7 +199,7 @@ class Trainer:
         reward_baselines = None
         if self.greedy_baseline:  # ReMax: the greedy response's reward is each prompt's baseline
             firsts = list({it["uid"]: it for it in r.items}.values())
-            g = flatten_generation(firsts, self._generate(firsts, greedy=True, n=1))
+            g = self._rollout(firsts, greedy=True, n=1)
             self._score(g)
             base = dict(zip(g.index, g.scores))
             reward_baselines = torch.tensor([base[i] for i in r.index])
@@ -228,6 +261,7 @@ class Trainer:
             "perf/generate_tokens_per_s": n_tokens / max(timing["generate"], 1e-9),
             "perf/tokens_per_s": (n_tokens + int(batch["attention_mask"].sum())) / max(timing["step"], 1e-9),
             **({"reward/acc": _mean(accs)} if accs else {}),
+            **agent_metrics(r, "multi_turn/"),
             **{f"timing/{k}": v for k, v in timing.items()},
         })
         return metrics
@@ -253,10 +287,9 @@ class Trainer:
         else:
             sampling = dict(greedy=True, n=1, temperature=0.0, top_p=1.0, top_k=-1)
         size = self.cfg.data.val_batch_size or max(len(self.val_items), 1)
-        outs = []
+        r = Rollout([], [], [], [])
         for start in range(0, len(self.val_items), size):
-            outs.extend(self._generate(self.val_items[start : start + size], **sampling))
-        r = flatten_generation(self.val_items, outs)
+            r.extend(self._rollout(self.val_items[start : start + size], **sampling))
         self._score(r)
         log.info("validation sample: %r -> %r", self.tokenizer.decode(r.prompt_ids[0][-12:]),
                  self.tokenizer.decode(r.response_ids[0]))
@@ -266,6 +299,7 @@ class Trainer:
         if accs:
             out["val/acc"] = _mean(accs)
         out.update(self._overlong_metrics(r, "val/"))
+        out.update(agent_metrics(r, "val/multi_turn/"))
         t = self.cfg.trainer
         if t.validation_data_dir or t.log_val_generations:
             rows = dumps.generation_rows(self.tokenizer, r, self.global_step)
@@ -320,6 +354,18 @@ class Trainer:
         finally:
             bar.close()
         return last_val
+
+
+def agent_metrics(r: Rollout, prefix: str) -> dict:
+    """Multi-turn rollouts: turns, tool calls and tool errors per sample, and the share of samples that called a
+    tool (nothing on the single-turn path)."""
+    if not r.agent_stats:
+        return {}
+    stats = r.agent_stats
+    return {f"{prefix}num_turns": _mean(s["num_turns"] for s in stats),
+            f"{prefix}tool_calls": _mean(s["tool_calls"] for s in stats),
+            f"{prefix}tool_errors": _mean(s["tool_errors"] for s in stats),
+            f"{prefix}tool_call_rate": _mean(s["tool_calls"] > 0 for s in stats)}
 
 
 def brief_metrics(metrics: dict) -> str:
