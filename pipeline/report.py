@@ -71,6 +71,8 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
         "steps": train.get("steps"),
         "history_path": train.get("history_path"),
         "rollout_mismatch": train.get("rollout_mismatch"),
+        "val_generations": train.get("val_generations") or [],
+        "loggers": train.get("loggers") or {},
         "mlflow_parent_run_id": m.get("mlflow_parent_run_id"),
     }
 
@@ -143,6 +145,7 @@ def render_text(s: dict[str, Any]) -> list[str]:
         lines += ["", f"Rollout-training mismatch (the engine's log-probs against the actor's, mean of "
                       f"{mismatch['steps']} steps): k3 KL {mismatch['k3_kl']:.3g}, kl {mismatch['kl']:.3g}, "
                       f"mean |log-ppl diff| {mismatch['log_ppl_abs_diff']:.3g}, chi2 {mismatch['chi2_token']:.3g}"]
+    lines += _generations_table(s.get("val_generations") or [])
     if s["phase_seconds"]:
         lines += ["", "## Time per training step, by phase (mean seconds)", "", "| phase | seconds |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v, 2)} |" for k, v in s["phase_seconds"].items()]
@@ -153,6 +156,31 @@ def render_text(s: dict[str, Any]) -> list[str]:
         lines += [f"| {k} | {_fmt(v, 1)} |" for k, v in s["startup_seconds"].items()]
     if s["mlflow_parent_run_id"]:
         lines += ["", f"MLflow parent run: `{s['mlflow_parent_run_id']}`"]
+    if s.get("loggers"):  # trainer.logger's trackers and where each wrote
+        lines += ["", "## Where the training was logged", "", "| logger | where |", "|---|---|"]
+        lines += [f"| {name} | `{where}` |" for name, where in s["loggers"].items()]
+    return lines
+
+
+REPORT_TABLE_ROWS = 5  # the report shows the first rows; every row is in MLflow / W&B and validation_data_dir
+
+
+def _generations_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The first rows of the last validation's `trainer.log_val_generations` table."""
+    if not rows:
+        return []
+
+    def cell(value: Any) -> str:
+        text = _fmt(value) if isinstance(value, float) else str(value if value is not None else "-")
+        text = text.replace("|", "\\|").replace("\n", " ")
+        return text if len(text) <= 120 else "..." + text[-117:]  # a prompt's end is where the question is
+
+    shown = rows[:REPORT_TABLE_ROWS]
+    lines = ["", f"## Validation generations (step {shown[0].get('step', '-')}, {len(shown)} of the "
+                 f"{len(rows)} logged by trainer.log_val_generations)", "",
+             "| input | output | ground truth | score |", "|---|---|---|---|"]
+    lines += [f"| {cell(r.get('input'))} | {cell(r.get('output'))} | {cell(r.get('gts'))} | {cell(r.get('score'))} |"
+              for r in shown]
     return lines
 
 
