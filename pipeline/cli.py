@@ -166,3 +166,7 @@ main.add_command(serve_cmd)
 from pipeline.train_cli import train_command  # noqa: E402
 
 main.add_command(train_command)
+
+from pipeline.promote import promote_cmd  # noqa: E402
+
+main.add_command(promote_cmd)
