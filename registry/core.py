@@ -25,6 +25,8 @@ from typing import Callable
 
 from ground.errors import NotFoundError, RegistryError
 from registry.integrity import MANIFEST, METADATA, PAYLOAD, VerifyReport, open_regular
+from registry.history import new_event
+from registry.lifecycle import Lifecycle
 from registry.refs import check_alias, check_name, check_version, format_versions, parse_ref
 from registry.store import Store
 from registry.validate import CONFIG, validate_adapter
@@ -112,8 +114,9 @@ def _check_tags(tags) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items()}
 
 
-class Registry:
-    """The Python API behind `pipeline registry ...`. Open one with `open_registry(uri)`."""
+class Registry(Lifecycle):
+    """The Python API behind `pipeline registry ...`. Open one with `open_registry(uri)`. Routes, history,
+    rollback and gc: registry/lifecycle.py."""
 
     def __init__(self, store: Store, mirror=None):
         self.store = store
@@ -243,7 +246,9 @@ class Registry:
 
             def after(version: int) -> None:  # still under the adapter's lock
                 if alias is not None:
+                    before = self.store.read_aliases(name).get(alias)
                     self.store.update_aliases(name, lambda a: {**a, alias: version})
+                    self._alias_event(name, "alias_set", alias, before, version, reason=f"published {name}@{version}")
                 if self.mirror is not None:
                     self.mirror.sync(self, name)
 
@@ -267,39 +272,50 @@ class Registry:
         return None
 
     # ------------------------------------------------------------------------------------------- aliases
-    def set_alias(self, name: str, alias: str, version: int) -> None:
+    def set_alias(self, name: str, alias: str, version: int, *, reason: str = "", kind: str = "alias_set",
+                  figures: dict | None = None) -> None:
+        """Point `alias` at `version`; recorded in the history as an event of `kind` (`promote` passes its own)."""
         check_alias(alias)
+        new_event(name, kind, before=None, after=None, figures=figures)  # a bad kind or figures refuse before the move
         target = self.get_version(name, version).version
+        before = []
 
         def change(aliases):
             # re-check under the lock: the version could have been deleted since
             if self.store.open_version(name, target) is None:
                 raise NotFoundError(f"`{name}@{target}` was deleted; cannot point alias `{alias}` at it.")
+            before.append(aliases.get(alias))
             return {**aliases, alias: target}
 
         with self.store.locked(name):
             self.store.update_aliases(name, change)
             if self.mirror is not None:
                 self.mirror.set_alias(name, alias, target)
+            self._alias_event(name, kind, alias, before[0], target, reason, figures)
 
-    def delete_alias(self, name: str, alias: str) -> None:
+    def delete_alias(self, name: str, alias: str, *, reason: str = "") -> None:
         check_name(name)
         check_alias(alias)
+        before = []
 
         def change(aliases):
             if alias not in aliases:
                 raise NotFoundError(f"Alias `{alias}` of `{name}` does not exist (aliases: {self._alias_text(name)}).")
+            before.append(aliases[alias])
             return {a: v for a, v in aliases.items() if a != alias}
 
         with self.store.locked(name):
             self.store.update_aliases(name, change)
             if self.mirror is not None:
                 self.mirror.delete_alias(name, alias)
+            self._alias_event(name, "alias_delete", alias, before[0], None, reason)
 
     # ------------------------------------------------------------------------------------------- removing
     def delete_version(self, name: str, version: int, force: bool = False) -> None:
-        """Delete one version; refused while an alias points at it unless `force` (which drops those aliases)."""
+        """Delete one version; refused while an alias points at it unless `force` (which drops those aliases), and
+        while the route names it by number (change the route first, whatever `force` says)."""
         version = self.get_version(name, version).version
+        dropped = []
 
         def check(aliases):
             pointing = sorted(a for a, v in aliases.items() if v == version)
@@ -307,12 +323,20 @@ class Registry:
                 raise RegistryError(f"`{name}@{version}` is what alias(es) {', '.join(pointing)} point at; move them "
                                     "first (`pipeline registry alias set ...`) or delete with --force, which also "
                                     "deletes those aliases.")
+            dropped.extend(pointing)
             return {a: v for a, v in aliases.items() if v != version}
 
         with self.store.locked(name):
+            route, _ = self._route_now(name)
+            if route is not None and str(version) in [t for t, _ in route.targets] + [route.mirror]:
+                raise RegistryError(f"`{name}@{version}` is a target of the route of `{name}` ({route.describe()}); "
+                                    f"change it first (`pipeline registry route set {name} ...` or `route clear "
+                                    f"{name}`).")
             self.store.remove_version(name, version, check)
             if self.mirror is not None:
                 self.mirror.delete_version(name, version)
+            for alias in dropped:
+                self._alias_event(name, "alias_delete", alias, version, None, f"{name}@{version} deleted (--force)")
         log.info("deleted %s@%d", name, version)
 
     # ------------------------------------------------------------------------------------------- integrity

@@ -8,6 +8,8 @@ Layout under the root (see docs/registry.md):
     ROOT/adapters/NAME/last_version         highest number ever given, so deleted numbers are never reused
     ROOT/adapters/NAME/aliases.json         {"prod": 7, ...}, replaced atomically
     ROOT/adapters/NAME/manifests.log        `N SHA256` per version: its manifest.json's digest, append-only
+    ROOT/adapters/NAME/route.json           the traffic split (registry/routes.py), replaced atomically
+    ROOT/adapters/NAME/history.jsonl        one JSON event per line (registry/history.py), append-only
     ROOT/adapters/NAME/versions/N/          one immutable version
 
 Why it is safe:
@@ -20,6 +22,8 @@ Why it is safe:
 - Each version's manifest digest is appended to manifests.log before the version becomes visible, and never
   rewritten: weights rewritten together with their manifest.json no longer match the record, so `verify` and the
   server (serve/verified.py) notice (see `recorded_digest_problem`).
+- The route is replaced like the alias table; history events are appended under the adapter's lock with one
+  write each, so concurrent writers lose none (a writer killed mid-line leaves one torn line, skipped on read).
 - Work folders carry host and pid in their name; the next writer removes those whose process is gone
   (or that are older than a day, in case a pid was reused).
 """
@@ -65,6 +69,7 @@ def fsync_dir(path: Path) -> None:
 
 OWN_ROOT_ENTRIES = {".tmp", "adapters", REGISTRY_MARKER}
 DIGESTS = "manifests.log"
+ROUTE, HISTORY = "route.json", "history.jsonl"
 
 
 def read_recorded_digests(adapter_dir: Path, ref: str) -> dict[int, str] | None:
@@ -295,6 +300,45 @@ class LocalStore(Store):
             new = change(self.read_aliases(name))
             self._atomic_write(self._adapter_dir(name) / "aliases.json", json.dumps(new, indent=1, sort_keys=True) + "\n")
             return new
+
+    def read_route(self, name: str) -> dict | None:
+        path = self._adapter_dir(name) / ROUTE
+        try:
+            return json.loads(read_regular(path, name))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise RegistryError(f"Route file `{path}` is corrupted; delete it and set the route again "
+                                f"(`pipeline registry route set {name} ...`).") from None
+
+    def write_route(self, name: str, record: dict) -> None:
+        with self.locked(name):
+            self._atomic_write(self._adapter_dir(name) / ROUTE, json.dumps(record, indent=1) + "\n")
+
+    def append_event(self, name: str, event_json: str) -> None:
+        with self.locked(name):
+            fd = os.open(self._adapter_dir(name) / HISTORY, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                # after a writer killed mid-line, start on a fresh line so this event is not glued to the torn one
+                torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+                os.write(fd, (("\n" if torn else "") + event_json + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def read_events(self, name: str) -> list[dict]:
+        try:
+            text = read_regular(self._adapter_dir(name) / HISTORY, name).decode(errors="replace")
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in text.splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:  # a writer killed in the middle of its line
+                log.debug("skipping a torn history line of %s: %.80s", name, line)
+        return events
 
     def retire_numbers(self, name: str, upto: int) -> None:
         with self.locked(name):

@@ -2,7 +2,11 @@
 
 On the server (started with `mlflow server --serve-artifacts ...`):
 
-    registered model NAME             tag pipeline.registry=lora-pipeline; its aliases are our aliases
+    registered model NAME             tag pipeline.registry=lora-pipeline; its aliases are our aliases;
+                                      tag pipeline.route = the route's JSON (registry/routes.py), one set-tag
+                                      request per change; tags pipeline.history.<time_ns>.<random> = one history
+                                      event's JSON each (registry/history.py): a new key per event, never
+                                      rewritten, so concurrent writers lose none (deleting the model drops them)
     model version NAME/V              number from the server's database; tags: pipeline.format, pipeline.manifest
                                       (manifest.json's text), pipeline.metadata (metadata.json's text),
                                       pipeline.artifact_path, plus lineage.*, metric.*, base_model, rank, alpha, ...
@@ -27,6 +31,7 @@ MODEL_TAG, MODEL_TAG_VALUE = "pipeline.registry", "lora-pipeline"
 FORMAT_TAG, MANIFEST_TAG, METADATA_TAG, PATH_TAG = ("pipeline.format", "pipeline.manifest", "pipeline.metadata",
                                                     "pipeline.artifact_path")
 STATE_TAG, RETIRED_TAG = "pipeline.state", "pipeline.retired"
+ROUTE_TAG, HISTORY_TAG_PREFIX = "pipeline.route", "pipeline.history."
 TAG_VALUE_MAX = 5000
 STALE_UPLOAD_S = 6 * 3600  # an upload run of another host (whose pid we cannot check) older than this is dead
 CLEANUP_EVERY_S = 60.0

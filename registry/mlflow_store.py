@@ -17,8 +17,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import secrets
 import shutil
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,8 +29,8 @@ from ground.errors import NotFoundError, RegistryError
 from registry.cache import VersionCache, cache_max_bytes, cache_root
 from registry.integrity import MANIFEST, METADATA, PAYLOAD, manifest_files, verify_folder
 from registry.mlflow_http import ApiError, MlflowServer
-from registry.mlflow_layout import (FORMAT_TAG, MANIFEST_TAG, METADATA_TAG, MODEL_TAG, MODEL_TAG_VALUE, PATH_TAG,
-                                    http_url, tags_of as _tags)
+from registry.mlflow_layout import (FORMAT_TAG, HISTORY_TAG_PREFIX, MANIFEST_TAG, METADATA_TAG, MODEL_TAG,
+                                    MODEL_TAG_VALUE, PATH_TAG, ROUTE_TAG, TAG_VALUE_MAX, http_url, tags_of as _tags)
 from registry.mlflow_leftovers import MlflowLeftovers
 from registry.mlflow_publish import MANIFEST_DIGEST_PARAM, MlflowPublishing
 from registry.store import Store
@@ -222,6 +224,48 @@ class MlflowStore(MlflowPublishing, MlflowLeftovers, Store):
                 self.server.delete("registered-models/alias", f"deleting alias {name}@{alias}",
                                    {"name": name, "alias": alias})
             return new
+
+    # ------------------------------------------------------------------------------------------- routes, history
+    def _model_tags(self, name: str, what: str) -> dict[str, str]:
+        try:
+            model = self.server.get("registered-models/get", what, name=name)
+        except NotFoundError:
+            return {}
+        return _tags(model["registered_model"])
+
+    def read_route(self, name: str) -> dict | None:
+        text = self._model_tags(name, f"reading the route of {name}").get(ROUTE_TAG)
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise RegistryError(f"The {ROUTE_TAG} tag of `{name}` on {self.uri} is not JSON; set the route again "
+                                f"(`pipeline registry route set {name} ...`).") from None
+
+    def write_route(self, name: str, record: dict) -> None:
+        self.server.post("registered-models/set-tag", f"setting the route of {name}",
+                         {"name": name, "key": ROUTE_TAG, "value": json.dumps(record)}, idempotent=True)
+
+    def append_event(self, name: str, event_json: str) -> None:
+        if len(event_json) > TAG_VALUE_MAX:  # figures too large for one tag: keep the event, say what was cut
+            event = json.loads(event_json)
+            event["figures"] = {"truncated": f"{len(json.dumps(event['figures']))} characters of figures did not fit"}
+            event_json = json.dumps(event, separators=(",", ":"))
+        # a key of its own per event (time first, so keys sort in time order): no writer ever overwrites another
+        key = f"{HISTORY_TAG_PREFIX}{time.time_ns():020d}.{secrets.token_hex(4)}"
+        self.server.post("registered-models/set-tag", f"recording an event of {name}",
+                         {"name": name, "key": key, "value": event_json}, idempotent=True)
+
+    def read_events(self, name: str) -> list[dict]:
+        tags = self._model_tags(name, f"reading the history of {name}")
+        events = []
+        for key in sorted(k for k in tags if k.startswith(HISTORY_TAG_PREFIX)):
+            try:
+                events.append(json.loads(tags[key]))
+            except ValueError:
+                log.warning("history tag %s of %s on %s is not JSON; skipped", key, name, self.uri)
+        return events
 
     def _delete_version(self, name: str, version: int) -> None:
         mv = self._model_version(name, version)

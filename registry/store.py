@@ -121,6 +121,24 @@ class Store(abc.ABC):
     def locked(self, name: str) -> Iterator[None]:
         """Exclusive access to `name`'s numbering and aliases (re-entrant within one process)."""
 
+    # ---- routes and history (registry/routes.py, registry/history.py)
+    @abc.abstractmethod
+    def read_route(self, name: str) -> dict | None:
+        """The stored route record (`Route.to_dict()`), None when `name` never had one; cheap (servers poll it)."""
+
+    @abc.abstractmethod
+    def write_route(self, name: str, record: dict) -> None:
+        """Replace the route record in one atomic step; the caller holds `locked(name)`."""
+
+    @abc.abstractmethod
+    def append_event(self, name: str, event_json: str) -> None:
+        """Add one history event (a JSON object's text); never rewrites an earlier one, and concurrent writers
+        lose none."""
+
+    @abc.abstractmethod
+    def read_events(self, name: str) -> list[dict]:
+        """Every history event of `name`, oldest first."""
+
     def cleanup(self, max_age_s: float | None = None) -> list[str]:
         """Remove leftovers of writers that died (or, with `max_age_s`, any older than that); returns one line per
         leftover removed. Optional for backends without leftovers."""
