@@ -294,7 +294,7 @@ class Trainer:
         log.info("validation sample: %r -> %r", self.tokenizer.decode(r.prompt_ids[0][-12:]),
                  self.tokenizer.decode(r.response_ids[0]))
         out = {"val/reward": _mean(r.scores), "val/seconds": time.perf_counter() - t0,
-               "val/response_length": _mean(len(x) for x in r.response_ids)}
+               "val/response_length": _mean(len(x) for x in r.model_token_ids())}  # model tokens only
         accs = [a for a in r.accs if a is not None]
         if accs:
             out["val/acc"] = _mean(accs)
