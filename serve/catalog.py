@@ -71,6 +71,8 @@ class AdapterCatalog:
         # NAME / NAME@alias -> (when it was looked up, answer); kept after ttl_s to serve while the registry is down
         self._moving: dict[str, tuple[float, Resolved]] = {}
         self._pinned: OrderedDict[str, Resolved] = OrderedDict()  # NAME@V -> answer (immutable)
+        # NAME -> (when it was looked up, its traffic route or None): moves like an alias, kept the same way
+        self._routes: dict[str, tuple[float, object]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ resolution
@@ -123,6 +125,32 @@ class AdapterCatalog:
         except RegistryError as exc:
             raise _serving_error(exc, resolved.ref) from None
         return resolved
+
+    def route(self, name: str):
+        """The traffic route of adapter `name` (registry.routes.Route), or None when it has none; looked up at most
+        `ttl_s` ago, like an alias, so a route change reaches requests within about `ttl_s`. A name the registry
+        does not have has no route: the request's own lookup then answers the 404 that lists what exists."""
+        now = self.clock()
+        with self._lock:
+            if name in self._routes and now - self._routes[name][0] < self.ttl_s:
+                return self._routes[name][1]
+        try:
+            route = self.registry.get_route(name)
+        except NotFoundError:
+            route = None
+        except RegistryError as exc:  # a store that failed or a route it cannot read: the last route still serves
+            raise RegistryUnavailableError(f"Cannot read the traffic route of `{name}`: {exc}") from None
+        with self._lock:
+            self._routes[name] = (now, route)
+        return route
+
+    def last_known_route(self, name: str) -> tuple[object, float] | None:
+        """(the last route answer for `name`, None included, and its age in seconds); None when never looked up."""
+        with self._lock:
+            if name in self._routes:
+                looked_up, route = self._routes[name]
+                return route, self.clock() - looked_up
+        return None
 
     def last_known(self, ref: str) -> tuple[Resolved, float] | None:
         """(the last answer for `ref`, its age in seconds), however old; None when this server never resolved it.

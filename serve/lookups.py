@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LOOKUP_THREADS = 8
 MODELS_KEY = " models"  # the /v1/models listing's key among the in-flight lookups (no reference has a space)
+ROUTE_KEY = " route "  # + NAME: a route lookup's key among the in-flight lookups
 
 
 class RequestLookups:
@@ -60,6 +61,20 @@ class RequestLookups:
                 raise
             return self._stale(model, known, str(exc))
 
+    async def route(self, name: str):
+        """The traffic route of adapter `name` (registry.routes.Route or None, see AdapterCatalog.route), looked up
+        like `pin`: shared, off the event loop, with a deadline, and the last answer while the registry is down."""
+        known = self.catalog.last_known_route(name)
+        if known is not None and self._registry_down():
+            self._start(ROUTE_KEY + name, self.catalog.route, name)
+            return self._stale_route(name, known, "the registry failed to answer recently")
+        try:
+            return await self._wait(ROUTE_KEY + name, self.catalog.route, name)
+        except RegistryUnavailableError as exc:
+            if known is None:
+                raise
+            return self._stale_route(name, known, str(exc))
+
     async def servable(self) -> list[dict]:
         """Cards for /v1/models; the last listing while the registry does not answer."""
         try:
@@ -82,6 +97,12 @@ class RequestLookups:
         resolved, age_s = known
         log.warning("serving %s as %s from %.0f s ago: %s", model, resolved.ref, age_s, why[:300])
         return resolved
+
+    def _stale_route(self, name: str, known: tuple, why: str):
+        route, age_s = known
+        log.warning("following the route of %s as it was %.0f s ago (%s): %s", name, age_s,
+                    "none" if route is None else f"revision {route.revision}", why[:300])
+        return route
 
     def _start(self, key: str, fn, *args) -> Future:
         """One lookup per key at a time: a request for a key already being looked up joins that lookup."""
