@@ -19,7 +19,8 @@ class MultiTurnConfig(Section):
     max_assistant_turns: Optional[int] = Field(default=None, ge=1)  # None: as many as the response length allows
     max_user_turns: Optional[int] = Field(default=None, ge=1)  # tool-response turns; None: no limit beyond the length
     max_parallel_calls: int = Field(default=1, ge=1)  # tool calls executed per assistant turn; later ones are dropped
-    max_tool_response_length: int = Field(default=256, ge=1)  # characters of a tool's answer kept (verl cuts text, not tokens)
+    # characters of a tool's answer kept (verl cuts text, not tokens)
+    max_tool_response_length: int = Field(default=256, ge=1)
     tool_response_truncate_side: Literal["left", "middle", "right"] = "middle"
     format: Literal["hermes"] = "hermes"  # <tool_call>{"name": ..., "arguments": ...}</tool_call>
     # strict: the loop's ids must decode to the chat template's rendering of the final messages (first

@@ -113,8 +113,10 @@ class ToolAgentLoop(AgentLoopBase):
         prompt = turns.prompt_ids(messages)
         self.prompt_len = len(prompt)
         kwargs_by_tool = (item.get("extra_info") or {}).get("tools_kwargs") or {}
-        instance_ids = {name: await _maybe_await(tool.create(**(kwargs_by_tool.get(name) or {}).get("create_kwargs", {})))
-                        for name, tool in ctx.tools.items()}
+        instance_ids = {}
+        for name, tool in ctx.tools.items():  # one instance per sample, with the row's create_kwargs (verl)
+            create_kwargs = (kwargs_by_tool.get(name) or {}).get("create_kwargs", {})
+            instance_ids[name] = await _maybe_await(tool.create(**create_kwargs))
         out = AgentLoopOutput(prompt, [], [], [], num_turns=1, messages=messages)
         assistant_turns = user_turns = 0
         try:

@@ -103,7 +103,8 @@ def build_tensors(prompt_ids: list[list[int]], response_ids: list[list[int]], pa
         if resp:
             input_ids[i, p : p + len(resp)] = torch.tensor(resp, dtype=torch.long)
             attention_mask[i, p : p + len(resp)] = 1
-            response_mask[i, : len(resp)] = torch.tensor(response_masks[i], dtype=torch.float32) if response_masks else 1.0
+            own = torch.tensor(response_masks[i], dtype=torch.float32) if response_masks else 1.0
+            response_mask[i, : len(resp)] = own
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {
         "input_ids": input_ids,

@@ -27,7 +27,10 @@ tools:
     config: {timeout: 5}
     tool_schema:
       type: function
-      function: {name: calculator, description: arithmetic, parameters: {type: object, properties: {expression: {type: string}}, required: [expression]}}
+      function:
+        name: calculator
+        description: arithmetic
+        parameters: {type: object, properties: {expression: {type: string}}, required: [expression]}
 """
 
 MESSAGES = [{"role": "user", "content": "What is 12 * 34?"}]
@@ -147,7 +150,8 @@ def test_strict_sanity_check_catches_a_broken_template(tmp_path, tokenizer, tiny
     with pytest.raises(ConfigError, match=r"differ .* at token position \d+ .*tool_call>.*the template"):
         _run(_cfg(tmp_path), broken, engine)
     for mode, passes in (("ignore_strippable", False), ("disable", True)):
-        cfg = _cfg(tmp_path, CALCULATOR_YAML, f"actor_rollout_ref.rollout.multi_turn.tokenization_sanity_check_mode={mode}")
+        cfg = _cfg(tmp_path, CALCULATOR_YAML,
+                   f"actor_rollout_ref.rollout.multi_turn.tokenization_sanity_check_mode={mode}")
         if passes:
             _run(cfg, broken, ScriptedEngine(broken, [CALL, "408"]))
         else:

@@ -77,7 +77,9 @@ def test_a_multi_turn_step_masks_tool_tokens_in_everything_the_update_gets(tiny_
     assert tool.any() and not batch["advantages"][tool].any()
     # the reward scores the model's own text only: CALL's digits (12, 34), never the tool's 408
     share = lambda text: sum(ch.isdigit() for ch in text) / len(text)  # noqa: E731 - the toy reward
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # noqa: E731
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
     model_text = tokenizer.decode(encode(CALL) + encode("It is xyz"), skip_special_tokens=True)
     assert "408" not in model_text and metrics["reward/mean"] == pytest.approx(share(model_text), rel=1e-6)
     assert metrics["multi_turn/tool_calls"] == 1 and metrics["multi_turn/tool_call_rate"] == 1
