@@ -187,6 +187,75 @@ def _expand_clipped(inputs, lora_b_weights, output_tensor, groups, covered, add_
                      groups, covered, add=add_inputs)
 
 
+# ---------------------------------------------------------------- one fused call per LoRA linear layer
+#
+# With the six ops above, vLLM's wrapper still runs, per LoRA layer and forward, a float32 zero buffer per
+# slice, one shrink and one expand call per slice, and the token grouping once per call. At the demo's decode
+# shape (64 tokens, 4 LoRA layers x 30 decoder layers, 7 slices) that Python and dispatch work, not the
+# multiply-adds, was most of the LoRA time. So the wrapper's add_lora_linear is replaced too: the tokens are
+# grouped once per forward (in update_metadata), and per layer and group there is ONE shrink GEMM for all
+# slices (their A matrices stacked: the slices share the input) and one addmm per slice into its output
+# columns. Same arithmetic as the ops above: shrink in the input's dtype when the weights share it, scaling
+# in float32 (vLLM's buffer dtype), expand in the output's dtype, adding into the output.
+
+def _remember_token_groups(wrapper) -> None:
+    slots = wrapper.token_lora_indices
+    groups, _ = _groups_from_token_slots(slots)
+    wrapper._segmented_groups = (slots.shape[0], groups)
+
+
+def update_metadata(self, *args, **kwargs):
+    """PunicaWrapperCPU.update_metadata, then this forward's tokens grouped by adapter slot, once."""
+    _original_method("update_metadata")(self, *args, **kwargs)
+    _remember_token_groups(self)
+
+
+def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
+                    **kwargs):
+    """PunicaWrapperCPU.add_lora_linear: y[:, slice j] += scale * x A_j^T B_j^T per token's slot, fused."""
+    x = x.view(-1, x.shape[-1])
+    y_2d = y.view(-1, y.shape[-1])
+    token_count, groups = getattr(self, "_segmented_groups", (None, None))
+    if buffer is not None or x.shape[0] != token_count or y_2d.shape[0] != token_count:
+        # a caller-provided buffer, or rows that are not this forward's tokens: vLLM's method (with the ops above)
+        return _original_method("add_lora_linear")(self, y, x, lora_a_stacked, lora_b_stacked, scale,
+                                                   output_slices, buffer=buffer, **kwargs)
+    rank = lora_b_stacked[0].shape[-1]
+    for slot, rows in groups:
+        a_all = torch.cat([_slot_matrices(a)[slot] for a in lora_a_stacked]) if len(lora_a_stacked) > 1 \
+            else _slot_matrices(lora_a_stacked[0])[slot]
+        x_rows = x[rows]
+        if a_all.dtype != x.dtype:  # upstream's float32 buffer arithmetic
+            x_rows, a_all = x_rows.float(), a_all.float()
+        shrunk = x_rows @ a_all.t()
+        if scale != 1.0:
+            shrunk = shrunk.float().mul_(scale)
+        shrunk = shrunk.to(dtype=y_2d.dtype)
+        offset = 0
+        for index, (lora_b, size) in enumerate(zip(lora_b_stacked, output_slices)):
+            b_t = _slot_matrices(lora_b)[slot].to(dtype=y_2d.dtype).t()
+            columns = y_2d[:, offset:offset + size]
+            part = shrunk[:, index * rank:(index + 1) * rank]
+            if isinstance(rows, slice):
+                columns[rows].addmm_(part, b_t)
+            else:  # scattered rows: gather, compute, scatter back (activations only, never weights)
+                columns[rows] = torch.addmm(columns[rows], part, b_t)
+            offset += size
+    return None
+
+
+_PATCHED_METHODS = ("update_metadata", "add_lora_linear")
+_ORIGINAL_METHODS: dict = {}  # vLLM's own, saved by install()
+
+
+def _original_method(name: str):
+    if name in _ORIGINAL_METHODS:
+        return _ORIGINAL_METHODS[name]
+    import importlib
+
+    return getattr(importlib.import_module(_CPU_WRAPPER_MODULE).PunicaWrapperCPU, name)  # not installed yet
+
+
 def _upstream(name: str):
     from vllm.lora.ops.torch_ops import lora_ops
 
@@ -218,12 +287,18 @@ def register() -> None:
 
 
 def install() -> None:
-    """Point the CPU punica wrapper module's op names at the segmented ops (no checks: register() does them)."""
+    """Point the CPU punica wrapper module's op names at the segmented ops and its update_metadata /
+    add_lora_linear at the fused ones (no checks: register() does them)."""
     import importlib
 
     wrapper_module = importlib.import_module(_CPU_WRAPPER_MODULE)
     for name in PATCHED_NAMES:
         setattr(wrapper_module, name, globals()[name])
+    cls = wrapper_module.PunicaWrapperCPU
+    for name in _PATCHED_METHODS:
+        if getattr(cls, name) is not globals()[name]:
+            _ORIGINAL_METHODS[name] = getattr(cls, name)  # the class's own or the inherited one
+            setattr(cls, name, globals()[name])
     _state["patched"] = True
 
 
@@ -236,4 +311,6 @@ def uninstall() -> None:
     wrapper_module = importlib.import_module(_CPU_WRAPPER_MODULE)
     for name in PATCHED_NAMES:
         setattr(wrapper_module, name, getattr(lora_ops, name))
+    for name, original in _ORIGINAL_METHODS.items():
+        setattr(wrapper_module.PunicaWrapperCPU, name, original)
     _state["patched"] = False

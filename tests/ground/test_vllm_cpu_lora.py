@@ -151,6 +151,62 @@ def test_packed_linear_equals_upstream(seed, mix, prefill, add_inputs):
     close(run(segmented), run(upstream), dtype)
 
 
+def cpu_wrapper_for(slots: torch.Tensor, adapters: int, prefill: bool):
+    """A real PunicaWrapperCPU whose metadata vLLM's own update_metadata set for these token slots."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=128, max_batches=128, device="cpu")
+    lora_ids = tuple(int(s) + 1 for s in slots)  # adapter id k+1 sits in slot k; id 0 = no adapter
+    mapping = LoRAMapping(lora_ids, lora_ids, is_prefill=prefill)
+    PunicaWrapperBase.update_metadata(wrapper, mapping, list(range(1, adapters + 1)) + [None], adapters + 1,
+                                      vocab_size=1000)
+    return wrapper
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+@pytest.mark.parametrize("seed,mix", CASES)
+def test_fused_add_lora_linear_equals_upstream(seed, mix, prefill, restorable_wrapper):
+    """The fused add_lora_linear (one shrink GEMM for all slices, tokens grouped once per forward) against vLLM's
+    own add_lora_linear running vLLM's own ops, on packed (qkv, gate_up) and single-slice layers."""
+    gen = torch.Generator().manual_seed(300 + seed)
+    tokens = int(torch.randint(1, 64, (1,), generator=gen))
+    rank, adapters, width = [16, 8, 32][seed], 3, int(torch.randint(16, 120, (1,), generator=gen))
+    dtype = [torch.bfloat16, torch.float32, torch.bfloat16][seed]
+    slots = token_slots(mix, tokens, adapters, gen)
+    wrapper = cpu_wrapper_for(slots, adapters, prefill)
+    upstream_add_lora_linear = segmented._ORIGINAL_METHODS.get("add_lora_linear",
+                                                               restorable_wrapper.PunicaWrapperCPU.add_lora_linear)
+    segmented._remember_token_groups(wrapper)  # what the patched update_metadata adds
+    for out_slices in ([96, 32, 32], [150, 150], [40]):
+        x = torch.randn(tokens, width, generator=gen).to(dtype)
+        lora_as = tuple(stacked(adapters, rank, width, dtype, gen) for _ in out_slices)
+        lora_bs = tuple(stacked(adapters, size, rank, dtype, gen) for size in out_slices)
+        base = torch.randn(tokens, sum(out_slices), generator=gen).to(dtype)
+        expected, actual = base.clone(), base.clone()
+        upstream_add_lora_linear(wrapper, expected, x, lora_as, lora_bs, 1.0, tuple(out_slices))
+        segmented.add_lora_linear(wrapper, actual, x, lora_as, lora_bs, 1.0, tuple(out_slices))
+        close(actual, expected, dtype)
+        if mix != "all_none":
+            assert not torch.equal(actual, base)  # the LoRA delta did land
+
+
+def test_fused_add_lora_linear_falls_back_on_rows_it_was_not_told_about(restorable_wrapper):
+    """Rows that are not this forward's tokens (no grouping for them): vLLM's own method runs, same result."""
+    gen = torch.Generator().manual_seed(11)
+    slots = torch.tensor([0, 0, 1, 1, -1])
+    wrapper = cpu_wrapper_for(slots, 2, prefill=True)
+    segmented._remember_token_groups(wrapper)
+    wrapper._segmented_groups = (99, wrapper._segmented_groups[1])  # stale: another forward's token count
+    x = torch.randn(5, 24, generator=gen)
+    lora_a, lora_b = (stacked(2, 8, 24, torch.float32, gen),), (stacked(2, 40, 8, torch.float32, gen),)
+    expected, actual = torch.zeros(5, 40), torch.zeros(5, 40)
+    restorable_wrapper.PunicaWrapperCPU.add_lora_linear(wrapper, expected, x, lora_a, lora_b, 1.0, (40,))
+    segmented.add_lora_linear(wrapper, actual, x, lora_a, lora_b, 1.0, (40,))
+    torch.testing.assert_close(actual, expected)
+
+
 def test_no_adapter_tokens_get_no_delta_even_when_the_last_slot_is_occupied():
     """Upstream indexes slot -1 = the last slot; the segmented ops add nothing (assign zero) for -1 tokens."""
     gen = torch.Generator().manual_seed(5)
@@ -206,6 +262,8 @@ def restorable_wrapper(monkeypatch):
 
     for name in segmented.PATCHED_NAMES:
         monkeypatch.setattr(wrapper_module, name, getattr(upstream, name))
+    for name, original in segmented._ORIGINAL_METHODS.items():  # vLLM's own methods while the test runs
+        monkeypatch.setattr(wrapper_module.PunicaWrapperCPU, name, original)
     monkeypatch.setitem(segmented._state, "patched", False)
     return wrapper_module
 
@@ -220,12 +278,15 @@ def test_register_replaces_the_cpu_wrapper_ops(restorable_wrapper, monkeypatch):
     segmented.register()
     for name in segmented.PATCHED_NAMES:
         assert getattr(restorable_wrapper, name) is getattr(segmented, name)
+    assert restorable_wrapper.PunicaWrapperCPU.add_lora_linear is segmented.add_lora_linear
+    assert restorable_wrapper.PunicaWrapperCPU.update_metadata is segmented.update_metadata
 
 
 def test_environment_variable_turns_it_off(restorable_wrapper, monkeypatch):
     monkeypatch.setenv(segmented.ENV_SWITCH, "0")
     segmented.register()
     assert restorable_wrapper.bgmv_shrink is upstream.bgmv_shrink
+    assert restorable_wrapper.PunicaWrapperCPU.add_lora_linear is not segmented.add_lora_linear
 
 
 def test_untested_vllm_version_stays_off_with_one_log_line(restorable_wrapper, monkeypatch, caplog):

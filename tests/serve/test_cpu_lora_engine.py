@@ -73,22 +73,37 @@ def test_the_plugin_installed_the_segmented_ops(engine):
 
     for name in segmented.PATCHED_NAMES:
         assert getattr(wrapper_module, name) is getattr(segmented, name)
+    # and the fused per-layer path (tokens grouped once per forward, one shrink GEMM for all slices)
+    assert wrapper_module.PunicaWrapperCPU.add_lora_linear is segmented.add_lora_linear
+    assert wrapper_module.PunicaWrapperCPU.update_metadata is segmented.update_metadata
 
 
-def test_four_adapters_in_one_batch_equal_peft(engine, four_adapters, tiny_model_dir):
+def test_four_adapters_in_one_batch_equal_peft(engine, four_adapters, tiny_model_dir, monkeypatch):
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
+    import vllm.lora.punica_wrapper.punica_cpu as wrapper_module
+
+    import ground.vllm_cpu_lora as segmented
 
     dirs, answers = four_adapters
     prompt_ids = AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPT).input_ids
     requests = {seed: LoRARequest(f"adapter-{seed}", seed, str(dirs[seed])) for seed in dirs}
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, detokenize=False,
                             ignore_eos=False)
+    fused_calls = []  # the engine's LoRA layers must take the fused path, not fall back to vLLM's method
+    original_fused = segmented.add_lora_linear
+
+    def counted(wrapper, y, x, *args, **kwargs):
+        fused_calls.append(x.shape[0] == wrapper._segmented_groups[0])
+        return original_fused(wrapper, y, x, *args, **kwargs)
+
+    monkeypatch.setattr(wrapper_module.PunicaWrapperCPU, "add_lora_linear", counted)
     outputs = engine.generate([TokensPrompt(prompt_token_ids=prompt_ids)] * len(REQUEST_SEEDS), params,
                               lora_request=[requests.get(seed) for seed in REQUEST_SEEDS], use_tqdm=False)
 
+    assert fused_calls and all(fused_calls)
     distinct = {tuple(answers[seed]) for seed in answers}
     assert len(distinct) == len(answers)  # 4 adapters and the base answer differently: a mix-up would show
     peft_logprobs = {}
