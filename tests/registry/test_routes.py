@@ -8,6 +8,7 @@ import random
 import pytest
 
 from ground.errors import NotFoundError, RegistryError
+from registry import open_registry
 from registry.routes import Route, parse_weight_args
 from tests.synthetic_lora import write_lora
 
@@ -52,10 +53,14 @@ def test_route_set_show_clear(three_versions):
     ({}, r"at least one target"),
     ({"a/b": 100}, r"'a/b' .*neither an alias name nor a version number"),
 ])
-def test_route_weights_refused(three_versions, targets, message):
+def test_route_weights_refused(tmp_path, targets, message):
+    """Checked before either store is touched (the same code for both), so the local store is enough here."""
+    reg = open_registry(str(tmp_path / "store"), mirror_mlflow=False)
+    reg.publish(write_lora(tmp_path / "lora", rank=4, alpha=8), "ad", alias="prod")
+    reg.set_alias("ad", "canary", 1)
     with pytest.raises(RegistryError, match=message):
-        three_versions.set_route("ad", targets)
-    assert three_versions.get_route("ad") is None
+        reg.set_route("ad", targets)
+    assert reg.get_route("ad") is None
 
 
 def test_route_targets_must_resolve(three_versions):
