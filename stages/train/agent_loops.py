@@ -197,10 +197,12 @@ class BatchingEngine:
             outs = self.generate_many([ids for ids, _, _ in batch], [mt for _, mt, _ in batch])
         except Exception as exc:  # every waiting sample fails with the engine's error
             for _, _, future in batch:
-                future.set_exception(exc)
+                if not future.done():  # a sample cancelled meanwhile (another one failed) takes nothing
+                    future.set_exception(exc)
             return
         for (_, _, future), out in zip(batch, outs):
-            future.set_result(out)
+            if not future.done():
+                future.set_result(out)
 
 
 def agent_name_of(item: dict, default: str) -> str:

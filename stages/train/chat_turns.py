@@ -65,7 +65,9 @@ class ChatTurns:
         """
         if mode == "disable":
             return
-        actual, expected = _decode(self.tokenizer, ids), self.render(messages)
+        # a sample the length budget stopped before its first turn ends with the assistant header
+        expected = self.render(messages, add_generation_prompt=messages[-1]["role"] != "assistant")
+        actual = _decode(self.tokenizer, ids)
         tail = expected[len(actual):] if expected.startswith(actual) else None
         if tail is not None and not tail.replace(self.tokenizer.eos_token or "\0", "", 1).strip():
             return

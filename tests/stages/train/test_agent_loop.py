@@ -252,3 +252,11 @@ def test_tool_tokens_change_neither_loss_gradient_nor_advantages(tmp_path, token
             (l1, g1), (l2, g2) = results
             assert torch.allclose(l1, l2), (loss_mode, agg)
             assert torch.allclose(g1, g2) and not g1[tool].any(), (loss_mode, agg)
+
+
+def test_a_prompt_that_fills_the_budget_gives_an_empty_response_not_an_error(tmp_path, tokenizer):
+    engine = ScriptedEngine(tokenizer, [CALL])
+    out = run_agent_loops([{"messages": MESSAGES, "prompt_ids": [], "uid": "u", "extra_info": {}}], 1,
+                          cfg=_cfg(tmp_path), tokenizer=tokenizer, tools={}, generate_many=engine,
+                          response_length=50, max_model_len=5)[0][0]
+    assert out.response_ids == [] and engine.seen == []
