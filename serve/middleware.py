@@ -21,7 +21,9 @@ In order:
    is refused here (404 / 422, see serve/verified.py), and so are unknown or invalid references (the caller
    holds the key by now, so the 404 may list what exists; names are cut to 80 characters). Lookups run off the
    event loop with a deadline (serve/lookups.py): a registry that does not answer costs the requests that need
-   it a 503 after `--lookup-timeout`, while everything already resolved is served as before.
+   it a 503 after `--lookup-timeout`, while everything already resolved is served as before. A bare `NAME` with
+   a traffic route in the registry goes to the target the route picks for this caller (serve/routing.py), and,
+   when the route has a mirror, a copy of the request goes to the mirror in the background (serve/mirror.py).
 4. List what can be served. A successful `GET /v1/models` lists the base and every servable reference from the
    registry (every version, `NAME` and each alias); adapters vLLM still holds but the registry no longer has
    are left out, and so are vLLM's paths.
@@ -41,6 +43,8 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
                413: "RequestEntityTooLargeError", 422: "UnprocessableEntityError", 503: "ServiceUnavailableError"}
 FORM_ROUTES = ("/v1/audio/",)  # the only routes that read a form (multipart uploads); every other body is JSON
 COUNT_FIELDS = ("n", "best_of")  # completions generated per request: each costs a sequence in the batch
+# set in a pinned request's scope: {"adapter", "version", "route_target" ("" unless routed), "mirror" (or None)}
+ROUTED_KEY = "lora_pipeline.answered_by"
 
 
 class RequestRefused(Exception):
@@ -54,6 +58,7 @@ class RegistryRefMiddleware:
         from serve.access import AccessPolicy
         from serve.catalog import get_catalog
         from serve.lookups import RequestLookups
+        from serve.mirror import Mirror
         from serve.server import (DEFAULT_LOOKUP_TIMEOUT_S, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_N, ENV_LOOKUP_TIMEOUT,
                                   ENV_MAX_BODY_BYTES, ENV_MAX_N, ENV_RUN_DIR)
 
@@ -67,6 +72,10 @@ class RegistryRefMiddleware:
         self.max_n = int(os.environ.get(ENV_MAX_N) or DEFAULT_MAX_N)
         timeout_s = float(os.environ.get(ENV_LOOKUP_TIMEOUT) or DEFAULT_LOOKUP_TIMEOUT_S)
         self.lookups = RequestLookups(self.catalog, timeout_s) if self.catalog is not None else None
+        self.mirror = Mirror(app, self.lookups)  # a route's shadow traffic re-enters the app below this middleware
+        from serve.auto_rollback import start_from_env
+
+        self.auto_rollback = start_from_env(self.catalog)  # `--auto-rollback`: None unless it is on
 
     async def __call__(self, scope, receive, send):
         if self.catalog is None or scope["type"] not in ("http", "websocket", "lifespan"):
@@ -80,8 +89,12 @@ class RegistryRefMiddleware:
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})  # before accept: the handshake fails
             return await _error(send, *refusal)
-        if scope["type"] == "http" and scope["method"] in BODY_METHODS:
-            return await self._with_body(scope, receive, send)
+        from serve import version_metrics
+
+        if scope["type"] == "http" and scope["method"] in BODY_METHODS:  # counted per version once pinned
+            return await version_metrics.recorded(self._with_body, scope, receive, send, ROUTED_KEY)
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] in version_metrics.METRICS_PATHS:
+            return await version_metrics.with_version_metrics(self.app, scope, receive, send)
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/v1/models":
             return await self._extend_models(scope, receive, send)
         return await self.app(scope, receive, send)
@@ -113,6 +126,9 @@ class RegistryRefMiddleware:
             scope = dict(scope)
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
             scope["headers"].append((b"content-length", str(len(new_body)).encode()))
+        routed = scope.get(ROUTED_KEY)
+        if routed is not None and routed["mirror"]:  # after every refusal: a refused request is not mirrored
+            self.mirror.send(scope, json.loads(body), routed["adapter"], routed["mirror"])
         replay = [{"type": "http.request", "body": new_body, "more_body": False}]
         return await self.app(scope, _replay(replay, receive), send)
 
@@ -136,11 +152,26 @@ class RegistryRefMiddleware:
             return body, False
         from ground.errors import RegistryError
         from serve.resolver import error_status
+        from serve.routing import SESSION_HEADER, caller_key, choose, routed_name
 
         try:
-            resolved = await self.lookups.pin(model)  # off the event loop, with a deadline; stale while it is down
+            choice, name = None, routed_name(model)
+            route = await self.lookups.route(name) if name is not None else None  # off the loop, like aliases
+            if route is not None:
+                choice = choose(route, name, caller_key(data, _header(scope, SESSION_HEADER)))
+            # off the event loop, with a deadline; stale while the registry is down
+            resolved = await self.lookups.pin(choice.ref if choice else model)
         except RegistryError as exc:
+            known = self.catalog.last_known(choice.ref if choice else model)  # its version, when it was resolved
+            if choice is not None or known is not None:  # a refusal of a known version counts against it
+                scope[ROUTED_KEY] = {"adapter": known[0].name if known else name,
+                                     "version": known[0].version if known else None,
+                                     "route_target": choice.target if choice else "", "mirror": None}
             raise RequestRefused(int(error_status(exc)), str(exc)) from None
+        # what answers, for the per-version metrics and the mirror (the scope is this request's own: see caller)
+        scope[ROUTED_KEY] = {"adapter": resolved.name, "version": resolved.version,
+                             "route_target": choice.target if choice else "",
+                             "mirror": choice.mirror if choice else None}
         if resolved.ref == model:
             return body, False
         data["model"] = resolved.ref
