@@ -115,12 +115,17 @@ class Lifecycle:
         check_alias(alias)
         with self.store.locked(name):
             current = self.store.read_aliases(name).get(alias)
-            undone, target = 0, None
-            for event in reversed(self.history(name)):
+            moves: list[tuple[str, tuple]] = []  # (kind, (before, after)) of each real move, oldest first
+            for event in self.history(name):
                 move = event.alias_move(alias)
                 if move is None or move[0] == move[1]:
                     continue
-                if event.kind in ("rollback", "auto_rollback"):
+                if moves and moves[-1][1] == move and event.kind not in ("rollback", "auto_rollback"):
+                    continue  # one move recorded twice (an alias_set and the promote event that explains it)
+                moves.append((event.kind, move))
+            undone, target = 0, None
+            for kind, move in reversed(moves):
+                if kind in ("rollback", "auto_rollback"):
                     undone += 1
                 elif undone:
                     undone -= 1

@@ -96,6 +96,13 @@ def test_rollback_restores_the_previous_version(reg, lora):
         "rollback", {"alias": "prod", "version": 3}, {"alias": "prod", "version": 2}, "v3 is bad")
     assert reg.rollback("ad", "prod") == (2, 1)  # a second rollback goes further back, not forth again
     assert reg.resolve("ad@prod").version == 1
+    # a move recorded twice (alias_set, then a promote event explaining it) counts once: two rollbacks go two
+    # moves back, not one move back and then nowhere
+    reg.set_alias("ad", "prod", 3)
+    reg.set_alias("ad", "prod", 2, reason="promote")
+    reg.record_event("ad", "promote", before={"alias": "prod", "version": 3}, after={"alias": "prod", "version": 2})
+    assert reg.rollback("ad", "prod") == (2, 3)
+    assert reg.rollback("ad", "prod") == (3, 1)
 
 
 WRITER = textwrap.dedent("""
