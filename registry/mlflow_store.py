@@ -227,11 +227,12 @@ class MlflowStore(MlflowPublishing, MlflowLeftovers, Store):
 
     # ------------------------------------------------------------------------------------------- routes, history
     def _model_tags(self, name: str, what: str) -> dict[str, str]:
-        try:
-            model = self.server.get("registered-models/get", what, name=name)
-        except NotFoundError:
-            return {}
-        return _tags(model["registered_model"])
+        """The registered model's tags. A search by exact name, not registered-models/get: the server answers a
+        search with the latest version from one SQL query, while `get` loads every version of the model (the
+        route is read about once a second per server)."""
+        found = self.server.get("registered-models/search", what, filter=f"name='{name}'",
+                                max_results=1).get("registered_models", [])
+        return _tags(found[0]) if found and found[0].get("name") == name else {}
 
     def read_route(self, name: str) -> dict | None:
         text = self._model_tags(name, f"reading the route of {name}").get(ROUTE_TAG)
