@@ -156,8 +156,10 @@ main.add_command(data_group)
 main.add_command(algorithms_cmd)
 
 from registry.cli import registry_cli  # noqa: E402
+from registry.cli_lifecycle import rollback_cmd  # noqa: E402
 
 main.add_command(registry_cli)
+main.add_command(rollback_cmd)
 
 from serve.cli import serve_cmd  # noqa: E402
 

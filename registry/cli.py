@@ -1,4 +1,5 @@
-"""`pipeline registry ...`: publish, list, show, alias, verify, delete, import, export, push, copy, cleanup."""
+"""`pipeline registry ...`: publish, list, show, alias, verify, delete, import, export, push, copy, cleanup; route,
+history and gc come from registry/cli_lifecycle.py."""
 
 from __future__ import annotations
 
@@ -7,23 +8,8 @@ import json
 import click
 
 from ground.errors import RegistryError
+from registry.cli_open import open_from_context as _open
 from registry.refs import check_version, parse_ref
-
-
-def _open(ctx: click.Context):
-    """Open the registry once per command, with the group's --registry / --config / --mlflow-tracking-uri."""
-    if "registry" not in ctx.obj:
-        from registry import open_registry
-
-        uri, tracking = ctx.obj["uri"], ctx.obj["tracking"]
-        if ctx.obj["config"]:
-            from config import load_config
-
-            cfg = load_config(ctx.obj["config"], [])
-            uri = uri or cfg.registry.uri
-            tracking = tracking or cfg.trainer.mlflow_tracking_uri
-        ctx.obj["registry"] = open_registry(uri, mlflow_tracking_uri=tracking)
-    return ctx.obj["registry"]
 
 
 def _tags(pairs) -> dict[str, str]:
@@ -286,3 +272,9 @@ def cleanup(ctx, older_than):
     for line in lines:
         click.echo(f"  {line}")
     click.echo(f"cleanup of {reg.uri}: {len(lines)} leftover(s) handled")
+
+
+# route set|show|clear, history, gc: registry/cli_lifecycle.py (the top-level `pipeline rollback` lives there too)
+from registry.cli_lifecycle import add_lifecycle_commands  # noqa: E402
+
+add_lifecycle_commands(registry_cli)
