@@ -43,6 +43,9 @@ class AgentLoopOutput:
     tool_calls: int = 0
     tool_errors: int = 0
     messages: list[dict] = field(default_factory=list)
+    # each tool's final `calc_reward` for the sample, by tool name; the reward function reads it as
+    # extra_info["rollout_reward_scores"] (verl's key; verl does not add it to the score by itself)
+    tool_rewards: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,9 +164,13 @@ class ToolAgentLoop(AgentLoopBase):
                 messages.extend(tool_messages)
                 user_turns += 1
                 out.num_turns += 1
+            for name, tool in ctx.tools.items():  # verl: calc_reward once the sample ends, then release
+                calc_kwargs = (kwargs_by_tool.get(name) or {}).get("calc_reward_kwargs", {})
+                out.tool_rewards[name] = float(await _maybe_await(tool.calc_reward(instance_ids[name], **calc_kwargs)))
         finally:
             for name, tool in ctx.tools.items():
-                await _maybe_await(tool.release(instance_ids[name]))
+                release_kwargs = (kwargs_by_tool.get(name) or {}).get("release_kwargs", {})
+                await _maybe_await(tool.release(instance_ids[name], **release_kwargs))
         turns.check(messages, prompt + out.response_ids, mt.tokenization_sanity_check_mode)
         return out
 

@@ -81,7 +81,7 @@ def flatten_agent_outputs(items: list[dict], outputs: list[list]) -> Rollout:
             r.response_masks.append(list(out.response_mask))
             r.turn_rewards.append(list(out.turn_rewards))
             r.agent_stats.append({"num_turns": out.num_turns, "tool_calls": out.tool_calls,
-                                  "tool_errors": out.tool_errors})
+                                  "tool_errors": out.tool_errors, "tool_rewards": dict(out.tool_rewards)})
     return r
 
 

@@ -120,8 +120,12 @@ class Trainer:
     def _score(self, r: Rollout) -> None:
         # the model's own tokens: a tool's output (a calculator's result) must not earn the reward
         texts = self.tokenizer.batch_decode(r.model_token_ids(), skip_special_tokens=True)
+        extra_infos = [it["extra_info"] for it in r.items]
+        if r.agent_stats:  # verl's keys: the turn count and each tool's final calc_reward, per sample
+            extra_infos = [{**(info or {}), "num_turns": s["num_turns"], "rollout_reward_scores": s["tool_rewards"]}
+                           for info, s in zip(extra_infos, r.agent_stats)]
         results = self.reward_fn([it["data_source"] for it in r.items], texts,
-                                 [it["ground_truth"] for it in r.items], [it["extra_info"] for it in r.items])
+                                 [it["ground_truth"] for it in r.items], extra_infos)
         r.scores = [float(x["score"]) for x in results]
         r.accs = [x.get("acc") for x in results]
         if self.cfg.reward_model.overlong_buffer.enable:
