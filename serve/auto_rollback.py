@@ -202,9 +202,9 @@ class AutoRollback:
     def _check_name(self, name: str, samples: list[Sample], now: float) -> Breach | None:
         from ground.errors import RegistryError
 
-        candidates = {s.target for s in samples}
-        if len([s for s in samples]) < self.settings.min_requests:
+        if len(samples) < self.settings.min_requests:
             return None
+        candidates = {s.target for s in samples}
         try:
             route = self.registry.get_route(name)  # the registry's route now, not a cached one: we write it back
         except RegistryError as exc:

@@ -1,4 +1,5 @@
-"""`pipeline serve`: one OpenAI-compatible endpoint for a base model and every adapter in the registry."""
+"""`pipeline serve`: one OpenAI-compatible endpoint for a base model and every adapter in the registry;
+`pipeline serve status`: what each adapter version of a running server answered (serve/version_metrics.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import click
 
 from config.serve_schema import ServeConfig
 
+from serve.auto_rollback import RolloutSettings
 from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, MAX_CPU_LORAS_CAP
 from serve.server import DEFAULT_LOOKUP_TIMEOUT_S, DEFAULT_MAX_N, ENV_LOOKUP_TIMEOUT, request_limits_env
 
 
-@click.command("serve")
+ROLLOUT_DEFAULTS = RolloutSettings()  # the same defaults as serve.rollout.* (a test holds them equal)
+
+
+@click.group("serve", invoke_without_command=True)
 @click.option("--registry", "registry_uri", default=None,
               help="Registry: a folder, file:///path or mlflow+http(s)://HOST:PORT (default: $PIPELINE_REGISTRY, "
                    "then ./registry-store).")
@@ -59,18 +64,39 @@ from serve.server import DEFAULT_LOOKUP_TIMEOUT_S, DEFAULT_MAX_N, ENV_LOOKUP_TIM
 @click.option("--max-replicas", default=None, type=click.IntRange(1))
 @click.option("--target-ongoing-requests", default=None, type=click.FloatRange(0.01),
               help="Autoscaling target of requests in flight per replica.")
-def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
+@click.option("--auto-rollback", is_flag=True,
+              help="Take a route's candidate out of the route (weight 0, recorded in the registry's history) when it "
+                   "breaches the error rate or latency ratio below (config: serve.rollout.*).")
+@click.option("--rollout-window-s", default=ROLLOUT_DEFAULTS.window_s, show_default=True,
+              type=click.FloatRange(0, min_open=True), help="Sliding window of --auto-rollback, in seconds.")
+@click.option("--rollout-min-requests", default=ROLLOUT_DEFAULTS.min_requests, show_default=True,
+              type=click.IntRange(1), help="Answers a candidate needs in the window before it is judged.")
+@click.option("--rollout-max-error-rate", default=ROLLOUT_DEFAULTS.max_error_rate, show_default=True,
+              type=click.FloatRange(0, 1), help="Largest share of 4xx/5xx answers a candidate may give.")
+@click.option("--rollout-max-latency-ratio", default=ROLLOUT_DEFAULTS.max_latency_ratio, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Largest p90 end-to-end time of a candidate over the heaviest target's.")
+@click.pass_context
+def serve_cmd(ctx, registry_uri, base, host, port, api_key, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
               kv_cache_gib, dtype, served_name, alias_ttl, max_body_mb, replicas, ray_address, routing, min_replicas,
-              max_replicas, target_ongoing_requests, lora_cache_gib, lookup_timeout, max_n):
+              max_replicas, target_ongoing_requests, lora_cache_gib, lookup_timeout, max_n, auto_rollback,
+              rollout_window_s, rollout_min_requests, rollout_max_error_rate, rollout_max_latency_ratio):
     """Serve the base model and the registry's adapters behind one OpenAI-compatible endpoint.
 
-    A request's `model` may be the base model's name, NAME (latest version), NAME@7 or NAME@ALIAS. Stop with
-    Ctrl-C; the server and its engine processes are shut down and their shared memory removed.
+    A request's `model` may be the base model's name, NAME (latest version; a route's pick when NAME has one),
+    NAME@7 or NAME@ALIAS. Stop with Ctrl-C; the server and its engine processes are shut down and their shared
+    memory removed. `pipeline serve status` shows what a running server answered per adapter version.
     """
+    if ctx.invoked_subcommand is not None:  # `pipeline serve status ...`: the subcommand alone runs
+        return
     from ground.errors import StageError
+    from serve.auto_rollback import rollout_env
     from serve.server import start_server
     from ground.base_model import resolve_model_path
 
+    rollout = rollout_env(RolloutSettings(
+        window_s=rollout_window_s, min_requests=rollout_min_requests, max_error_rate=rollout_max_error_rate,
+        max_latency_ratio=rollout_max_latency_ratio) if auto_rollback else None)
     base_dir = resolve_model_path(base)
     autoscaling = {k: v for k, v in [("min_replicas", min_replicas), ("max_replicas", max_replicas),
                                      ("target_ongoing_requests", target_ongoing_requests)] if v is not None}
@@ -82,7 +108,8 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
             autoscaling=autoscaling, host=host, port=port, api_key=api_key, max_loras=max_loras,
             max_cpu_loras=max_cpu_loras, lora_cache_gib=lora_cache_gib, max_lora_rank=max_lora_rank,
             max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name,
-            alias_ttl_s=alias_ttl, max_body_mb=max_body_mb, request_limits=request_limits_env(lookup_timeout, max_n)))
+            alias_ttl_s=alias_ttl, max_body_mb=max_body_mb,
+            request_limits={**request_limits_env(lookup_timeout, max_n), **rollout}))
         return
     # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C, also while the server starts
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -91,7 +118,7 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
                               max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
                               kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl,
                               max_body_mb=max_body_mb, lora_cache_gib=lora_cache_gib,
-                              lookup_timeout_s=lookup_timeout, max_n=max_n)
+                              lookup_timeout_s=lookup_timeout, max_n=max_n, env=rollout)
     except KeyboardInterrupt:  # start_server already stopped the half-started server
         signal.signal(signal.SIGTERM, previous)
         click.echo("interrupted while starting; the server was stopped", err=True)
@@ -109,6 +136,40 @@ def serve_cmd(registry_uri, base, host, port, api_key, max_loras, max_cpu_loras,
     if died_with is not None:
         raise StageError(f"The vLLM server exited on its own with code {died_with}; last lines of "
                          f"{handle.log_path}:\n{handle.log_tail()}")
+
+
+@serve_cmd.command("status")
+@click.option("--url", default="http://127.0.0.1:8000/v1", show_default=True,
+              help="The server's address (its OpenAI base URL or its root).")
+@click.option("--api-key", default=None, envvar=["PIPELINE_SERVE_API_KEY", "VLLM_API_KEY"],
+              help="The server's key (or $PIPELINE_SERVE_API_KEY); /metrics needs it when the server has one.")
+def status_cmd(url, api_key):
+    """One line per adapter version and route target: requests, error rate, p50/p90 TTFT and end-to-end time,
+    tokens, since the server started (its /metrics)."""
+    from serve.version_metrics import fetch_metrics_text, stats_from_text
+
+    stats = stats_from_text(fetch_metrics_text(url, api_key), by_route_target=True)
+    if not stats:
+        click.echo(f"no adapter requests answered yet by {url}")
+        return
+    click.echo(status_table(stats))
+
+
+def status_table(stats: dict) -> str:
+    """The `serve status` table from stats_from_text(..., by_route_target=True)."""
+    def secs(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    header = ("ADAPTER", "VERSION", "ROUTE TARGET", "REQUESTS", "ERRORS", "ERROR RATE", "TTFT P50", "TTFT P90",
+              "E2E P50", "E2E P90", "PROMPT TOK", "COMPL TOK")
+    rows = [header]
+    for (adapter, version, target), s in sorted(stats.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        rows.append((adapter, "?" if version is None else str(version), target or "-", str(s.requests),
+                     str(s.errors), f"{s.error_rate:.1%}", secs(s.ttft_p50),
+                     secs(s.ttft_p90), secs(s.e2e_p50), secs(s.e2e_p90), str(s.prompt_tokens),
+                     str(s.completion_tokens)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _serve_replicated(start) -> None:

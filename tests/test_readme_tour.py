@@ -18,11 +18,14 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def cli_commands(group: click.Group = main, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
-    """Every command path that runs something (groups are walked, not listed)."""
+    """Every command path that runs something (groups are walked, not listed, unless they run on their own:
+    `pipeline serve` serves, `pipeline serve status` reads a server)."""
     out = set()
     for name, command in group.commands.items():
         if isinstance(command, click.Group):
             out |= cli_commands(command, prefix + (name,))
+            if command.invoke_without_command:
+                out.add(prefix + (name,))
         else:
             out.add(prefix + (name,))
     return out
