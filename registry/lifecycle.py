@@ -20,7 +20,10 @@ class Lifecycle:
     # ------------------------------------------------------------------------------------------- history
     def history(self, name: str) -> list[Event]:
         """Every recorded alias move, route change, promotion and rollback of `name`, oldest first."""
-        return [Event.from_dict(d) for d in self.store.read_events(check_name(name)) if isinstance(d, dict)]
+        events = [Event.from_dict(d) for d in self.store.read_events(check_name(name)) if isinstance(d, dict)]
+        if not events and self.store.latest_version(name) is None:
+            raise self._no_adapter(name)  # a misspelt name says so instead of showing an empty history
+        return events
 
     def record_event(self, name: str, kind: str, *, before, after, reason: str = "",
                      figures: dict | None = None) -> Event:

@@ -77,6 +77,8 @@ def test_refused_events_and_moves_record_nothing(reg, lora):
     with pytest.raises(NotFoundError):
         reg.record_event("nobody", "promote", before=None, after=None)
     assert reg.history("ad") == []
+    with pytest.raises(NotFoundError, match=r"Adapter `nobody` does not exist .*it holds: ad"):
+        reg.history("nobody")
 
 
 def test_rollback_restores_the_previous_version(reg, lora):
