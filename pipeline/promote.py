@@ -172,7 +172,8 @@ def promote(reg, name: str, candidate_ref: str, to: str, *, evaluator, data: str
 @click.option("--registry", "registry_uri", default=None, metavar="URI",
               help="Registry (a folder or mlflow+http://HOST:PORT; default $PIPELINE_REGISTRY, else ./registry-store).")
 @click.option("--url", default=None, help="A running server's URL: also gate on its per-version metrics.")
-@click.option("--api-key", default=None, envvar="PIPELINE_API_KEY", help="The server's API key (for /metrics).")
+@click.option("--api-key", default=None, envvar=["PIPELINE_SERVE_API_KEY", "VLLM_API_KEY"],
+              help="The server's API key for /metrics (or $PIPELINE_SERVE_API_KEY).")
 @click.option("--min-requests", type=int, default=100, show_default=True,
               help="Requests each version must have served (online gate).")
 @click.option("--max-error-rate-delta", type=float, default=0.01, show_default=True,
