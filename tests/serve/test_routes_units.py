@@ -5,6 +5,7 @@ ASGI app. The real server with the `openai` client: tests/serve/test_routes.py a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import threading
 import time
@@ -101,6 +102,9 @@ def test_a_route_change_is_seen_after_the_ttl_and_the_last_route_serves_while_th
     asyncio.run(scenario())
 
 
+CALLERS_REQUEST = contextvars.ContextVar("callers_request")  # stands for Ray Serve's request context
+
+
 class SlowApp:
     """An ASGI app that answers after `delay_s`, recording what it was sent."""
 
@@ -109,10 +113,12 @@ class SlowApp:
         self.status = status
         self.seen: list[tuple[dict, dict]] = []
         self.disconnects = 0
+        self.contexts: list = []
 
     async def __call__(self, scope, receive, send):
         body = json.loads((await receive())["body"])
         self.seen.append((scope, body))
+        self.contexts.append(CALLERS_REQUEST.get(None))
         listen = asyncio.create_task(receive())  # as vLLM does: a disconnect would abort the request
         await asyncio.sleep(self.delay_s)
         if listen.done():
@@ -140,6 +146,7 @@ def test_a_mirror_copy_returns_at_once_and_reports_its_outcome():
              "headers": [(b"content-length", b"99"), (b"x-request-id", b"r1"), (b"authorization", b"Bearer k")]}
 
     async def scenario():
+        CALLERS_REQUEST.set("request-1")
         started = time.monotonic()
         for _ in range(3):  # the third is over the limit: dropped, not queued
             mirror.send(scope, {"model": "alpha", "prompt": "hi", "user": "u"}, "alpha", "canary")
@@ -151,6 +158,7 @@ def test_a_mirror_copy_returns_at_once_and_reports_its_outcome():
     assert (mirror.sent, mirror.dropped) == (2, 1)
     assert [body["model"] for _, body in app.seen] == ["alpha@2", "alpha@2"]
     assert app.disconnects == 0
+    assert app.contexts == [None, None]  # the copy is no part of the caller's request (its ids, its lifetime)
     headers = dict(app.seen[0][0]["headers"])
     assert b"x-request-id" not in headers and headers[b"authorization"] == b"Bearer k"
     assert int(headers[b"content-length"]) == len(json.dumps({**app.seen[0][1]}).encode())
