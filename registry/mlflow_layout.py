@@ -35,6 +35,11 @@ ROUTE_TAG, HISTORY_TAG_PREFIX = "pipeline.route", "pipeline.history."
 TAG_VALUE_MAX = 5000
 STALE_UPLOAD_S = 6 * 3600  # an upload run of another host (whose pid we cannot check) older than this is dead
 CLEANUP_EVERY_S = 60.0
+# Set on an upload run just before its create_model_version request. A writer killed after sending that request
+# may still get its version: the server finishes a request whose client died. Cleanup leaves such an upload alone
+# for this long, so that it never removes the files of a version about to appear.
+CREATING_TAG = "pipeline.creating_since"
+CREATE_GRACE_S = 120.0
 CREATE_ATTEMPTS = 8
 MLFLOW_TAG_KEY = re.compile(r"[\w\-./ ]{1,250}")
 FILES = (*PAYLOAD, METADATA, MANIFEST)

@@ -10,7 +10,8 @@ from urllib.parse import urlparse
 from ground.errors import NotFoundError
 from ground.processes import pid_alive
 from registry.local import HOST
-from registry.mlflow_layout import EXPERIMENT, RETIRED_TAG, STALE_UPLOAD_S, STATE_TAG, tags_of
+from registry.mlflow_layout import (CREATE_GRACE_S, CREATING_TAG, EXPERIMENT, RETIRED_TAG, STALE_UPLOAD_S, STATE_TAG,
+                                    tags_of)
 
 
 class MlflowLeftovers:
@@ -52,6 +53,13 @@ class MlflowLeftovers:
             dead = tags.get("pipeline.host") == HOST and pid.isdigit() and int(pid) != os.getpid() \
                 and not pid_alive(int(pid))
             age_s = (now_ms - int(info.get("start_time") or now_ms)) / 1000
+            creating_s = now_ms / 1000 - float(tags.get(CREATING_TAG) or "-inf")
+            if dead and creating_s < CREATE_GRACE_S and age_s <= limit:
+                # its create_model_version may still be running on the server: removing the files now could
+                # leave a version without them
+                lines.append(f"upload {info['run_id']} of {name}: writer gone, {creating_s:.0f} s after it asked for "
+                             f"its version; left for a cleanup once {CREATE_GRACE_S:.0f} s have passed")
+                continue
             if dead or age_s > limit:
                 path = urlparse(info["artifact_uri"]).path.strip("/")
                 try:

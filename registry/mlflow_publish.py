@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from ground.errors import NotFoundError, RegistryError
 from registry.integrity import MANIFEST, METADATA
 from registry.local import HOST
 from registry.mlflow_http import ApiError, ServerUnavailableError
-from registry.mlflow_layout import (CLEANUP_EVERY_S, CREATE_ATTEMPTS, EXPERIMENT, FILES, FORMAT_TAG, MANIFEST_TAG,
+from registry.mlflow_layout import (CLEANUP_EVERY_S, CREATE_ATTEMPTS, CREATING_TAG, EXPERIMENT, FILES, FORMAT_TAG, MANIFEST_TAG,
                                     METADATA_TAG, MODEL_TAG, MODEL_TAG_VALUE, PATH_TAG, RETIRED_TAG, STATE_TAG,
                                     TAG_VALUE_MAX, browse_tags)
 
@@ -151,6 +150,8 @@ class MlflowPublishing:
         tags = {**browse_tags(metadata), FORMAT_TAG: "1", MANIFEST_TAG: manifest_text, PATH_TAG: art}
         if len(metadata_text) <= TAG_VALUE_MAX:
             tags[METADATA_TAG] = metadata_text
+        self.server.post("runs/set-tag", f"publishing {name}", {"run_id": run_id, "key": CREATING_TAG,
+                                                                 "value": f"{time.time():.3f}"}, idempotent=True)
         version = self._create_version(name, run_id, art, tags, str(metadata.get("tags", {}).get("description", "")))
         try:
             self._finish_upload(run_id, version)
