@@ -10,6 +10,7 @@ import logging
 
 from config import Config
 from ground.logs import console_log
+from stages.train.tools.lineage import multi_turn_lineage
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dic
         "steps": train.get("steps"),
         "decision": evaluation.get("decision"),
     }
+    multi_turn = multi_turn_lineage(cfg.actor_rollout_ref.rollout.multi_turn)
+    if multi_turn:  # the tools (names, schemas) and multi_turn settings the adapter learned to call
+        lineage["multi_turn"] = multi_turn
     parent = None
     start = train.get("start_adapter") or {}
     if start.get("ref"):  # trained from a registry version: the reference as configured and the version pinned
