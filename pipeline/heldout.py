@@ -82,10 +82,11 @@ class HeldoutEvaluator:
         self.base_dir = str(base_dir)
         self.max_model_len = max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-        # On CPU the fraction reserves that share of the machine's memory for the KV cache, and vLLM refuses to
-        # start when that much is not free: 3% (0.7 GiB of 24) holds a few hundred prompts of a small model and
-        # still starts beside a running server and training.
-        rollout_cfg = dict(load_format="safetensors", gpu_memory_utilization=0.03, tensor_model_parallel_size=1,
+        # On CPU the fraction is the share of the machine's memory the engine may use (weights, activations and
+        # KV cache), and vLLM refuses to start when that much is not free: 0.1 (2.4 GiB of 24) failed to start
+        # beside other engines here, 0.03 left the tiny model no KV cache; 0.06 (1.4 GiB) holds a few hundred
+        # prompts of a small model.
+        rollout_cfg = dict(load_format="safetensors", gpu_memory_utilization=0.06, tensor_model_parallel_size=1,
                            dtype="auto", enforce_eager=True, max_num_seqs=64, max_lora_rank=None)
         self.engine = RolloutEngine(self.base_dir, rollout_cfg, lora_rank=max_rank, max_model_len=max_model_len,
                                     seed=seed, sync_mode="adapter")
