@@ -21,6 +21,16 @@ class PublishConfig(Section):
     tags: dict[str, str] = Field(default_factory=dict)
     min_improvement: float = 0.0  # publish only if adapter reward - base reward > this
     force: bool = False
+    # Set (1-99): the new version gets `alias` (e.g. canary) and the name's route becomes prod=100-w alias=w, so
+    # it takes w% of the bare name's traffic until `pipeline promote` or a rollback; no `prod` alias: alias only.
+    canary_weight: Optional[int] = Field(default=None, ge=1, le=99)
+
+    @model_validator(mode="after")
+    def _canary_needs_alias(self):
+        if self.canary_weight is not None and self.alias in (None, "prod"):
+            raise ValueError(f"publish.canary_weight={self.canary_weight} routes that share of traffic to "
+                             f"publish.alias, which is {self.alias!r}; set publish.alias=canary (any alias but prod)")
+        return self
 
 
 class AutoscalingConfig(Section):

@@ -2,6 +2,11 @@
 
 Idempotent per pipeline run: a resumed run whose earlier attempt already stored a version (and then died
 before the manifest said so) finds it by its `run_id` lineage and does not publish twice.
+
+As a canary (`publish.alias=canary publish.canary_weight=10`): the new version gets the alias and the name's
+route becomes `prod=90 canary=10`, so a tenth of the bare name's traffic reaches it until `pipeline promote`
+moves prod to it (or a rollback takes it out). Without a `prod` alias there is nothing to split against: the
+alias is set, and the log says why no route was.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from ground.logs import console_log
 from stages.train.tools.lineage import multi_turn_lineage
 
 log = logging.getLogger(__name__)
+
+STABLE_ALIAS = "prod"  # the alias a canary shares its name's traffic with
 
 
 def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dict,
@@ -31,7 +38,7 @@ def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dic
                 log.info("Run %s already published %s; not publishing again", run_id, version.ref)
                 if cfg.publish.alias:
                     reg.set_alias(name, cfg.publish.alias, version.version)
-                return _outputs(version, reg, cfg)
+                return _outputs(version, reg, cfg, _canary_route(reg, cfg))
     lineage = {
         "run_id": run_id,
         "mlflow_run_id": train.get("mlflow_run_id"),
@@ -42,6 +49,12 @@ def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dic
         "base_model": cfg.actor_rollout_ref.model.path,
         "steps": train.get("steps"),
         "decision": evaluation.get("decision"),
+        # what `pipeline promote`'s held-out gate needs to score this version as its training's validation did
+        "reward": {"scorer": cfg.reward_model.scorer,
+                   "custom_reward_function": ({"path": cfg.custom_reward_function.path,
+                                               "name": cfg.custom_reward_function.name}
+                                              if cfg.custom_reward_function.path else None)},
+        "max_response_length": cfg.data.max_response_length,
     }
     multi_turn = multi_turn_lineage(cfg.actor_rollout_ref.rollout.multi_turn)
     if multi_turn:  # the tools (names, schemas) and multi_turn settings the adapter learned to call
@@ -60,10 +73,30 @@ def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dic
         alias=cfg.publish.alias, tags=dict(cfg.publish.tags), lineage=lineage, metrics=metrics,
         parent_version=parent,
     )
-    return _outputs(version, reg, cfg)
+    return _outputs(version, reg, cfg, _canary_route(reg, cfg))
 
 
-def _outputs(version, reg, cfg: Config) -> dict:
+def _canary_route(reg, cfg: Config) -> str | None:
+    """With publish.canary_weight: route the name prod=100-w ALIAS=w; returns the route as text (None: none)."""
+    weight, alias, name = cfg.publish.canary_weight, cfg.publish.alias, cfg.publish.name
+    if weight is None:
+        return None
+    if STABLE_ALIAS not in reg.aliases(name):
+        console_log("Published as `%s@%s` without a traffic split: `%s` has no `%s` alias to split against "
+                    "(publish.canary_weight=%d). Point `%s` at a version (pipeline registry alias set %s %s V) "
+                    "and set the route with `pipeline registry route set %s %s=%d %s=%d`.", name, alias, name,
+                    STABLE_ALIAS, weight, STABLE_ALIAS, name, STABLE_ALIAS, name, STABLE_ALIAS, 100 - weight,
+                    alias, weight)
+        return None
+    route = reg.set_route(name, {STABLE_ALIAS: 100 - weight, alias: weight},
+                          reason=f"publish.canary_weight={weight}: the new version takes {weight}% as `{alias}`")
+    text = " ".join(f"{target}={w}" for target, w in route.targets)
+    console_log("Route of `%s`: %s (a canary; `pipeline promote %s --candidate %s --to %s` when it holds up)",
+                name, text, name, alias, STABLE_ALIAS)
+    return text
+
+
+def _outputs(version, reg, cfg: Config, route: str | None = None) -> dict:
     return {
         "published": True,
         "ref": version.ref,
@@ -72,4 +105,5 @@ def _outputs(version, reg, cfg: Config) -> dict:
         "alias": cfg.publish.alias,
         "path": str(version.path),
         "registry": reg.uri,
+        "route": route,
     }
