@@ -51,6 +51,21 @@ class AutoscalingConfig(Section):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class RolloutConfig(Section):
+    """Automatic rollback of a route's candidates while serving (serve/auto_rollback.py). Off by default: it writes
+    to the registry, which a server otherwise only reads."""
+
+    auto_rollback: bool = False
+    # the sliding window the figures are taken over, and the answers a candidate needs in it before it is judged
+    # (20 at a 10% canary is ~200 requests: few enough to stop a broken version early, enough that one unlucky
+    # error is not 5%)
+    window_s: float = Field(default=60.0, gt=0)
+    min_requests: int = Field(default=20, ge=1)
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)  # 4xx + 5xx answers of the candidate, 0..1
+    # the candidate's p90 end-to-end time over the heaviest target's (2xx answers only)
+    max_latency_ratio: float = Field(default=2.0, gt=0)
+
+
 class ServeConfig(Section):
     enable: bool = False  # end the pipeline by serving what it published
     # above 1 (or with autoscaling / a Ray address): N vLLM replicas on Ray Serve behind one endpoint
@@ -71,6 +86,7 @@ class ServeConfig(Section):
     # False: start the server, check that the published adapter answers one request, stop it (a smoke test
     # of what was published). True: keep serving in the foreground until Ctrl-C.
     keep_running: bool = False
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     REFUSED_VERL_KEYS: ClassVar[dict[str, str]] = {
         "gpu_memory_utilization": "the server sizes vLLM's KV cache in GiB, which overrides a memory fraction; "

@@ -24,9 +24,10 @@ def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path)
         return {"served": False, "reason": "nothing was published"}
     from openai import OpenAI
 
-    from serve.server import start_server
+    from serve.server import request_limits_env, start_server
 
     s = cfg.serve
+    rollout = rollout_environment(cfg)
     max_len = cfg.data.max_prompt_length + cfg.data.max_response_length
     registry_uri = published.get("registry") or cfg.registry.uri
     if s.replicas > 1 or s.autoscaling.as_dict() or s.ray_address:
@@ -36,13 +37,14 @@ def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path)
             staged["model_dir"], registry_uri, replicas=s.replicas, ray_address=s.ray_address, routing=s.routing,
             autoscaling=s.autoscaling.as_dict(), host=s.host, port=s.port, api_key=s.api_key,
             max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, lora_cache_gib=s.lora_cache_gib,
-            kv_cache_gib=s.kv_cache_gib, max_model_len=max(256, max_len))
+            kv_cache_gib=s.kv_cache_gib, max_model_len=max(256, max_len),
+            request_limits={**request_limits_env(), **rollout})
     else:
         handle = start_server(
             staged["model_dir"], registry_uri=registry_uri, host=s.host, port=s.port,
             api_key=s.api_key, max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, lora_cache_gib=s.lora_cache_gib,
             kv_cache_gib=s.kv_cache_gib, max_model_len=max(256, max_len),
-            log_path=stage_dir / "server.log",
+            log_path=stage_dir / "server.log", env=rollout,
         )
     with handle:
         client = OpenAI(base_url=handle.url, api_key=s.api_key or "none", max_retries=0, timeout=120)
@@ -67,3 +69,14 @@ def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path)
             except KeyboardInterrupt:
                 log.info("Stopping the server")
     return outputs
+
+
+def rollout_environment(cfg: Config) -> dict[str, str]:
+    """`serve.rollout.*` as the serving process's environment: with `auto_rollback` on, the server's own watcher
+    takes a failing canary out of its route (serve/auto_rollback.py); empty when it is off."""
+    from serve.auto_rollback import RolloutSettings, rollout_env
+
+    r = cfg.serve.rollout
+    return rollout_env(RolloutSettings(window_s=r.window_s, min_requests=r.min_requests,
+                                       max_error_rate=r.max_error_rate, max_latency_ratio=r.max_latency_ratio)
+                       if r.auto_rollback else None)

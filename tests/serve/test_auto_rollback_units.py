@@ -121,3 +121,26 @@ def test_the_watcher_rolls_back_once_with_the_event_in_history(tmp_path, caplog)
     assert events[0].figures["errors"] == 5 and events[0].figures["versions"] == [2]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "route of ad set to prod=100 canary=0" in warnings[0].getMessage()
+
+
+def test_the_serve_stage_passes_the_rollout_keys(monkeypatch):
+    """`serve.rollout.*` reach the server's environment only with `auto_rollback` on, every value as set."""
+    from config.loader import load_config
+    from stages.serve_stage import rollout_environment
+
+    assert rollout_environment(load_config(None, [])) == {}
+    cfg = load_config(None, ["serve.rollout.auto_rollback=true", "serve.rollout.window_s=12",
+                             "serve.rollout.min_requests=7", "serve.rollout.max_error_rate=0.5",
+                             "serve.rollout.max_latency_ratio=3"])
+    for key, value in rollout_environment(cfg).items():
+        monkeypatch.setenv(key, value)
+    assert settings_from_env() == RolloutSettings(window_s=12, min_requests=7, max_error_rate=0.5,
+                                                  max_latency_ratio=3)
+
+
+def test_the_cli_and_the_config_have_the_same_defaults():
+    from config.serve_schema import RolloutConfig
+
+    config_defaults = {name: field.default for name, field in RolloutConfig.model_fields.items()}
+    assert config_defaults.pop("auto_rollback") is False
+    assert RolloutSettings(**config_defaults) == RolloutSettings()
