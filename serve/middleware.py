@@ -207,20 +207,16 @@ class RegistryRefMiddleware:
         except Exception:  # a listing problem must not take /v1/models down: the base model still answers
             log.exception("could not add registry adapters to /v1/models")
             cards = []
-        start, parts = {}, []
+        from serve.response_watch import ResponseWatch
 
-        async def capture(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                parts.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    await self._send_models(send, start, b"".join(parts), cards)
+        async def extended(watch):
+            await self._send_models(watch, cards)
 
-        await self.app(scope, receive, capture)
+        await self.app(scope, receive, ResponseWatch(send, hold=True, on_complete=extended).send)
 
-    async def _send_models(self, send, start, body: bytes, cards: list[dict]):
-        if start.get("status") == 200:
+    async def _send_models(self, watch, cards: list[dict]):
+        body = watch.body
+        if watch.status == 200:
             try:
                 listing = json.loads(body)
                 # vLLM's own cards: keep the base models; its adapter cards go (a version deleted from the
@@ -230,10 +226,7 @@ class RegistryRefMiddleware:
                 body = json.dumps(listing).encode()
             except Exception:  # a listing problem must not take /v1/models down; vLLM's own list still answers
                 log.exception("could not add registry adapters to /v1/models")
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": start.get("status", 500), "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await watch.replace(body, status=watch.start.get("status", 500))
 
 
 def _replay(messages: list[dict], receive):

@@ -21,6 +21,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from serve.response_watch import ResponseWatch
+
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64  # copies running at once; more are dropped (a mirror slower than the traffic it shadows)
@@ -112,33 +114,20 @@ class Mirror:
             log.exception("could not record the mirror's outcome")
 
 
-class _Answer:
-    """The `send` of a mirrored request: notes status, first byte and (a bounded part of) the body."""
+class _Answer(ResponseWatch):
+    """The `send` of a mirrored request: notes status, first byte and (a bounded part of) the body; sends nothing."""
 
     def __init__(self):
-        self.status = 0
-        self.streamed = False
-        self.first_byte_at: float | None = None
-        self.parts: list[bytes] = []
-        self.kept = 0
+        super().__init__(None, keep_bytes=MAX_KEPT_BODY)
 
-    async def send(self, message: dict) -> None:
-        if message["type"] == "http.response.start":
-            self.status = int(message.get("status", 500))
-            content_type = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
-            self.streamed = content_type.startswith(b"text/event-stream")
-        elif message["type"] == "http.response.body":
-            chunk = message.get("body", b"")
-            if chunk and self.first_byte_at is None:
-                self.first_byte_at = time.monotonic()
-            if self.kept < MAX_KEPT_BODY:
-                self.parts.append(chunk)
-                self.kept += len(chunk)
+    @property
+    def first_byte_at(self) -> float | None:
+        return self.first_chunk_at
 
     def usage(self) -> tuple[int | None, int | None]:
         """(prompt tokens, completion tokens) from the answer's `usage`: the JSON body, or the last SSE event
         that carries one (a stream has it with `stream_options.include_usage`)."""
-        text = b"".join(self.parts)
+        text = self.body
         candidates = [text] + [line[5:].strip() for line in reversed(text.split(b"\n")) if line.startswith(b"data:")]
         for candidate in candidates:
             try:

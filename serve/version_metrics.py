@@ -33,6 +33,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from serve.response_watch import ResponseWatch
+
 log = logging.getLogger(__name__)
 
 PREFIX = "lora_pipeline_adapter_"
@@ -151,6 +153,14 @@ METRICS = VersionMetrics()
 _listeners: list = []  # called with every Outcome (serve/auto_rollback.py watches the route targets)
 
 
+_extra_metrics: list = []  # callables returning more /metrics text (serve/capture.py's counters)
+
+
+def add_metrics_text(render) -> None:
+    if render not in _extra_metrics:
+        _extra_metrics.append(render)
+
+
 def add_listener(listener) -> None:
     _listeners.append(listener)
 
@@ -173,30 +183,11 @@ def observe(*, adapter: str, version: int | None, route_target: str, status: int
 
 
 # ------------------------------------------------------------------------------------ ASGI side (the middleware)
-class _Answer:
-    """Wraps a request's `send`: notes the status, the first body chunk, the end and the tail of the body."""
+class _Answer(ResponseWatch):
+    """Watches a request's response on its way out: status, first body chunk, end, and the tail of the body."""
 
     def __init__(self, send):
-        self._send = send
-        self.status = 0
-        self.streamed = False
-        self.first_chunk_at: float | None = None
-        self.finished_at: float | None = None
-        self.tail = b""
-
-    async def send(self, message: dict) -> None:
-        if message["type"] == "http.response.start":
-            self.status = int(message.get("status", 500))
-            content_type = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
-            self.streamed = content_type.startswith(b"text/event-stream")
-        elif message["type"] == "http.response.body":
-            chunk = message.get("body", b"")
-            if chunk and self.first_chunk_at is None:
-                self.first_chunk_at = time.monotonic()
-            self.tail = (self.tail + chunk)[-USAGE_TAIL_BYTES:]
-            if not message.get("more_body", False):
-                self.finished_at = time.monotonic()
-        await self._send(message)
+        super().__init__(send, tail_bytes=USAGE_TAIL_BYTES)
 
     def usage(self) -> tuple[int | None, int | None]:
         """(prompt tokens, completion tokens) of the last `usage` object in the body's tail, else (None, None).
@@ -242,26 +233,15 @@ async def with_version_metrics(app, scope, receive, send) -> None:
     """`GET /metrics`: the app's own metrics (vLLM's, or the ingress's) followed by the per-version ones."""
     # uncompressed: the text is appended (prometheus_client gzips when the client accepts it)
     scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"accept-encoding"]}
-    start, parts = {}, []
 
-    async def capture(message):
-        if message["type"] == "http.response.start":
-            start.update(message)
-        elif message["type"] == "http.response.body":
-            parts.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                body = b"".join(parts)
-                if start.get("status") == 200:
-                    own = body.rstrip(b"\n") + b"\n" if body.strip() else b""
-                    body = own + METRICS.render().encode()
-                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-                headers.append((b"content-length", str(len(body)).encode()))
-                await send({"type": "http.response.start", "status": start.get("status", 500), "headers": headers})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
-        else:
-            await send(message)
+    async def extended(watch: ResponseWatch) -> None:
+        body = watch.body
+        if watch.status == 200:
+            own = body.rstrip(b"\n") + b"\n" if body.strip() else b""
+            body = own + METRICS.render().encode() + "".join(f() for f in _extra_metrics).encode()
+        await watch.replace(body, status=watch.start.get("status", 500))
 
-    await app(scope, receive, capture)
+    await app(scope, receive, ResponseWatch(send, hold=True, on_complete=extended).send)
 
 
 # ------------------------------------------------------------------------------------ reading them back
