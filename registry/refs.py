@@ -25,6 +25,7 @@ RESERVED_ALIAS_RE = re.compile(r"latest|[vV]\d+")
 LATEST = "latest"
 VERSION_RE = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() and int() also take "१" or "٣" as digits
 SHOWN_CHARS = 80
+MAX_VERSION_DIGITS = 18  # past int64's range no store could hold the version; int() refuses 4,300+ digits anyway
 
 
 def shown(value) -> str:
@@ -56,12 +57,19 @@ def check_alias(alias: str) -> str:
     return alias
 
 
+def _version_number(digits: str) -> int:
+    if len(digits.lstrip("0")) > MAX_VERSION_DIGITS:
+        raise RegistryError(f"Invalid version {shown(digits)}: more than {MAX_VERSION_DIGITS} digits; no registry "
+                            "holds that many versions (write the version number `registry list` shows).")
+    return int(digits, 10)
+
+
 def check_version(version) -> int:
     if isinstance(version, bool) or not isinstance(version, int):
         if not VERSION_RE.fullmatch(str(version)):
             raise RegistryError(f"Invalid version {shown(version)}: versions are positive integers written in ASCII "
                                 "digits (1, 2, 3, ...).")
-        version = int(str(version), 10)
+        version = _version_number(str(version))
     if version < 1:
         raise RegistryError(f"Invalid version {version}: versions are positive integers (1, 2, 3, ...).")
     return version
@@ -86,7 +94,7 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
     if not sep or selector == LATEST:
         return name, None, None
     if VERSION_RE.fullmatch(selector):
-        return name, check_version(int(selector)), None
+        return name, check_version(_version_number(selector)), None
     if selector.isdigit():
         raise RegistryError(f"Invalid version {shown(selector)} in {shown(ref)}: write versions in ASCII digits 0-9 "
                             "(e.g. NAME@1).")

@@ -10,6 +10,7 @@ import pytest
 
 from ground.errors import NotFoundError, RegistryError
 from registry import open_registry, parse_ref
+from registry.refs import check_version
 from tests.synthetic_lora import write_lora
 from tests.registry.conftest import stored_file
 
@@ -42,6 +43,16 @@ def test_versions_are_ascii_digits_and_long_names_are_cut_in_messages():
     with pytest.raises(RegistryError) as info:
         parse_ref("x" * 1_000_000)
     assert len(str(info.value)) < 400 and "1000002 characters" in str(info.value)
+
+
+def test_a_version_of_thousands_of_digits_is_refused_by_name_not_by_int():
+    # int() raises a bare ValueError past 4,300 digits; the reference must get the registry's own error
+    for ref in ["a@" + "9" * 5000, "a@" + "1" * 19]:
+        with pytest.raises(RegistryError, match="more than 18 digits"):
+            parse_ref(ref)
+    with pytest.raises(RegistryError, match="more than 18 digits"):
+        check_version("7" * 5000)
+    assert parse_ref("a@" + "0" * 30 + "12") == ("a", 12, None)
 
 
 def test_uri_precedence(tmp_path, monkeypatch, lora):
