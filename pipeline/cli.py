@@ -153,6 +153,10 @@ def main_entry() -> None:
 from stages.train.cli_algos import algorithms_cmd, data_group  # noqa: E402
 
 main.add_command(data_group)
+
+from pipeline.data_from_serving import from_serving_cmd  # noqa: E402
+
+data_group.add_command(from_serving_cmd)
 main.add_command(algorithms_cmd)
 
 from registry.cli import registry_cli  # noqa: E402

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from config import Config
+from ground.capture_dataset import capture_lineage
 from ground.logs import console_log
 from stages.train.tools.lineage import multi_turn_lineage
 
@@ -56,6 +57,9 @@ def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dic
                                               if cfg.custom_reward_function.path else None)},
         "max_response_length": cfg.data.max_response_length,
     }
+    captured = capture_lineage(cfg.data.train_files)
+    if captured:  # trained on `pipeline data from-serving` output: back to the capture, its window and counts
+        lineage["capture_datasets"] = captured
     multi_turn = multi_turn_lineage(cfg.actor_rollout_ref.rollout.multi_turn)
     if multi_turn:  # the tools (names, schemas) and multi_turn settings the adapter learned to call
         lineage["multi_turn"] = multi_turn

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from ground.errors import ConfigError, RewardError
-from stages.train.rewards import scorers  # noqa: F401  (registers the built-in scorers)
+from stages.train.rewards import feedback, scorers  # noqa: F401  (registers the built-in scorers)
 from stages.train.rewards.registry import (  # noqa: F401
     DATA_SOURCE_SCORERS,
     REWARD_SCORERS,
