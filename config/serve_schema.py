@@ -66,6 +66,16 @@ class RolloutConfig(Section):
     max_latency_ratio: float = Field(default=2.0, gt=0)
 
 
+class CaptureConfig(Section):
+    """Recording what the served adapters were asked and answered (serve/capture.py). Off while `dir` is unset."""
+
+    dir: Optional[str] = None  # the capture folder (created 0700); `pipeline serve --capture`
+    rate: float = Field(default=1.0, ge=0, le=1)  # share of answered requests recorded
+    redact: list[str] = Field(default_factory=list)  # regular expressions replaced in the text before writing
+    redact_hook: Optional[str] = None  # `module:function`, str -> str, applied after the patterns
+    max_shard_mb: float = Field(default=64.0, gt=0)  # a shard is closed and the next begun at this size
+
+
 class ServeConfig(Section):
     enable: bool = False  # end the pipeline by serving what it published
     # above 1 (or with autoscaling / a Ray address): N vLLM replicas on Ray Serve behind one endpoint
@@ -87,6 +97,7 @@ class ServeConfig(Section):
     # of what was published). True: keep serving in the foreground until Ctrl-C.
     keep_running: bool = False
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
 
     REFUSED_VERL_KEYS: ClassVar[dict[str, str]] = {
         "gpu_memory_utilization": "the server sizes vLLM's KV cache in GiB, which overrides a memory fraction; "

@@ -10,6 +10,7 @@ import click
 from config.serve_schema import ServeConfig
 
 from serve.auto_rollback import RolloutSettings
+from serve.capture import DEFAULT_MAX_SHARD_MB, CaptureSettings, capture_env
 from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, MAX_CPU_LORAS_CAP
 from serve.server import DEFAULT_LOOKUP_TIMEOUT_S, DEFAULT_MAX_N, ENV_LOOKUP_TIMEOUT, request_limits_env
 
@@ -76,8 +77,20 @@ ROLLOUT_DEFAULTS = RolloutSettings()  # the same defaults as serve.rollout.* (a 
 @click.option("--rollout-max-latency-ratio", default=ROLLOUT_DEFAULTS.max_latency_ratio, show_default=True,
               type=click.FloatRange(0, min_open=True),
               help="Largest p90 end-to-end time of a candidate over the heaviest target's.")
+@click.option("--capture", "capture_dir", default=None, metavar="DIR",
+              help="Record every answered chat/completion request in DIR (JSONL shards; off by default; config: "
+                   "serve.capture.dir). Callers opt out with `x-capture: off`; feedback: POST /v1/feedback.")
+@click.option("--capture-rate", default=1.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of answered requests captured (sampled at random).")
+@click.option("--capture-redact", multiple=True, metavar="REGEX",
+              help="Replace what matches by [REDACTED] in the captured text before it is written (repeatable).")
+@click.option("--capture-redact-hook", default=None, metavar="MODULE:FUNCTION",
+              help="A function str -> str applied to the captured text before it is written.")
+@click.option("--capture-max-shard-mb", default=DEFAULT_MAX_SHARD_MB, show_default=True,
+              type=click.FloatRange(0, min_open=True), help="A capture shard is closed and the next begun at this size.")
 @click.pass_context
-def serve_cmd(ctx, registry_uri, base, host, port, api_key, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
+def serve_cmd(ctx, capture_dir, capture_rate, capture_redact, capture_redact_hook, capture_max_shard_mb,
+              registry_uri, base, host, port, api_key, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
               kv_cache_gib, dtype, served_name, alias_ttl, max_body_mb, replicas, ray_address, routing, min_replicas,
               max_replicas, target_ongoing_requests, lora_cache_gib, lookup_timeout, max_n, auto_rollback,
               rollout_window_s, rollout_min_requests, rollout_max_error_rate, rollout_max_latency_ratio):
@@ -97,6 +110,9 @@ def serve_cmd(ctx, registry_uri, base, host, port, api_key, max_loras, max_cpu_l
     rollout = rollout_env(RolloutSettings(
         window_s=rollout_window_s, min_requests=rollout_min_requests, max_error_rate=rollout_max_error_rate,
         max_latency_ratio=rollout_max_latency_ratio) if auto_rollback else None)
+    # checked here, before any engine starts: an unwritable folder or a bad pattern is refused by name
+    capture = capture_env(CaptureSettings(capture_dir, capture_rate, tuple(capture_redact), capture_redact_hook,
+                                          capture_max_shard_mb) if capture_dir else None)
     base_dir = resolve_model_path(base)
     autoscaling = {k: v for k, v in [("min_replicas", min_replicas), ("max_replicas", max_replicas),
                                      ("target_ongoing_requests", target_ongoing_requests)] if v is not None}
@@ -109,7 +125,7 @@ def serve_cmd(ctx, registry_uri, base, host, port, api_key, max_loras, max_cpu_l
             max_cpu_loras=max_cpu_loras, lora_cache_gib=lora_cache_gib, max_lora_rank=max_lora_rank,
             max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name,
             alias_ttl_s=alias_ttl, max_body_mb=max_body_mb,
-            request_limits={**request_limits_env(lookup_timeout, max_n), **rollout}))
+            request_limits={**request_limits_env(lookup_timeout, max_n), **rollout, **capture}))
         return
     # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C, also while the server starts
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -118,7 +134,7 @@ def serve_cmd(ctx, registry_uri, base, host, port, api_key, max_loras, max_cpu_l
                               max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
                               kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl,
                               max_body_mb=max_body_mb, lora_cache_gib=lora_cache_gib,
-                              lookup_timeout_s=lookup_timeout, max_n=max_n, env=rollout)
+                              lookup_timeout_s=lookup_timeout, max_n=max_n, env={**rollout, **capture})
     except KeyboardInterrupt:  # start_server already stopped the half-started server
         signal.signal(signal.SIGTERM, previous)
         click.echo("interrupted while starting; the server was stopped", err=True)

@@ -24,7 +24,11 @@ In order:
    it a 503 after `--lookup-timeout`, while everything already resolved is served as before. A bare `NAME` with
    a traffic route in the registry goes to the target the route picks for this caller (serve/routing.py), and,
    when the route has a mirror, a copy of the request goes to the mirror in the background (serve/mirror.py).
-4. List what can be served. A successful `GET /v1/models` lists the base and every servable reference from the
+4. Capture (serve/capture.py, `--capture DIR`, off by default): every answer gets an `x-request-id` header; an
+   answered (200) non-streamed chat or completion request is recorded before its answer is sent, unless the
+   caller opted out (`x-capture: off`, or `"capture": false` in the body, a field removed before vLLM sees it)
+   or the sampling rate skipped it. `POST /v1/feedback` (serve/feedback.py) is answered here.
+5. List what can be served. A successful `GET /v1/models` lists the base and every servable reference from the
    registry (every version, `NAME` and each alias); adapters vLLM still holds but the registry no longer has
    are left out, and so are vLLM's paths.
 """
@@ -35,6 +39,9 @@ import json
 import logging
 import os
 
+from serve.capture import REQUEST_ID_HEADER, new_request_id
+from serve.response_watch import ResponseWatch
+
 log = logging.getLogger(__name__)
 
 MAX_JSON_DEPTH = 128  # OpenAI requests (tool schemas included) nest a few dozen levels at most
@@ -43,7 +50,8 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
                413: "RequestEntityTooLargeError", 422: "UnprocessableEntityError", 503: "ServiceUnavailableError"}
 FORM_ROUTES = ("/v1/audio/",)  # the only routes that read a form (multipart uploads); every other body is JSON
 COUNT_FIELDS = ("n", "best_of")  # completions generated per request: each costs a sequence in the batch
-# set in a pinned request's scope: {"adapter", "version", "route_target" ("" unless routed), "mirror" (or None)}
+# set in a pinned request's scope: {"adapter", "version", "route_target" ("" unless routed), "mirror" (or None),
+# "path" (the version's registry folder, for the capture's manifest digest)}
 ROUTED_KEY = "lora_pipeline.answered_by"
 
 
@@ -76,6 +84,9 @@ class RegistryRefMiddleware:
         from serve.auto_rollback import start_from_env
 
         self.auto_rollback = start_from_env(self.catalog)  # `--auto-rollback`: None unless it is on
+        from serve.capture import Capture
+
+        self.capture = Capture.from_env()  # `--capture DIR`: None unless it is on
 
     async def __call__(self, scope, receive, send):
         if self.catalog is None or scope["type"] not in ("http", "websocket", "lifespan"):
@@ -89,8 +100,10 @@ class RegistryRefMiddleware:
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})  # before accept: the handshake fails
             return await _error(send, *refusal)
-        from serve import version_metrics
+        from serve import feedback, version_metrics
 
+        if scope["type"] == "http" and scope["path"] == feedback.PATH:
+            return await self._feedback(scope, receive, send)
         if scope["type"] == "http" and scope["method"] in BODY_METHODS:  # counted per version once pinned
             return await version_metrics.recorded(self._with_body, scope, receive, send, ROUTED_KEY)
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] in version_metrics.METRICS_PATHS:
@@ -122,6 +135,13 @@ class RegistryRefMiddleware:
             new_body, rewritten = await self._checked_body(scope, body)
         except RequestRefused as refused:
             return await _error(send, refused.status, str(refused))
+        request_id = new_request_id()
+        plan = None
+        if self.capture is not None:
+            requested = _model_of(body) if rewritten else None
+            plan, captured_body = self.capture.plan(scope, new_body, requested, request_id)
+            rewritten = rewritten or captured_body is not new_body
+            new_body = captured_body
         if rewritten:
             scope = dict(scope)
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
@@ -130,7 +150,32 @@ class RegistryRefMiddleware:
         if routed is not None and routed["mirror"]:  # after every refusal: a refused request is not mirrored
             self.mirror.send(scope, json.loads(body), routed["adapter"], routed["mirror"])
         replay = [{"type": "http.request", "body": new_body, "more_body": False}]
-        return await self.app(scope, _replay(replay, receive), send)
+        # every answer names its request, captured or not: the id `POST /v1/feedback` takes
+        id_header = [(REQUEST_ID_HEADER, request_id.encode())]
+        if plan is None:
+            return await self.app(scope, _replay(replay, receive), ResponseWatch(send, extra_headers=id_header).send)
+        plan.routed = scope.get(ROUTED_KEY)
+
+        async def recorded(watch):  # held until recorded: an answered request's record is on disk first
+            body = watch.body
+            if watch.status == 200:  # only answered requests are captured
+                try:
+                    body = await self.capture.answered(plan, watch)
+                except Exception:  # the capture must never cost the caller its answer
+                    log.exception("capture of request %s failed", request_id)
+            await watch.replace(body)
+
+        watch = ResponseWatch(send, hold=True, extra_headers=id_header, on_complete=recorded)
+        return await self.app(scope, _replay(replay, receive), watch.send)
+
+    async def _feedback(self, scope, receive, send):
+        from serve import feedback
+
+        try:
+            status, payload = await feedback.handle(self.capture, scope, receive)
+        except feedback.FeedbackRefused as refused:
+            return await _error(send, refused.status, str(refused))
+        return await _json_response(send, status, payload)
 
     def _too_large(self, declared: str) -> str:
         return (f"The request body ({declared[:20]} bytes) is larger than this server's limit of "
@@ -171,7 +216,7 @@ class RegistryRefMiddleware:
         # what answers, for the per-version metrics and the mirror (the scope is this request's own: see caller)
         scope[ROUTED_KEY] = {"adapter": resolved.name, "version": resolved.version,
                              "route_target": choice.target if choice else "",
-                             "mirror": choice.mirror if choice else None}
+                             "mirror": choice.mirror if choice else None, "path": resolved.path}
         if resolved.ref == model:
             return body, False
         data["model"] = resolved.ref
@@ -196,7 +241,7 @@ class RegistryRefMiddleware:
                                           f"{self.max_n} completions per request (`pipeline serve --max-n`).")
         return data
 
-    # -------------------------------------------------------------------------------- 4. list servable
+    # -------------------------------------------------------------------------------- 5. list servable
     async def _extend_models(self, scope, receive, send):
         from serve.catalog import RegistryUnavailableError
 
@@ -207,8 +252,6 @@ class RegistryRefMiddleware:
         except Exception:  # a listing problem must not take /v1/models down: the base model still answers
             log.exception("could not add registry adapters to /v1/models")
             cards = []
-        from serve.response_watch import ResponseWatch
-
         async def extended(watch):
             await self._send_models(watch, cards)
 
@@ -227,6 +270,12 @@ class RegistryRefMiddleware:
             except Exception:  # a listing problem must not take /v1/models down; vLLM's own list still answers
                 log.exception("could not add registry adapters to /v1/models")
         await watch.replace(body, status=watch.start.get("status", 500))
+
+
+def _model_of(body: bytes) -> str | None:
+    """The `model` the caller sent (the body was checked: a JSON object)."""
+    model = json.loads(body).get("model")
+    return model if isinstance(model, str) else None
 
 
 def _replay(messages: list[dict], receive):

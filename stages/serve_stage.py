@@ -27,7 +27,7 @@ def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path)
     from serve.server import request_limits_env, start_server
 
     s = cfg.serve
-    rollout = rollout_environment(cfg)
+    rollout = {**rollout_environment(cfg), **capture_environment(cfg)}  # both ride on the server's environment
     max_len = cfg.data.max_prompt_length + cfg.data.max_response_length
     registry_uri = published.get("registry") or cfg.registry.uri
     if s.replicas > 1 or s.autoscaling.as_dict() or s.ray_address:
@@ -69,6 +69,16 @@ def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path)
             except KeyboardInterrupt:
                 log.info("Stopping the server")
     return outputs
+
+
+def capture_environment(cfg: Config) -> dict[str, str]:
+    """`serve.capture.*` as the serving process's environment (serve/capture.py); empty while `dir` is unset.
+    The folder, the patterns and the hook are checked here, before the server starts."""
+    from serve.capture import CaptureSettings, capture_env
+
+    c = cfg.serve.capture
+    return capture_env(CaptureSettings(c.dir, c.rate, tuple(c.redact), c.redact_hook, c.max_shard_mb)
+                       if c.dir else None)
 
 
 def rollout_environment(cfg: Config) -> dict[str, str]:

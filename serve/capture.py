@@ -1,0 +1,421 @@
+"""Capture: what each adapter version was asked and answered, written as append-only JSONL shards.
+
+`pipeline serve --capture DIR` (config: serve.capture.*). The record format is the shared one of
+`ground/capture_records.py`'s readers (docs/serving.md, "Capture and feedback"):
+
+    DIR/capture.json                   {"format": "lora-pipeline-capture/1", "created": ...}, written once
+    DIR/records/HOST-PID-MS-SEQ.jsonl  one request record per line (one writer per server process)
+    DIR/feedback/HOST-PID-MS-SEQ.jsonl one feedback record per line (`POST /v1/feedback`)
+
+Every line is flushed and fsynced before the caller gets its answer, shards are opened O_APPEND, rotated by size
+and never rewritten. The folder is checked when the server starts (created 0700, writable, with free space): a
+capture that cannot work is refused then, by name. A write that fails later never fails the caller's request:
+the record is counted as lost in /metrics (`lora_pipeline_capture_records_lost_total`) and logged once.
+
+The settings reach the server process (single vLLM server or the replicated ingress, where the middleware runs)
+through environment variables, like the other middleware settings. Streamed answers are not captured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ground.errors import StageError
+
+log = logging.getLogger(__name__)
+
+ENV_DIR = "PIPELINE_SERVE_CAPTURE_DIR"
+ENV_RATE = "PIPELINE_SERVE_CAPTURE_RATE"
+ENV_REDACT = "PIPELINE_SERVE_CAPTURE_REDACT"  # a JSON list of regular expressions
+ENV_REDACT_HOOK = "PIPELINE_SERVE_CAPTURE_REDACT_HOOK"
+ENV_MAX_SHARD_MB = "PIPELINE_SERVE_CAPTURE_MAX_SHARD_MB"
+
+FOLDER_FORMAT = "lora-pipeline-capture/1"
+RECORD_FORMAT = 1
+DEFAULT_MAX_SHARD_MB = 64.0
+MIN_FREE_BYTES = 64 << 20  # below this at start the disk is as good as full: a shard or two and it is
+REDACTED = "[REDACTED]"
+OPT_OUT_HEADER = b"x-capture"
+OPT_OUT_FIELD = "capture"
+REQUEST_ID_HEADER = b"x-request-id"
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+METRIC_PREFIX = "lora_pipeline_capture_"
+
+
+def new_request_id() -> str:
+    return "req-" + secrets.token_hex(16)
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ------------------------------------------------------------------------------------------- settings (at start)
+@dataclass(frozen=True)
+class CaptureSettings:
+    dir: str
+    rate: float = 1.0
+    redact: tuple[str, ...] = ()
+    redact_hook: str | None = None
+    max_shard_mb: float = DEFAULT_MAX_SHARD_MB
+
+
+def capture_env(settings: CaptureSettings | None) -> dict[str, str]:
+    """The server process's environment for `settings` (empty when capture is off), after checking every part
+    of them here, at start: the folder (created 0700, writable, not full), the patterns and the hook."""
+    if settings is None or not settings.dir:
+        return {}
+    if not 0 <= settings.rate <= 1:
+        raise StageError(f"--capture-rate must be between 0 and 1 (got {settings.rate}).")
+    if not settings.max_shard_mb > 0:
+        raise StageError(f"serve.capture.max_shard_mb must be above 0 (got {settings.max_shard_mb}).")
+    compile_patterns(settings.redact)
+    if settings.redact_hook:
+        load_hook(settings.redact_hook)
+    folder = prepare_folder(settings.dir)
+    return {ENV_DIR: str(folder), ENV_RATE: repr(float(settings.rate)), ENV_REDACT: json.dumps(list(settings.redact)),
+            ENV_REDACT_HOOK: settings.redact_hook or "", ENV_MAX_SHARD_MB: repr(float(settings.max_shard_mb))}
+
+
+def compile_patterns(patterns) -> list[re.Pattern]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise StageError(f"--capture-redact {pattern!r} is not a valid regular expression ({exc}); fix the "
+                             "pattern (Python `re` syntax).") from None
+    return compiled
+
+
+def load_hook(spec: str):
+    """`module:function`, a function str -> str applied to every text before it is written."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise StageError(f"--capture-redact-hook {spec!r} must be `module:function` (a function from str to str).")
+    try:
+        hook = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise StageError(f"--capture-redact-hook {spec!r} cannot be loaded ({exc.__class__.__name__}: {exc}); "
+                         "the module must be importable by the server (PYTHONPATH).") from None
+    if not callable(hook):
+        raise StageError(f"--capture-redact-hook {spec!r} is not a function.")
+    return hook
+
+
+def prepare_folder(path: str | os.PathLike) -> Path:
+    """Create the capture folder (0700) and its two shard folders; prove they take a write and have room.
+    Raises StageError naming the folder and the fix."""
+    folder = Path(path).expanduser().absolute()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for sub in ("records", "feedback"):
+            (folder / sub).mkdir(mode=0o700, exist_ok=True)
+            probe = folder / sub / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"probe\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+        _write_folder_marker(folder)
+    except OSError as exc:
+        raise StageError(f"The capture folder {folder} is not writable ({exc.strerror or exc}); pass --capture a "
+                         "folder this user can create and write (or fix its permissions).") from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise StageError(f"The capture folder {folder} is on a disk with {free >> 20} MiB free, under the "
+                         f"{MIN_FREE_BYTES >> 20} MiB a capture needs; free space or pass --capture another folder.")
+    return folder
+
+
+def _write_folder_marker(folder: Path) -> None:
+    marker = folder / "capture.json"
+    if marker.exists():
+        return
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process of the same capture wrote it first
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"format": FOLDER_FORMAT, "created": utc_now()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------- shards
+class ShardWriter:
+    """Appends JSON lines to DIR/<kind>/HOST-PID-MS-SEQ.jsonl; one per process and kind; thread-safe.
+    `write` returns False (and the caller counts a lost line) when the line could not be made durable."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self.prefix = f"{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000)}"
+        self.seq = 0
+        self._fd: int | None = None
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def write(self, line: bytes) -> bool:
+        with self._lock:
+            try:
+                if self._fd is None or (self._size and self._size + len(line) > self.max_bytes):
+                    self._open_next()
+                written = os.write(self._fd, line)
+                self._size += written
+                if written != len(line):
+                    raise OSError(f"short write ({written} of {len(line)} bytes)")
+                os.fsync(self._fd)
+                return True
+            except OSError as exc:
+                self._close()  # the next line starts a new shard: this one may end in a partial line
+                self.last_error = exc
+                return False
+
+    def _open_next(self) -> None:
+        self._close()
+        self.seq += 1
+        path = self.folder / f"{self.prefix}-{self.seq:05d}.jsonl"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        self._size = 0
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+
+# ------------------------------------------------------------------------------------------- in the server
+@dataclass
+class CapturePlan:
+    """One request the capture will record, decided before it reaches the engine."""
+
+    request_id: str
+    endpoint: str
+    requested_model: str | None
+    request: dict  # the request as sent on (its `capture` field removed)
+    wants_ids: bool  # the caller asked for token ids itself: they stay in its answer
+    routed: dict | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Capture:
+    """The server process's capture: decides which requests are recorded, writes records and feedback."""
+
+    def __init__(self, folder: Path, rate: float = 1.0, patterns=(), hook=None,
+                 max_shard_mb: float = DEFAULT_MAX_SHARD_MB):
+        self.folder = folder
+        self.rate = rate
+        self.patterns = compile_patterns(patterns)
+        self.hook = hook
+        max_bytes = int(max_shard_mb * (1 << 20))
+        self.records = ShardWriter(folder / "records", max_bytes)
+        self.feedback = ShardWriter(folder / "feedback", max_bytes)
+        self.written = 0
+        self.lost = 0
+        self.feedback_written = 0
+        self._warned = False
+        self._known: set[str] = set()  # request ids recorded by this process (others are looked up on disk)
+        self._digests: dict[str, str | None] = {}  # adapter folder -> its manifest digest
+
+    @classmethod
+    def from_env(cls) -> "Capture | None":
+        folder = os.environ.get(ENV_DIR)
+        if not folder:
+            return None
+        hook_spec = os.environ.get(ENV_REDACT_HOOK)
+        capture = cls(Path(folder), float(os.environ.get(ENV_RATE) or 1.0),
+                      json.loads(os.environ.get(ENV_REDACT) or "[]"), load_hook(hook_spec) if hook_spec else None,
+                      float(os.environ.get(ENV_MAX_SHARD_MB) or DEFAULT_MAX_SHARD_MB))
+        from serve import version_metrics
+
+        version_metrics.add_metrics_text(capture.render_metrics)
+        log.info("capturing answered requests in %s (rate %s)", folder, capture.rate)
+        return capture
+
+    # ---------------------------------------------------------------- before the engine
+    def plan(self, scope, body: bytes, requested_model: str | None, request_id: str) -> tuple[CapturePlan | None, bytes]:
+        """(the plan, or None when this request is not recorded; the body to send on)."""
+        endpoint = ENDPOINTS.get(scope["path"])
+        if endpoint is None:
+            return None, body
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None, body
+        if not isinstance(data, dict):
+            return None, body
+        changed = OPT_OUT_FIELD in data  # the field is ours: it never reaches vLLM
+        opted_out = data.pop(OPT_OUT_FIELD, None) is False or _header(scope, OPT_OUT_HEADER) == "off"
+        if opted_out or data.get("stream") or (self.rate < 1 and random.random() >= self.rate):
+            return None, json.dumps(data).encode() if changed else body
+        wants_ids = bool(data.get("return_token_ids"))
+        data["return_token_ids"] = True
+        return CapturePlan(request_id, endpoint, requested_model or data.get("model"), data, wants_ids), json.dumps(data).encode()
+
+    # ---------------------------------------------------------------- after the answer
+    async def answered(self, plan: CapturePlan, watch) -> bytes:
+        """Record an answered request (status 200) and return the body to send to the caller."""
+        body = watch.body
+        try:
+            answer = json.loads(body)
+            choice = answer["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return body  # not an answer this capture understands: passed on untouched, not recorded
+        record = self._record(plan, answer, choice)
+        if not plan.wants_ids:  # the ids were asked for by the capture, not the caller
+            answer.pop("prompt_token_ids", None)
+            for each in answer.get("choices") or []:
+                each.pop("token_ids", None)
+                each.pop("prompt_token_ids", None)
+            body = json.dumps(answer).encode()
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        ok = await asyncio.get_running_loop().run_in_executor(None, self.records.write, line)
+        self._count(ok, self.records)
+        if ok:
+            self._known.add(plan.request_id)
+        return body
+
+    def _record(self, plan: CapturePlan, answer: dict, choice: dict) -> dict:
+        redacted = False
+        messages = prompt = None
+        if plan.endpoint == "chat":
+            messages, redacted = self._redact_json(plan.request.get("messages"))
+            completion = (choice.get("message") or {}).get("content")
+        else:
+            prompt, redacted = self._redact_json(plan.request.get("prompt"))
+            completion = choice.get("text")
+        completion, changed = self._redact_json(completion)
+        redacted = redacted or changed
+        routed = plan.routed or {}
+        usage = answer.get("usage") or {}
+        prompt_ids = answer.get("prompt_token_ids", choice.get("prompt_token_ids"))
+        return {
+            "kind": "request", "format": RECORD_FORMAT, "request_id": plan.request_id, "time": utc_now(),
+            "adapter": routed.get("adapter"), "version": routed.get("version"),
+            "manifest_digest": self._digest(routed.get("path")), "requested_model": plan.requested_model,
+            "route_target": _route_ref(routed), "endpoint": plan.endpoint, "messages": messages, "prompt": prompt,
+            "completion": completion,
+            # the served ids spell the text: where redaction changed any text they would keep it, so they go
+            "prompt_token_ids": None if redacted else prompt_ids,
+            "token_ids": None if redacted else choice.get("token_ids"),
+            "finish_reason": choice.get("finish_reason"), "latency_s": round(time.monotonic() - plan.started, 6),
+            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+            "redacted": redacted,
+        }
+
+    def _redact_text(self, text: str) -> tuple[str, bool]:
+        new = text
+        for pattern in self.patterns:
+            new = pattern.sub(REDACTED, new)
+        if self.hook is not None:
+            new = self.hook(new)
+        return new, new != text
+
+    def _redact_json(self, value):
+        """Every string inside `value` (a message list, a prompt or a list of prompts) redacted."""
+        if isinstance(value, str):
+            return self._redact_text(value)
+        if isinstance(value, list):
+            out, changed = [], False
+            for item in value:
+                new, c = self._redact_json(item)
+                out.append(new)
+                changed |= c
+            return out, changed
+        if isinstance(value, dict):
+            out, changed = {}, False
+            for key, item in value.items():
+                new, c = self._redact_json(item)
+                out[key] = new
+                changed |= c
+            return out, changed
+        return value, False
+
+    def _digest(self, folder: str | None) -> str | None:
+        if not folder:
+            return None
+        if folder not in self._digests:
+            try:
+                self._digests[folder] = "sha256:" + hashlib.sha256((Path(folder) / "manifest.json").read_bytes()
+                                                                   ).hexdigest()
+            except OSError:
+                return None
+        return self._digests[folder]
+
+    def _count(self, ok: bool, writer: ShardWriter) -> None:
+        if ok:
+            self.written += 1
+            return
+        self.lost += 1
+        if not self._warned:  # once: a full disk would otherwise log on every request
+            self._warned = True
+            log.error("capture: could not write to %s (%s); records are lost from now on until it is writable "
+                      "again (counted in /metrics as %srecords_lost_total)", writer.folder,
+                      getattr(writer, "last_error", "?"), METRIC_PREFIX)
+
+    # ---------------------------------------------------------------- feedback
+    def known(self, request_id: str) -> bool:
+        """Whether `request_id` was captured, by this process or by another one writing to the same folder
+        (the other replicas, an earlier run): a miss here is looked up in the record shards on disk."""
+        if request_id in self._known:
+            return True
+        needle = f'"request_id": "{request_id}"'.encode()
+        for shard in sorted((self.folder / "records").glob("*.jsonl")):
+            try:
+                if needle in shard.read_bytes():
+                    self._known.add(request_id)
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def write_feedback(self, request_id: str, score, label, comment) -> bool:
+        record = {"kind": "feedback", "format": RECORD_FORMAT, "request_id": request_id, "time": utc_now(),
+                  "score": score, "label": label, "comment": comment}
+        ok = self.feedback.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        if ok:
+            self.feedback_written += 1
+        return ok
+
+    def render_metrics(self) -> str:
+        p = METRIC_PREFIX
+        return (f"# HELP {p}records_written_total Request records the capture wrote.\n"
+                f"# TYPE {p}records_written_total counter\n{p}records_written_total {self.written}\n"
+                f"# HELP {p}records_lost_total Request records the capture could not write (the requests were "
+                f"answered).\n# TYPE {p}records_lost_total counter\n{p}records_lost_total {self.lost}\n"
+                f"# HELP {p}feedback_written_total Feedback records written.\n"
+                f"# TYPE {p}feedback_written_total counter\n{p}feedback_written_total {self.feedback_written}\n")
+
+
+def _route_ref(routed: dict) -> str | None:
+    if not routed.get("route_target"):
+        return None
+    return f"{routed['adapter']}@{routed['route_target']}"
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1").strip().lower()
+    return None
