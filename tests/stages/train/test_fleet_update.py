@@ -1,0 +1,238 @@
+"""Fleet training's actor update (stages/train/fleet): one update over rows of three members equals, for each
+member, the project's single-adapter update (ActorWorker.update_actor) on that member's rows alone; a member
+without rows keeps its weights and AdamW state bit for bit; adapters off is the base model.
+
+Tiny model, float32, CPU, FSDP2 over gloo with world size 1 (as the actor workers run in the other tests).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from stages.train.fleet.members import BASE_ONLY, FleetMember
+from tests.stages.train.toy_task import ragged_batch
+
+TARGETS = ["q_proj", "v_proj", "lm_head"]
+# different ranks, scalings, learning rates, weight decays; the second member's clip bound is below its norm
+MEMBERS = [
+    FleetMember("add", lora_rank=4, lora_alpha=8, lr=1e-2, grad_clip=1.0, weight_decay=0.01),
+    FleetMember("sub", lora_rank=8, lora_alpha=32, lr=3e-2, grad_clip=0.05, weight_decay=0.1),
+    FleetMember("spell", lora_rank=2, lora_alpha=2, lr=5e-3, grad_clip=1e9, weight_decay=0.0),
+]
+MICRO_ROWS = 6  # two micro-batches of 12 rows, each mixing all three members
+
+
+@contextmanager
+def gloo_world_of_one():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ground.ports import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _actor_cfg():
+    from config import load_config
+
+    return load_config(None, []).actor_rollout_ref.actor
+
+
+def _fleet_model(model_dir, members=MEMBERS):
+    """The fleet model with B set to small random values (B = 0, PEFT's start, would leave A without gradient)."""
+    from stages.train.fleet.lora import fleet_layers
+    from stages.train.fleet.model import build_fleet_model
+
+    model = build_fleet_model(str(model_dir), members, TARGETS, seed=3, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _, layer in fleet_layers(model.lm):
+            for b in layer.lora_B:
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
+    return model
+
+
+def _mixed_batch(rows: int = 12):
+    """Rows of three members interleaved (0, 1, 2, 0, ...), ragged lengths, some responses empty."""
+    batch = ragged_batch(seed=5, rows=rows)
+    member_of_row = torch.arange(rows) % 3
+    return batch, member_of_row
+
+
+def _fleet_state(model, optimizer, member: int) -> dict:
+    """Member `member`'s weights and AdamW state, whole, by PEFT key (weights) and key + `/exp_avg` etc."""
+    from stages.train.fleet.lora import fleet_layers
+
+    out = {}
+    for name, layer in fleet_layers(model.lm):
+        for kind, params in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+            key = f"base_model.model.{name}.{kind}.weight"
+            param = params[member]
+            out[key] = _whole(param)
+            for field, value in optimizer.adamw.state.get(param, {}).items():
+                out[f"{key}/{field}"] = _whole(value)
+    return out
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+
+
+def _alone(model_dir, tmp_path, member: FleetMember, start: dict, batch: dict) -> dict:
+    """The single-adapter path: an ActorWorker with this member's settings, its LoRA set to `start`, one
+    update_actor over `batch` (this member's rows only); returns its weights and AdamW state as `_fleet_state`."""
+    from config import load_config
+    from ground.ports import free_port
+    from stages.train import gather
+    from stages.train.actor_worker import ActorWorker
+
+    cfg = load_config(None, [
+        f"actor_rollout_ref.model.path={model_dir}", f"actor_rollout_ref.model.lora_rank={member.lora_rank}",
+        f"actor_rollout_ref.model.lora_alpha={member.lora_alpha}",
+        f"actor_rollout_ref.model.target_modules=[{','.join(TARGETS)}]",
+        f"actor_rollout_ref.actor.optim.lr={member.lr}", f"actor_rollout_ref.actor.optim.weight_decay={member.weight_decay}",
+        f"actor_rollout_ref.actor.grad_clip={member.grad_clip}",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3", "trainer.device=cpu", "trainer.logger=[console]",
+    ])
+    worker = ActorWorker(0, 1, cfg.to_dict(), str(model_dir), False, 1, "cpu", 1)
+    worker.init_distributed("127.0.0.1", free_port())
+    try:
+        worker.setup()
+        named = [(n, p) for n, p in worker.model.named_parameters() if gather.is_policy_lora(n)]
+        assert {gather.peft_name(n) for n, _ in named} == set(start)
+        with torch.no_grad():
+            for n, p in named:
+                p.to_local().copy_(start[gather.peft_name(n)])
+        metrics = worker.update_actor(batch, num_mini_batches=1, reuse_forward_as_old=False)
+        out = {}
+        for n, p in named:
+            key = gather.peft_name(n)
+            out[key] = _whole(p)
+            for field, value in worker.optimizer.state[p].items():
+                out[f"{key}/{field}"] = _whole(value)
+        return {"state": out, "grad_norm": metrics["actor/grad_norm"]}
+    finally:
+        worker.shutdown()
+
+
+def _assert_same(fleet: dict, alone: dict, what: str, exact: bool = False, lr: float = 0.0):
+    """exact: bit for bit. Else AdamW's moments to float32 noise (relative to each tensor's largest value), and
+    the weights to 0.1% of one step: AdamW's first step moves an element by lr * g / (|g| + eps), which turns
+    the float32 rounding of a gradient element near eps (1e-8) into a visible share of lr (seen here: q_proj
+    elements with |g| ~ 3e-9 differ by 4e-4 lr while their moments agree to 1e-6)."""
+    assert set(fleet) == set(alone), what
+    for key in fleet:
+        if exact:
+            assert torch.equal(fleet[key], alone[key]), f"{what}: {key} changed"
+            continue
+        if key.endswith("/step"):
+            assert torch.equal(fleet[key], alone[key]), f"{what}: {key}"
+            continue
+        if key.endswith(("/exp_avg", "/exp_avg_sq")):
+            rtol, atol = 1e-5, 1e-5 * float(alone[key].abs().max())
+        else:
+            rtol, atol = 0.0, 1e-3 * lr
+        torch.testing.assert_close(fleet[key], alone[key], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {key}: {m}")
+
+
+def test_one_mixed_update_equals_each_member_trained_alone(tiny_model_dir, tmp_path):
+    from stages.train.fleet.model import shard_fleet_model
+    from stages.train.fleet.update import FleetOptimizer, update_step
+
+    model = _fleet_model(tiny_model_dir)
+    starts = [model.adapter_tensors(m) for m in range(len(MEMBERS))]
+    batch, member_of_row = _mixed_batch()
+    alone = []
+    for m, member in enumerate(MEMBERS):
+        rows = (member_of_row == m).nonzero().squeeze(-1)
+        own = {k: v.index_select(0, rows) for k, v in batch.items()}
+        alone.append(_alone(tiny_model_dir, tmp_path, member, starts[m], own))
+
+    with gloo_world_of_one() as mesh:
+        shard_fleet_model(model, mesh=mesh)
+        optimizer = FleetOptimizer(model)
+        metrics = update_step(model, optimizer, batch, member_of_row, _actor_cfg(), micro_batch_rows=MICRO_ROWS)
+        for m, member in enumerate(MEMBERS):
+            state = _fleet_state(model, optimizer, m)
+            assert state.keys() == alone[m]["state"].keys()
+            assert int(state[next(k for k in state if k.endswith("/step"))]) == 1
+            _assert_same(state, alone[m]["state"], f"member {member.name}", lr=member.lr)
+            assert metrics[f"fleet/{member.name}/grad_norm"] == pytest.approx(alone[m]["grad_norm"], rel=1e-5)
+    # the clip bound of "sub" was active, so per-member clipping was exercised, not just per-member norms
+    assert alone[1]["grad_norm"] > MEMBERS[1].grad_clip
+
+
+def test_a_member_without_rows_keeps_weights_and_optimizer_state_bit_for_bit(tiny_model_dir):
+    from stages.train.fleet.model import shard_fleet_model
+    from stages.train.fleet.update import FleetOptimizer, update_step
+
+    model = _fleet_model(tiny_model_dir)
+    batch, member_of_row = _mixed_batch()
+    with gloo_world_of_one() as mesh:
+        shard_fleet_model(model, mesh=mesh)
+        optimizer = FleetOptimizer(model)
+        update_step(model, optimizer, batch, member_of_row, _actor_cfg(), micro_batch_rows=MICRO_ROWS)
+        before = [_fleet_state(model, optimizer, m) for m in range(3)]
+        # step 2: "sub" (weight decay 0.1, so a step without gradient would still move it) has no rows at all;
+        # then a step where its rows are all empty responses (rows, but not one token)
+        no_rows = member_of_row.clone()
+        no_rows[no_rows == 1] = BASE_ONLY
+        update_step(model, optimizer, batch, no_rows, _actor_cfg(), micro_batch_rows=MICRO_ROWS)
+        empty = {**batch, "response_mask": batch["response_mask"].clone()}
+        empty["response_mask"][member_of_row == 1] = 0
+        update_step(model, optimizer, empty, member_of_row, _actor_cfg(), micro_batch_rows=MICRO_ROWS)
+        after = [_fleet_state(model, optimizer, m) for m in range(3)]
+    _assert_same(after[1], before[1], "member without rows", exact=True)
+    for m in (0, 2):  # the others did move and count their steps
+        assert not torch.equal(after[m]["base_model.model.lm_head.lora_A.weight"],
+                               before[m]["base_model.model.lm_head.lora_A.weight"])
+        assert int(after[m]["base_model.model.lm_head.lora_A.weight/step"]) == 3
+
+
+def test_adapters_off_is_the_base_model_and_rows_of_a_mixed_batch_get_their_own_member(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from stages.train.fleet.model import log_probs, shard_fleet_model
+    from stages.train.modeling import response_log_probs
+
+    batch, member_of_row = _mixed_batch()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).logits
+    base_lp, _ = response_log_probs(base_logits, batch["responses"])
+    mask = batch["response_mask"].bool()
+
+    model = _fleet_model(tiny_model_dir)
+    with gloo_world_of_one() as mesh:
+        shard_fleet_model(model, mesh=mesh)
+        reference = log_probs(model, batch, torch.full_like(member_of_row, BASE_ONLY))
+        mixed_with_ref = member_of_row.clone()
+        mixed_with_ref[::4] = BASE_ONLY  # rows 0, 4, 8: the reference, inside a batch of members
+        mixed = log_probs(model, batch, mixed_with_ref)
+        each_alone = [log_probs(model, batch, torch.full_like(member_of_row, m)) for m in range(3)]
+
+    torch.testing.assert_close(reference[mask], base_lp[mask], rtol=1e-5, atol=1e-6)
+    for row, m in enumerate(mixed_with_ref.tolist()):
+        want = base_lp[row] if m == BASE_ONLY else each_alone[m][row]
+        torch.testing.assert_close(mixed[row][mask[row]], want[mask[row]], rtol=1e-5, atol=1e-6)
+    # and the members' random B does change the policy, so the comparisons above could tell them apart
+    assert (each_alone[1][mask] - base_lp[mask]).abs().max() > 1e-3
+
+
+def test_fleet_members_are_checked_by_name():
+    from ground.errors import ConfigError
+    from stages.train.fleet.members import check_members
+
+    with pytest.raises(ConfigError, match="'add' is used twice"):
+        check_members([FleetMember("add"), FleetMember("add")])
+    with pytest.raises(ConfigError, match=r"\(sub\): lora_rank=0"):
+        check_members([FleetMember("add"), FleetMember("sub", lora_rank=0)])
