@@ -165,3 +165,25 @@ def test_a_torn_line_is_counted_in_the_manifest(capture, tmp_path):
 def test_feedback_match_refuses_a_ground_truth_it_did_not_write():
     with pytest.raises(ValueError, match="not a from-serving answer list"):
         feedback_match("4", "4", {})
+
+
+def test_publish_records_the_capture_manifest_in_lineage(capture, tmp_path, tiny_model_dir, capsys):
+    from config import load_config
+    from ground.model_files import fingerprint
+    from stages.publish import publish
+
+    folder, _ = capture
+    assert run("arith", "--capture", folder, "--out", tmp_path / "set") == 0
+    digest = capsys.readouterr().out.split()[-1]
+    store = tmp_path / "store"
+    cfg = load_config(None, [f"registry.uri={store}", "publish.name=arith",
+                             f"data.train_files={tmp_path / 'set' / 'train.parquet'}"])
+    staged = {"source_dir": str(tiny_model_dir), "fingerprint": fingerprint(tiny_model_dir)}
+    out = publish(cfg, "run-1", staged, {"adapter_dir": str(write_lora(tmp_path / "a", seed=1)), "steps": 2},
+                  {"publish": True, "decision": "publish: test"})
+    lineage = open_registry(str(store), mirror_mlflow=False).get_version("arith", out["version"]).lineage
+    [captured] = lineage["capture_datasets"]
+    assert captured["manifest"] == str((tmp_path / "set" / "capture_dataset.json").resolve())
+    assert captured["manifest_digest"] == digest and captured["data_file_matches"] is True
+    assert captured["counts"]["kept"] == 4 and captured["window"]["until"] is None
+    assert captured["capture"] == str(folder.resolve())
