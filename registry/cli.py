@@ -256,7 +256,10 @@ def copy(ctx, src_uri, dst_uri, names):
         copied = [r for r in report.copied if r.startswith(f"{name}@")]
         skipped = [r for r in report.skipped if r.startswith(f"{name}@")]
         alias_text = ", ".join(f"{a}->{v}" for a, v in sorted(aliases.items())) or "no aliases"
-        click.echo(f"{name}: copied {len(copied)} version(s), {len(skipped)} already there; {alias_text}")
+        route = report.routes.get(name)
+        route_text = ("route " + " ".join(f"{t}={w}" for t, w in route["targets"].items())) if route else "no route"
+        click.echo(f"{name}: copied {len(copied)} version(s), {len(skipped)} already there; {alias_text}; "
+                   f"{route_text}; {report.events.get(name, 0)} history event(s) added")
     click.echo(f"copied {len(report.copied)} version(s) from {src.uri} to {dst.uri}")
 
 

@@ -2,7 +2,9 @@
 
 Each version keeps its number (a deleted number stays retired in the destination too), its metadata (lineage,
 metrics, tags, base fingerprint, creation time) and its PEFT files byte for byte, checked against the source's
-manifest on the way. Aliases are set to the source's. A copy can be repeated: versions already in the destination
+manifest on the way. The source's history events are appended as they were (same time, user and reason; events the
+destination already holds are not added twice), then aliases and the route (traffic split and mirror) are set to
+the source's, each move recorded in the destination's history as a copy. A copy can be repeated: versions already in the destination
 with the same file hashes are skipped, so an interrupted copy is finished by running it again; a destination
 version with other files under the same number is a conflict and stops the copy of that adapter.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
@@ -29,6 +31,8 @@ class CopyReport:
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     aliases: dict[str, dict[str, int]] = field(default_factory=dict)
+    routes: dict[str, dict | None] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)  # history events appended per adapter
 
 
 def _payload_hashes(av) -> dict[str, str]:
@@ -62,15 +66,47 @@ def copy_registry(src: Registry, dst: Registry, names: list[str] | None = None) 
                 continue
             _copy_version(av, dst)
             report.copied.append(av.ref)
+        report.events[name] = _copy_history(src, dst, name)
+        reason = f"copied from {src.uri}"
         aliases = src.aliases(name)
         current = dst.aliases(name)
         for alias, version in sorted(aliases.items()):
             if current.get(alias) != version:
-                dst.set_alias(name, alias, version)
+                dst.set_alias(name, alias, version, reason=reason)
         for alias in sorted(set(current) - set(aliases)):
-            dst.delete_alias(name, alias)
+            dst.delete_alias(name, alias, reason=reason)
         report.aliases[name] = aliases
+        report.routes[name] = _copy_route(src, dst, name, reason)
     return report
+
+
+def _event_key(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, default=str)
+
+
+def _copy_history(src: Registry, dst: Registry, name: str) -> int:
+    """Append the source's events the destination lacks, oldest first, unchanged (who did what, when, why)."""
+    held = {_event_key(r) for r in dst.store.read_events(name) if isinstance(r, dict)}
+    added = 0
+    for event in src.history(name):
+        record = asdict(event)
+        if _event_key(record) not in held:
+            dst.store.append_event(name, event.to_json())
+            added += 1
+    return added
+
+
+def _copy_route(src: Registry, dst: Registry, name: str, reason: str) -> dict | None:
+    """Give the destination the source's traffic split (or none): a copied `NAME` must pick the same versions."""
+    route, current = src.get_route(name), dst.get_route(name)
+    if route is None or not route.targets:
+        if current is not None and current.targets:
+            dst.clear_route(name, reason=reason)
+        return None
+    wanted = {"targets": dict(route.targets), "mirror": route.mirror}
+    if current is None or {"targets": dict(current.targets), "mirror": current.mirror} != wanted:
+        dst.set_route(name, dict(route.targets), mirror=route.mirror, reason=reason)
+    return wanted
 
 
 def _copy_version(av, dst: Registry) -> None:

@@ -73,14 +73,19 @@ def test_copy_local_to_server_and_back(mlflow_reg, capsys, tmp_path, tiny_model_
     local.delete_version("x", 2, force=True)  # a gap: 1, 3 (2 retired)
     local.set_alias("x", "prod", 3)
     local.publish(lora_b, "y", alias="candidate")
+    local.set_route("x", {"prod": 90, "1": 10}, reason="canary of the old one")
+    source_events = {e.to_json() for e in local.history("x")}
 
     code, out, err = run(capsys, "registry", "copy", local.uri, mlflow_reg.uri)
     assert code == 0 and "copied 3 version(s)" in out, err
+    assert f"route prod=90 1=10; {len(source_events)} history event(s) added" in out
     back = open_registry(str(tmp_path / "back"), mirror_mlflow=False)
     assert run(capsys, "registry", "copy", mlflow_reg.uri, str(tmp_path / "back"), "x")[0] == 0
     for reg in (mlflow_reg, back):
         assert [v.version for v in reg.list_versions("x")] == [1, 3]
         assert reg.aliases("x") == {"prod": 3}
+        assert reg.get_route("x").weights == {"prod": 90, "1": 10}  # bare `x` picks the same versions there
+        assert source_events <= {e.to_json() for e in reg.history("x")}  # who moved what, when and why, kept
         v1 = reg.resolve("x@1")
         assert v1.lineage == {"run_id": "r1", "algorithm": "grpo"} and v1.metadata["metrics"] == {"reward": 0.5}
         assert v1.base_fingerprint == local.resolve("x@1").base_fingerprint
@@ -94,6 +99,11 @@ def test_copy_local_to_server_and_back(mlflow_reg, capsys, tmp_path, tiny_model_
     assert mlflow_reg.aliases("y") == {"candidate": 1} and back.list_adapters() == ["x"]
     code, out, _ = run(capsys, "registry", "copy", local.uri, mlflow_reg.uri, "y")  # again: nothing to do
     assert code == 0 and "copied 0 version(s)" in out
+    local.clear_route("x")
+    code, out, _ = run(capsys, "registry", "copy", local.uri, str(tmp_path / "back"), "x")
+    assert code == 0 and "no route; 1 history event(s) added" in out  # the clear itself is the one new event
+    cleared = back.get_route("x")
+    assert cleared is None or not cleared.targets
     code, _, err = run(capsys, "registry", "copy", str(tmp_path / "back"), mlflow_reg.uri, "x")
     assert code == 2 and "different x@4" in err  # same number, other files: refused
 
