@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from config.section import Section
+from ground.vllm_tool_parsers import unknown_tool_parser
 
 
 class RegistryConfig(Section):
@@ -96,8 +97,20 @@ class ServeConfig(Section):
     # False: start the server, check that the published adapter answers one request, stop it (a smoke test
     # of what was published). True: keep serving in the foreground until Ctrl-C.
     keep_running: bool = False
+    # vLLM's parser of the model's tool calls (`hermes` for what multi_turn.format=hermes trains): with one the
+    # server answers tool_choice="auto"; None: vLLM refuses "auto" (named tool choices still work)
+    tool_call_parser: Optional[str] = None
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _parser_vllm_knows(cls, name):
+        # refused when the config loads, not when the serve stage starts after a whole training run
+        problem = name is not None and unknown_tool_parser(name)
+        if problem:
+            raise ValueError(problem)
+        return name
 
     REFUSED_VERL_KEYS: ClassVar[dict[str, str]] = {
         "gpu_memory_utilization": "the server sizes vLLM's KV cache in GiB, which overrides a memory fraction; "

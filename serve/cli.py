@@ -77,6 +77,10 @@ ROLLOUT_DEFAULTS = RolloutSettings()  # the same defaults as serve.rollout.* (a 
 @click.option("--rollout-max-latency-ratio", default=ROLLOUT_DEFAULTS.max_latency_ratio, show_default=True,
               type=click.FloatRange(0, min_open=True),
               help="Largest p90 end-to-end time of a candidate over the heaviest target's.")
+@click.option("--tool-call-parser", default=None,
+              help="vLLM's parser of the model's tool calls (e.g. `hermes`, the format multi_turn.format=hermes "
+                   "trains): serves `tool_choice=\"auto\"`, which vLLM refuses without one (config: "
+                   "serve.tool_call_parser).")
 @click.option("--capture", "capture_dir", default=None, metavar="DIR",
               help="Record every answered chat/completion request in DIR (JSONL shards; off by default; config: "
                    "serve.capture.dir). Callers opt out with `x-capture: off`; feedback: POST /v1/feedback.")
@@ -93,7 +97,8 @@ def serve_cmd(ctx, capture_dir, capture_rate, capture_redact, capture_redact_hoo
               registry_uri, base, host, port, api_key, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
               kv_cache_gib, dtype, served_name, alias_ttl, max_body_mb, replicas, ray_address, routing, min_replicas,
               max_replicas, target_ongoing_requests, lora_cache_gib, lookup_timeout, max_n, auto_rollback,
-              rollout_window_s, rollout_min_requests, rollout_max_error_rate, rollout_max_latency_ratio):
+              rollout_window_s, rollout_min_requests, rollout_max_error_rate, rollout_max_latency_ratio,
+              tool_call_parser):
     """Serve the base model and the registry's adapters behind one OpenAI-compatible endpoint.
 
     A request's `model` may be the base model's name, NAME (latest version; a route's pick when NAME has one),
@@ -106,7 +111,9 @@ def serve_cmd(ctx, capture_dir, capture_rate, capture_redact, capture_redact_hoo
     from serve.auto_rollback import rollout_env
     from serve.server import start_server
     from ground.base_model import resolve_model_path
+    from ground.vllm_tool_parsers import tool_parser_args
 
+    tool_parser_args(tool_call_parser, "--tool-call-parser")  # refused before the base model is resolved
     rollout = rollout_env(RolloutSettings(
         window_s=rollout_window_s, min_requests=rollout_min_requests, max_error_rate=rollout_max_error_rate,
         max_latency_ratio=rollout_max_latency_ratio) if auto_rollback else None)
@@ -125,7 +132,8 @@ def serve_cmd(ctx, capture_dir, capture_rate, capture_redact, capture_redact_hoo
             max_cpu_loras=max_cpu_loras, lora_cache_gib=lora_cache_gib, max_lora_rank=max_lora_rank,
             max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name,
             alias_ttl_s=alias_ttl, max_body_mb=max_body_mb,
-            request_limits={**request_limits_env(lookup_timeout, max_n), **rollout, **capture}))
+            request_limits={**request_limits_env(lookup_timeout, max_n), **rollout, **capture},
+            tool_call_parser=tool_call_parser))
         return
     # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C, also while the server starts
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -134,7 +142,8 @@ def serve_cmd(ctx, capture_dir, capture_rate, capture_redact, capture_redact_hoo
                               max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
                               kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=served_name, alias_ttl_s=alias_ttl,
                               max_body_mb=max_body_mb, lora_cache_gib=lora_cache_gib,
-                              lookup_timeout_s=lookup_timeout, max_n=max_n, env={**rollout, **capture})
+                              lookup_timeout_s=lookup_timeout, max_n=max_n, env={**rollout, **capture},
+                              tool_call_parser=tool_call_parser)
     except KeyboardInterrupt:  # start_server already stopped the half-started server
         signal.signal(signal.SIGTERM, previous)
         click.echo("interrupted while starting; the server was stopped", err=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ground.errors import StageError
 from ground.processes import remove_files, shm_segments_of, stat_fields
+from ground.vllm_tool_parsers import tool_parser_args
 from ground.vllm_lora import VLLM_LORA_RANKS, max_lora_rank_for
 from serve import shm_owners
 from serve.lora_tier import DEFAULT_LORA_CACHE_GIB, choose_max_cpu_loras
@@ -72,6 +73,12 @@ def round_lora_rank(rank: int) -> int:
     if allowed is not None:
         return allowed
     raise StageError(f"An adapter in the registry has rank {rank}; vLLM serves at most rank {VLLM_LORA_RANKS[-1]}.")
+
+
+# where a tool-call parser name comes from, for the message that refuses one vLLM does not know. The check runs
+# before any process starts: vLLM checks the name only inside the server it started (a KeyError in its log), and a
+# Ray Serve replica, which builds its handlers without vLLM's argument checks, not before a request.
+TOOL_PARSER_SOURCE = "`pipeline serve --tool-call-parser` or the config key serve.tool_call_parser"
 
 
 # ----------------------------------------------------------------------------------------- process tree
@@ -270,7 +277,7 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None,
                  max_body_mb: float = DEFAULT_MAX_BODY_MB, verify_weights: bool = True,
                  lora_cache_gib: float = DEFAULT_LORA_CACHE_GIB, lookup_timeout_s: float = DEFAULT_LOOKUP_TIMEOUT_S,
-                 max_n: int = DEFAULT_MAX_N) -> ServerHandle:
+                 max_n: int = DEFAULT_MAX_N, tool_call_parser: str | None = None) -> ServerHandle:
     """Start the multi-adapter server and wait until /health answers; returns a `ServerHandle`.
 
     base_dir: the base model folder (must be the one the adapters were trained on: adapters whose recorded
@@ -283,8 +290,9 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
     copies (serve/verified.py): only for measuring what verification costs. max_cpu_loras: adapters kept
     loaded in host memory; None sizes it from `lora_cache_gib` and the registry's adapters (serve/lora_tier.py).
     lookup_timeout_s: how long a request waits for the registry before a 503 (serve/lookups.py). max_n: the
-    largest `n` / `best_of` a request may ask for (400 above). The server's output goes to `log_path` (default:
-    a temp file).
+    largest `n` / `best_of` a request may ask for (400 above). tool_call_parser: vLLM's parser of the model's tool
+    calls (e.g. `hermes`), which `tool_choice="auto"` needs; an unknown name is refused here. The server's output
+    goes to `log_path` (default: a temp file).
     """
     from registry import open_registry
     from ground.model_files import fingerprint
@@ -293,6 +301,7 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
     if not (base_dir / "config.json").is_file():
         raise StageError(f"Base model folder `{base_dir}` has no config.json; pass --base a model folder or `default`.")
     limits = request_limits_env(lookup_timeout_s, max_n)
+    tool_args = tool_parser_args(tool_call_parser, TOOL_PARSER_SOURCE)
     registry = open_registry(registry_uri)
     base_fp = fingerprint(base_dir)
     if not enable_lora:
@@ -311,7 +320,7 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
     run_dir = Path(tempfile.mkdtemp(prefix="pipeline-serve-run-"))
 
     cmd = build_command(base_dir, base_name, host, port, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
-                        kv_cache_gib, gpu_memory_utilization, dtype, enforce_eager, extra_args or [])
+                        kv_cache_gib, gpu_memory_utilization, dtype, enforce_eager, tool_args + (extra_args or []))
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env.update({

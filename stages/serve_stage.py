@@ -38,13 +38,13 @@ def serve_published(cfg: Config, staged: dict, published: dict, stage_dir: Path)
             autoscaling=s.autoscaling.as_dict(), host=s.host, port=s.port, api_key=s.api_key,
             max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, lora_cache_gib=s.lora_cache_gib,
             kv_cache_gib=s.kv_cache_gib, max_model_len=max(256, max_len),
-            request_limits={**request_limits_env(), **rollout})
+            request_limits={**request_limits_env(), **rollout}, tool_call_parser=s.tool_call_parser)
     else:
         handle = start_server(
             staged["model_dir"], registry_uri=registry_uri, host=s.host, port=s.port,
             api_key=s.api_key, max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, lora_cache_gib=s.lora_cache_gib,
             kv_cache_gib=s.kv_cache_gib, max_model_len=max(256, max_len),
-            log_path=stage_dir / "server.log", env=rollout,
+            log_path=stage_dir / "server.log", env=rollout, tool_call_parser=s.tool_call_parser,
         )
     with handle:
         client = OpenAI(base_url=handle.url, api_key=s.api_key or "none", max_retries=0, timeout=120)

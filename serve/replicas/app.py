@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ground.errors import ConfigError, StageError
+from ground.vllm_tool_parsers import tool_parser_args
 from serve.lora_tier import DEFAULT_LORA_CACHE_GIB
 
 log = logging.getLogger(__name__)
@@ -131,18 +132,20 @@ def plan_replicas(base_dir: str | Path, registry_uri: str | None = None, routing
                   lora_cache_gib: float = DEFAULT_LORA_CACHE_GIB, max_lora_rank: int | None = None,
                   max_model_len: int = 512, kv_cache_gib: float = 0.25, dtype: str = "auto",
                   base_name: str | None = None, alias_ttl_s: float = 1.0, max_body_mb: float = 32.0,
-                  request_limits: dict | None = None) -> ReplicaPlan:
+                  request_limits: dict | None = None, tool_call_parser: str | None = None) -> ReplicaPlan:
     """Check the settings and size each replica as the single server sizes itself: the host-memory tier from
     `lora_cache_gib` and the registry's largest adapter on this base unless `max_cpu_loras` is given. Serve's
-    per-replica model cache (max_num_models_per_replica) is that same number (see serve/replicas/replica.py)."""
+    per-replica model cache (max_num_models_per_replica) is that same number (see serve/replicas/replica.py).
+    `tool_call_parser` (vLLM's parser of tool calls) is checked here, as the single server checks it."""
     from ground.model_files import fingerprint
     from registry import open_registry
     from serve.lora_tier import choose_max_cpu_loras
     from serve.server import (ENV_ALIAS_TTL, ENV_BASE_DIR, ENV_BASE_FINGERPRINT, ENV_BASE_NAME, ENV_MAX_BODY_BYTES,
-                              ENV_MAX_LORA_RANK, ENV_REGISTRY, round_lora_rank)
+                              ENV_MAX_LORA_RANK, ENV_REGISTRY, TOOL_PARSER_SOURCE, round_lora_rank)
 
     if routing not in ROUTINGS:
         raise ConfigError(f"Unknown routing `{routing}`; use one of: {', '.join(ROUTINGS)}.")
+    tool_parser_args(tool_call_parser, TOOL_PARSER_SOURCE)  # the replicas add the flags (replica._engine_cli_args)
     base_dir = Path(base_dir).expanduser().absolute()
     if not (base_dir / "config.json").is_file():
         raise StageError(f"Base model folder `{base_dir}` has no config.json; pass --base a model folder or `default`.")
@@ -155,7 +158,8 @@ def plan_replicas(base_dir: str | Path, registry_uri: str | None = None, routing
     settings = {"base_dir": str(base_dir), "base_name": base_name, "base_fingerprint": base_fp,
                 "registry_uri": registry.uri, "alias_ttl_s": alias_ttl_s, "max_lora_rank": max_lora_rank,
                 "max_loras": max_loras, "max_cpu_loras": max_cpu_loras, "max_model_len": max_model_len,
-                "dtype": dtype, "kv_cache_bytes": int(kv_cache_gib * (1 << 30)), "routing": routing}
+                "dtype": dtype, "kv_cache_bytes": int(kv_cache_gib * (1 << 30)), "routing": routing,
+                "tool_call_parser": tool_call_parser}
     environment = {ENV_REGISTRY: registry.uri, ENV_BASE_FINGERPRINT: base_fp, ENV_BASE_NAME: base_name,
                    ENV_ALIAS_TTL: str(alias_ttl_s), ENV_MAX_LORA_RANK: str(max_lora_rank),
                    ENV_BASE_DIR: str(base_dir), ENV_MAX_BODY_BYTES: str(int(max_body_mb * (1 << 20))),
@@ -173,7 +177,7 @@ def start_replicated(base_dir: str | Path, registry_uri: str | None = None, repl
                      kv_cache_gib: float = 0.25, dtype: str = "auto", base_name: str | None = None,
                      alias_ttl_s: float = 1.0, max_body_mb: float = 32.0, ready_timeout_s: float = 600.0,
                      max_replicas_per_node: int | None = None, ray_num_cpus: int | None = None,
-                     request_limits: dict | None = None) -> ReplicatedServer:
+                     request_limits: dict | None = None, tool_call_parser: str | None = None) -> ReplicatedServer:
     """Start the replicated server and wait until every replica is ready and /health answers."""
     import ray
     from ray import serve
@@ -188,7 +192,8 @@ def start_replicated(base_dir: str | Path, registry_uri: str | None = None, repl
     plan = plan_replicas(base_dir, registry_uri, routing=routing, api_key=api_key, max_loras=max_loras,
                          max_cpu_loras=max_cpu_loras, lora_cache_gib=lora_cache_gib, max_lora_rank=max_lora_rank,
                          max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype, base_name=base_name,
-                         alias_ttl_s=alias_ttl_s, max_body_mb=max_body_mb, request_limits=request_limits)
+                         alias_ttl_s=alias_ttl_s, max_body_mb=max_body_mb, request_limits=request_limits,
+                         tool_call_parser=tool_call_parser)
     settings, environment = plan.settings, plan.environment
     base_name, max_cpu_loras = settings["base_name"], settings["max_cpu_loras"]
     max_lora_rank = settings["max_lora_rank"]

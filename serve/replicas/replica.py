@@ -86,6 +86,9 @@ class LoraReplica:
                 "--max-cpu-loras", str(settings["max_cpu_loras"]), "--max-lora-rank", str(settings["max_lora_rank"]),
                 "--max-model-len", str(settings["max_model_len"]), "--dtype", settings["dtype"],
                 "--kv-cache-memory-bytes", str(settings["kv_cache_bytes"]), "--disable-log-stats"]
+        from ground.vllm_tool_parsers import tool_parser_args  # the single server's flags; app.py checked the name
+
+        args += tool_parser_args(settings.get("tool_call_parser"), "serve.tool_call_parser")
         return args + (["--enforce-eager"] if settings.get("enforce_eager", True) else [])
 
     def _start_engine(self, settings: dict):
