@@ -20,7 +20,8 @@ One deliberate difference: upstream, a -1 slot indexes the LAST adapter slot (Py
 no-adapter token in a batch whose last slot is occupied would get that adapter's delta; here it gets none.
 
 The plugin is loaded by every vLLM process; it patches only on the CPU platform, only on the vLLM version it
-was tested with, and not when LORA_PIPELINE_CPU_LORA_OPS=0. This module imports nothing of ours.
+was tested with, and not when LORA_PIPELINE_CPU_LORA_OPS=0. It also installs the merged-weight fast path for
+single-adapter batches (ground/vllm_cpu_lora_merged.py). Nothing else of ours is imported.
 """
 
 from __future__ import annotations
@@ -284,6 +285,9 @@ def register() -> None:
         return
     install()
     log.info("segmented CPU LoRA ops on (vLLM %s); %s=0 turns them off", version, ENV_SWITCH)
+    from ground import vllm_cpu_lora_merged  # single-adapter batches: one GEMM with merged weights
+
+    vllm_cpu_lora_merged.install()
 
 
 def install() -> None:
@@ -313,4 +317,7 @@ def uninstall() -> None:
         setattr(wrapper_module, name, getattr(lora_ops, name))
     for name, original in _ORIGINAL_METHODS.items():
         setattr(wrapper_module.PunicaWrapperCPU, name, original)
+    from ground import vllm_cpu_lora_merged
+
+    vllm_cpu_lora_merged.uninstall()
     _state["patched"] = False
