@@ -283,11 +283,10 @@ class Capture:
         except (ValueError, KeyError, IndexError, TypeError):
             return body  # not an answer this capture understands: passed on untouched, not recorded
         record = self._record(plan, answer, choice)
-        if not plan.wants_ids:  # the ids were asked for by the capture, not the caller
-            answer.pop("prompt_token_ids", None)
+        if not plan.wants_ids:  # asked for by the capture, not the caller: its answer as vLLM gives it otherwise
+            _clear_ids(answer)
             for each in answer.get("choices") or []:
-                each.pop("token_ids", None)
-                each.pop("prompt_token_ids", None)
+                _clear_ids(each)
             body = json.dumps(answer).encode()
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         ok = await asyncio.get_running_loop().run_in_executor(None, self.records.write, line)
@@ -406,6 +405,12 @@ class Capture:
                 f"answered).\n# TYPE {p}records_lost_total counter\n{p}records_lost_total {self.lost}\n"
                 f"# HELP {p}feedback_written_total Feedback records written.\n"
                 f"# TYPE {p}feedback_written_total counter\n{p}feedback_written_total {self.feedback_written}\n")
+
+
+def _clear_ids(part: dict) -> None:
+    for key in ("token_ids", "prompt_token_ids"):
+        if part.get(key) is not None:
+            part[key] = None  # vLLM's answer has the keys, null, when the ids were not asked for
 
 
 def _route_ref(routed: dict) -> str | None:

@@ -1,0 +1,98 @@
+"""serve/capture.py and serve/feedback.py without a server: the folder checks at start, shard rotation, ids
+captured by another process, redaction of token ids, the settings' way from config to the server's environment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+
+import pytest
+
+from ground.errors import StageError
+from serve import feedback
+from serve.capture import (ENV_DIR, ENV_REDACT, Capture, CapturePlan, CaptureSettings, ShardWriter, capture_env,
+                           prepare_folder)
+
+
+def test_the_folder_is_created_0700_with_its_marker(tmp_path):
+    folder = prepare_folder(tmp_path / "a" / "capture")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert {p.name for p in folder.iterdir()} == {"capture.json", "records", "feedback"}
+    marker = (folder / "capture.json").read_bytes()
+    prepare_folder(folder)  # written once: a second start leaves it as it is
+    assert (folder / "capture.json").read_bytes() == marker
+
+
+def test_an_unusable_folder_pattern_or_hook_is_refused_by_name(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StageError, match=str(blocker / "cap")):
+        capture_env(CaptureSettings(str(blocker / "cap")))
+    with pytest.raises(StageError, match=r"\(unclosed"):
+        capture_env(CaptureSettings(str(tmp_path / "c"), redact=("(unclosed",)))
+    with pytest.raises(StageError, match="no_such_module:f"):
+        capture_env(CaptureSettings(str(tmp_path / "c"), redact_hook="no_such_module:f"))
+    env = capture_env(CaptureSettings(str(tmp_path / "c"), redact=("a+",)))
+    assert env[ENV_DIR] == str(tmp_path / "c") and json.loads(env[ENV_REDACT]) == ["a+"]
+    assert capture_env(None) == {}
+
+
+def test_shards_rotate_by_size_and_are_only_appended(tmp_path):
+    writer = ShardWriter(tmp_path, max_bytes=100)
+    for i in range(5):
+        assert writer.write(json.dumps({"i": i, "pad": "x" * 40}).encode() + b"\n")
+    shards = sorted(tmp_path.glob("*.jsonl"))
+    assert len(shards) == 5 and shards[0].name.endswith("-00001.jsonl")
+    assert [json.loads(s.read_text())["i"] for s in shards] == list(range(5))
+    assert str(os.getpid()) in shards[0].name
+
+
+def test_an_id_captured_by_another_process_is_known(tmp_path):
+    other = Capture(prepare_folder(tmp_path / "cap"))
+    record = {"kind": "request", "request_id": "req-" + "ab" * 16}
+    other.records.write((json.dumps(record) + "\n").encode())
+    this = Capture(tmp_path / "cap")  # another replica: nothing in its memory
+    assert this.known("req-" + "ab" * 16) and not this.known("req-" + "cd" * 16)
+
+
+def test_redacted_text_takes_the_token_ids_with_it(tmp_path):
+    capture = Capture(prepare_folder(tmp_path / "cap"), patterns=[r"\d{4}"])
+    plan = CapturePlan("req-1", "completion", "alpha", {"prompt": "pin 1234"}, wants_ids=False)
+    answer = {"choices": [{"text": "ok", "token_ids": [1, 2], "prompt_token_ids": [3], "finish_reason": "stop"}]}
+    record = capture._record(plan, answer, answer["choices"][0])
+    assert record["prompt"] == "pin [REDACTED]" and record["redacted"] is True
+    assert record["token_ids"] is None and record["prompt_token_ids"] is None
+
+
+def test_feedback_bodies_are_refused_naming_the_field():
+    for body, field in ((b"[]", "request_id"), (b'{"request_id": "x", "score": 1}', "request_id"),
+                        (b'{"request_id": "req-1"}', "score"), (b'{"request_id": "req-1", "score": true}', "score"),
+                        (b'{"request_id": "req-1", "label": "ok"}', "label"),
+                        (b'{"request_id": "req-1", "score": 1, "comment": 5}', "comment")):
+        with pytest.raises(feedback.FeedbackRefused, match=f"`{field}`") as refused:
+            feedback.parse_feedback(body)
+        assert refused.value.status == 400
+    assert feedback.parse_feedback(b'{"request_id": "req-1", "label": "good"}') == ("req-1", None, "good", None)
+
+
+def test_feedback_without_capture_is_404():
+    async def go():
+        with pytest.raises(feedback.FeedbackRefused) as refused:
+            await feedback.handle(None, {"method": "POST"}, None)
+        return refused.value.status
+
+    assert asyncio.run(go()) == 404
+
+
+def test_serve_capture_keys_reach_the_server_environment(tmp_path):
+    from config.loader import load_config
+    from stages.serve_stage import capture_environment
+
+    cfg = load_config(None, [f"serve.capture.dir={tmp_path / 'cap'}", "serve.capture.rate=0.5",
+                             "serve.capture.redact=[x+]", "serve.capture.max_shard_mb=2"])
+    env = capture_environment(cfg)
+    assert env[ENV_DIR] == str(tmp_path / "cap") and float(env["PIPELINE_SERVE_CAPTURE_RATE"]) == 0.5
+    assert json.loads(env[ENV_REDACT]) == ["x+"] and float(env["PIPELINE_SERVE_CAPTURE_MAX_SHARD_MB"]) == 2.0
+    assert capture_environment(load_config(None, [])) == {}
