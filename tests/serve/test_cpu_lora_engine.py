@@ -5,6 +5,10 @@ The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as the traine
 that vLLM's general-plugin loading installed the ops. The requests interleave adapters (the same adapter at
 non-adjacent positions) and include no-adapter requests, so decode takes the grouped path and -1 tokens share
 the batch with all 4 slots occupied.
+
+A batch of ONE adapter takes the merged-weight fast path (ground/vllm_cpu_lora_merged.py): counted, PEFT-equal,
+and an adapter re-loaded in place with other weights (the same slot, as each training step does) answers with
+the new weights, never the cached merge of the old ones.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def engine(tiny_model_dir):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         env.delenv("LORA_PIPELINE_CPU_LORA_OPS", raising=False)
+        env.delenv("LORA_PIPELINE_CPU_LORA_MERGED_SLOTS", raising=False)
         llm = LLM(model=str(tiny_model_dir), dtype="float32", enforce_eager=True, max_model_len=256,
                   gpu_memory_utilization=0.1, max_num_seqs=16, enable_lora=True, max_loras=4, max_lora_rank=8,
                   max_cpu_loras=4, seed=0)
@@ -116,3 +121,48 @@ def test_four_adapters_in_one_batch_equal_peft(engine, four_adapters, tiny_model
             peft_logprobs[seed] = _peft_logprobs(tiny_model_dir, dirs.get(seed), prompt_ids, ids)
         got = [step[token].logprob for token, step in zip(ids, completion.logprobs)]
         assert got == pytest.approx(peft_logprobs[seed], abs=LOGPROB_ATOL), f"adapter {seed}"
+
+
+def _greedy(engine, tiny_model_dir, lora_request, copies: int):
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt_ids = AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPT).input_ids
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, detokenize=False)
+    outputs = engine.generate([TokensPrompt(prompt_token_ids=prompt_ids)] * copies, params,
+                              lora_request=lora_request, use_tqdm=False)
+    return prompt_ids, [out.outputs[0] for out in outputs]
+
+
+def test_a_single_adapter_batch_runs_on_merged_weights_and_equals_peft(engine, four_adapters, tiny_model_dir):
+    from vllm.lora.request import LoRARequest
+
+    import ground.vllm_cpu_lora_merged as merged
+
+    dirs, answers = four_adapters
+    before = dict(merged.stats)
+    prompt_ids, completions = _greedy(engine, tiny_model_dir, LoRARequest("adapter-2", 2, str(dirs[2])), copies=3)
+    assert merged.stats["merged_forwards"] > before["merged_forwards"]  # the fast path ran
+    expected = _peft_logprobs(tiny_model_dir, dirs[2], prompt_ids, answers[2])
+    for completion in completions:
+        ids = list(completion.token_ids)
+        assert ids == answers[2]
+        got = [step[token].logprob for token, step in zip(ids, completion.logprobs)]
+        assert got == pytest.approx(expected, abs=LOGPROB_ATOL)
+
+
+def test_an_adapter_reloaded_in_place_answers_with_its_new_weights(engine, four_adapters, tiny_model_dir):
+    """Same adapter id, same slot, new weights (load_inplace, as a training step's sync): no stale merge."""
+    from vllm.lora.request import LoRARequest
+
+    import ground.vllm_cpu_lora_merged as merged
+
+    dirs, answers = four_adapters
+    _, first = _greedy(engine, tiny_model_dir, LoRARequest("in-place", 9, str(dirs[1])), copies=2)
+    assert [list(c.token_ids) for c in first] == [answers[1]] * 2
+    merges = merged.stats["merges"]
+    _, second = _greedy(engine, tiny_model_dir, LoRARequest("in-place", 9, str(dirs[3]), load_inplace=True),
+                        copies=2)
+    assert merged.stats["merges"] > merges  # the new weights were merged afresh
+    assert [list(c.token_ids) for c in second] == [answers[3]] * 2
