@@ -97,8 +97,8 @@ class ServeConfig(Section):
     # False: start the server, check that the published adapter answers one request, stop it (a smoke test
     # of what was published). True: keep serving in the foreground until Ctrl-C.
     keep_running: bool = False
-    # vLLM's parser of the model's tool calls (`hermes` for what multi_turn.format=hermes trains): with one the
-    # server answers tool_choice="auto"; None: vLLM refuses "auto" (named tool choices still work)
+    # vLLM's parser of the model's tool calls (`hermes` for what multi_turn.format=hermes trains): without one
+    # vLLM refuses every tool_choice but "none" (auto, required, a named function) with a 400
     tool_call_parser: Optional[str] = None
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)

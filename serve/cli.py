@@ -79,7 +79,7 @@ ROLLOUT_DEFAULTS = RolloutSettings()  # the same defaults as serve.rollout.* (a 
               help="Largest p90 end-to-end time of a candidate over the heaviest target's.")
 @click.option("--tool-call-parser", default=None,
               help="vLLM's parser of the model's tool calls (e.g. `hermes`, the format multi_turn.format=hermes "
-                   "trains): serves `tool_choice=\"auto\"`, which vLLM refuses without one (config: "
+                   "trains); without one vLLM refuses every `tool_choice` but \"none\" (config: "
                    "serve.tool_call_parser).")
 @click.option("--capture", "capture_dir", default=None, metavar="DIR",
               help="Record every answered chat/completion request in DIR (JSONL shards; off by default; config: "
