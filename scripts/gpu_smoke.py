@@ -8,6 +8,8 @@ of `--rows` x (`--prompt` + `--response`) tokens, and the adapter sync gather. P
     bash scripts/gpu_smoke.sh                          # CUDA: SmolLM2-135M shapes, 16 x (64 + 32) tokens
     bash scripts/gpu_smoke.sh --shape tiny --steps 3
     bash scripts/gpu_smoke.sh --cpu --shape tiny       # the same path on CPU over gloo (checks the script)
+    bash scripts/gpu_smoke.sh --members 1,4,16         # fleet training: N adapters mixed in one batch, step
+                                                       # time per N at --rows-per-member rows each
 
 Without CUDA (and without --cpu) it says so and exits 0: there is nothing to smoke-test.
 """
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--response", type=int, default=32)
     ap.add_argument("--cpu", action="store_true", help="run the same path on CPU over gloo (no CUDA needed)")
+    ap.add_argument("--members", nargs="?", const="1,4,16", default=None,
+                    help="fleet update path instead: step time for each member count (default 1,4,16)")
+    ap.add_argument("--rows-per-member", type=int, default=8, help="with --members: rows of each member per batch")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -94,6 +99,14 @@ def main(argv=None) -> int:
     from config import load_config
     from stages.train.actor_worker import ActorWorker
     from ground.ports import free_port
+
+    if args.members is not None:
+        from gpu_smoke_fleet import run_fleet_smoke
+
+        with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as tmp:
+            model_dir = build_model_dir(args.shape, Path(tmp) / "model", dtype)
+            print(f"gpu_smoke: fleet device={device} ({_device_name(device)}) shape={args.shape} members={args.members}")
+            return run_fleet_smoke(args, str(model_dir), device, SHAPES[args.shape]["vocab_size"], random_batch, _clock)
 
     with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as tmp:
         t0 = time.perf_counter()

@@ -34,9 +34,27 @@ def test_cpu_run_of_the_same_path_prints_step_time_and_loss():
     assert "gpu_smoke: OK median step" in done.stdout
 
 
+@pytest.mark.slow
+def test_cpu_run_of_the_fleet_path_prints_step_time_per_member_count():
+    # --members alone means 1,4,16 (what a GPU run prints); on CPU two small counts keep the check short
+    done = _run("--cpu", "--shape", "tiny", "--members", "1,3", "--steps", "2", "--rows-per-member", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fleet members=3 step 2:" in done.stdout and "members_stepped=3" in done.stdout
+    assert "gpu_smoke: OK fleet median step at 1 rows per member, backend=gloo: N=1: " in done.stdout
+    assert ", N=3: " in done.stdout and "Traceback" not in done.stderr
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_cuda_smoke_run():
     done = _run("--steps", "3", timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "backend=nccl" in done.stdout and "dtype=bfloat16" in done.stdout and "gpu_smoke: OK" in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_fleet_smoke_run():
+    done = _run("--members", "--steps", "3", timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "backend=nccl" in done.stdout and "N=1: " in done.stdout and "N=16: " in done.stdout
