@@ -45,12 +45,13 @@ def _actor_cfg():
     return load_config(None, []).actor_rollout_ref.actor
 
 
-def _fleet_model(model_dir, members=MEMBERS):
+def _fleet_model(model_dir, members=MEMBERS, gradient_checkpointing: bool = False):
     """The fleet model with B set to small random values (B = 0, PEFT's start, would leave A without gradient)."""
     from stages.train.fleet.lora import fleet_layers
     from stages.train.fleet.model import build_fleet_model
 
-    model = build_fleet_model(str(model_dir), members, TARGETS, seed=3, dtype=torch.float32)
+    model = build_fleet_model(str(model_dir), members, TARGETS, seed=3, dtype=torch.float32,
+                              gradient_checkpointing=gradient_checkpointing)
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for _, layer in fleet_layers(model.lm):
@@ -226,6 +227,26 @@ def test_adapters_off_is_the_base_model_and_rows_of_a_mixed_batch_get_their_own_
         torch.testing.assert_close(mixed[row][mask[row]], want[mask[row]], rtol=1e-5, atol=1e-6)
     # and the members' random B does change the policy, so the comparisons above could tell them apart
     assert (each_alone[1][mask] - base_lp[mask]).abs().max() > 1e-3
+
+
+def test_gradient_checkpointing_recomputes_each_row_with_its_own_member(tiny_model_dir):
+    """The routing stays set after the forward, so checkpointing's recomputation in backward sees the same
+    members per row; the update equals the one without checkpointing."""
+    from stages.train.fleet.model import shard_fleet_model
+    from stages.train.fleet.update import FleetOptimizer, update_step
+
+    batch, member_of_row = _mixed_batch()
+    states = []
+    for checkpointing in (False, True):
+        model = _fleet_model(tiny_model_dir, gradient_checkpointing=checkpointing)
+        with gloo_world_of_one() as mesh:
+            shard_fleet_model(model, mesh=mesh)
+            optimizer = FleetOptimizer(model)
+            update_step(model, optimizer, batch, member_of_row, _actor_cfg(), micro_batch_rows=MICRO_ROWS)
+            states.append([_fleet_state(model, optimizer, m) for m in range(3)])
+    assert model.lm.is_gradient_checkpointing
+    for m, member in enumerate(MEMBERS):
+        _assert_same(states[1][m], states[0][m], f"member {member.name} with checkpointing", lr=member.lr)
 
 
 def test_fleet_members_are_checked_by_name():
