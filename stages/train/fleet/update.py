@@ -71,6 +71,19 @@ def member_token_counts(member_of_row: torch.Tensor, response_mask: torch.Tensor
     return counts
 
 
+def members_on_any_rank(tokens: torch.Tensor) -> list[int]:
+    """Members with a response token on this rank or any other. Every rank must step the same members: under
+    FSDP each holds a shard of every member's weights and AdamW state, and a member stepped on one rank but not
+    another would leave its shards at different step counts. A member present only elsewhere gets a zero
+    gradient here (FleetRouting.touch). World size > 1 has not run yet."""
+    import torch.distributed as dist
+
+    present = (tokens > 0).to(torch.float32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    return [m for m in range(len(present)) if present[m] > 0]
+
+
 def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, member_of_row: torch.Tensor,
                 actor_cfg, *, micro_batch_rows: int, temperature: float = 1.0, trim: bool = True) -> dict:
     """One optimizer step over `mini_batch` (the trainer's tensors + advantages, old_log_probs), whose row i
@@ -84,7 +97,7 @@ def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, 
     n_members = len(model.members)
     mask = mini_batch["response_mask"]
     tokens = member_token_counts(member_of_row, mask, n_members)
-    present = [m for m in range(n_members) if tokens[m] > 0]
+    present = members_on_any_rank(tokens)
     # rows of the base, and of members without a single token, carry no loss: left out of the forward
     kept = [i for i, m in enumerate(member_of_row.tolist()) if m != BASE_ONLY and tokens[m] > 0]
     model.train()
