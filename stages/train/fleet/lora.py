@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ground.errors import ConfigError
 from stages.train.fleet.members import BASE_ONLY, FleetMember
 
 
@@ -129,8 +130,6 @@ def attach_fleet_lora(model: nn.Module, members: list[FleetMember], target_modul
     Member i's weights are initialised from a generator seeded with seed + i, in module order (A as PEFT's
     default, B zeros). Returns the routing object shared by all the layers.
     """
-    from ground.errors import ConfigError
-
     routing = FleetRouting()
     targets = target_linears(model, target_modules)
     if not targets:

@@ -249,9 +249,18 @@ def test_gradient_checkpointing_recomputes_each_row_with_its_own_member(tiny_mod
         _assert_same(states[1][m], states[0][m], f"member {member.name} with checkpointing", lr=member.lr)
 
 
-def test_fleet_members_are_checked_by_name():
+def test_fleet_members_targets_and_loss_mode_are_checked_by_name():
     from ground.errors import ConfigError
+    from stages.train.fleet.lora import attach_fleet_lora
     from stages.train.fleet.members import check_members
+    from stages.train.fleet.update import update_step
+
+    with pytest.raises(ConfigError, match="target_modules=\\['k_proj'\\] matches no linear"):
+        attach_fleet_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), MEMBERS, ["k_proj"], seed=0)
+    cfg = _actor_cfg()
+    cfg.loss_agg_mode = "seq-mean-token-mean"
+    with pytest.raises(ConfigError, match="loss_agg_mode='seq-mean-token-mean'.*Set it to token-mean"):
+        update_step(None, None, {}, torch.zeros(0), cfg, micro_batch_rows=1)
 
     with pytest.raises(ConfigError, match="'add' is used twice"):
         check_members([FleetMember("add"), FleetMember("add")])
