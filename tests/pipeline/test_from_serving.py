@@ -187,3 +187,25 @@ def test_publish_records_the_capture_manifest_in_lineage(capture, tmp_path, tiny
     assert captured["manifest_digest"] == digest and captured["data_file_matches"] is True
     assert captured["counts"]["kept"] == 4 and captured["window"]["until"] is None
     assert captured["capture"] == str(folder.resolve())
+
+
+def test_the_docs_recipe_rescores_captured_prompts_with_a_rule_scorer(tmp_path):
+    """docs/flywheel.md's block that gives captured arithmetic questions the `arithmetic` scorer, run as written."""
+    import os
+    import re
+    from pathlib import Path
+
+    folder = tmp_path / "cap"
+    write_shard(folder, "records", [request_record("What is 3 + 4? Answer with just the number.", "9", seconds=1),
+                                    request_record("Hello", "hi", seconds=2),
+                                    request_record("What is 9 - 12? Answer with just the number.", "?", seconds=3)])
+    os.chdir(tmp_path)
+    assert run("arith", "--capture", folder, "--out", "data/from-arith") == 0
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "flywheel.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", docs, re.S) if "from-arith-rule" in b]
+    exec(compile(block, "docs/flywheel.md", "exec"), {})
+    rows = load_rows("data/from-arith-rule/train.parquet")
+    assert [(r["data_source"], r["reward_model"]["ground_truth"]) for r in rows] == [("arithmetic", "7"),
+                                                                                     ("arithmetic", "-3")]
+    scores = RewardFunction(Config())(["arithmetic"] * 2, ["7", "3"], ["7", "-3"])
+    assert [s["score"] for s in scores] == [1.0, 0.0]
