@@ -67,12 +67,15 @@ def group_rows(member_of_row: torch.Tensor) -> torch.Tensor:
 def log_probs(model: FleetModel, batch: dict, member_of_row: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Response log-probs [b, R] of each row under its member's LoRA (BASE_ONLY rows: the reference policy),
     in the batch's own row order."""
+    member_of_row = member_of_row.cpu()
     order = group_rows(member_of_row)
-    rows = {k: batch[k].index_select(0, order) for k in ("input_ids", "attention_mask", "position_ids", "responses")}
+    on_device = order.to(batch["input_ids"].device)
+    rows = {k: batch[k].index_select(0, on_device)
+            for k in ("input_ids", "attention_mask", "position_ids", "responses")}
     r = rows["responses"].shape[1]
     logits = model(rows["input_ids"], rows["attention_mask"], rows["position_ids"], member_of_row[order],
                    logits_to_keep=r + 1)
     sorted_lp, _ = response_log_probs(logits, rows["responses"], temperature)
     out = torch.empty_like(sorted_lp)
-    out[order] = sorted_lp
+    out[on_device] = sorted_lp
     return out

@@ -66,8 +66,9 @@ class FleetOptimizer:
 def member_token_counts(member_of_row: torch.Tensor, response_mask: torch.Tensor, n_members: int) -> torch.Tensor:
     """Response tokens of each member in these rows [n_members] (BASE_ONLY rows count for no one)."""
     counts = torch.zeros(n_members, dtype=torch.float64, device=response_mask.device)
+    member_of_row = member_of_row.to(response_mask.device)
     own = member_of_row != BASE_ONLY
-    counts.index_add_(0, member_of_row[own].to(response_mask.device), response_mask[own].sum(-1).double())
+    counts.index_add_(0, member_of_row[own], response_mask[own].sum(-1).double())
     return counts
 
 
@@ -95,6 +96,7 @@ def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, 
                           "mode so far. Set it to token-mean.")
     policy_loss = get_policy_loss_fn(actor_cfg.policy_loss.loss_mode)
     n_members = len(model.members)
+    member_of_row = member_of_row.cpu()  # row bookkeeping on the host; the tensors stay on their device
     mask = mini_batch["response_mask"]
     tokens = member_token_counts(member_of_row, mask, n_members)
     present = members_on_any_rank(tokens)
@@ -114,7 +116,7 @@ def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, 
         log_prob, _ = response_log_probs(logits, micro["responses"], temperature)
         loss = log_prob.sum() * 0.0
         for member in members.unique().tolist():
-            seg = (members == member).nonzero().squeeze(-1)
+            seg = (members == member).nonzero().squeeze(-1).to(log_prob.device)
             seg_mask = micro["response_mask"][seg]
             # per-token weight 1/N_m: "seq-mean-token-sum" of (mask/N_m) times the segment's rows is
             # sum(loss * mask) / N_m, this segment's share of member m's token-mean
