@@ -101,7 +101,8 @@ def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, 
     tokens = member_token_counts(member_of_row, mask, n_members)
     present = members_on_any_rank(tokens)
     # rows of the base, and of members without a single token, carry no loss: left out of the forward
-    kept = [i for i, m in enumerate(member_of_row.tolist()) if m != BASE_ONLY and tokens[m] > 0]
+    has_tokens = (tokens > 0).tolist()  # one copy to the host, not one per row
+    kept = [i for i, m in enumerate(member_of_row.tolist()) if m != BASE_ONLY and has_tokens[m]]
     model.train()
     optimizer.zero_grad()
     losses = torch.zeros(n_members, dtype=torch.float64)
