@@ -17,8 +17,8 @@ import pytest
 from pipeline.cli import cli_entry
 from pipeline.heldout import HeldoutEvaluator, heldout_data
 from registry import open_registry
-from tests.mlflow_server import wipe
 from tests.pipeline.answer_adapters import make_answer_adapter, write_val_data
+from tests.registry_stores import store_uri  # noqa: F401  (the fixture: a local store, then the MLflow one)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -53,18 +53,6 @@ class _Shared:
 
     def __exit__(self, *exc):
         return None
-
-
-@pytest.fixture(params=["local", "mlflow"])
-def store_uri(request, tmp_path, monkeypatch):
-    if request.param == "local":
-        return str(tmp_path / "store")
-    server = request.getfixturevalue("mlflow_server")
-    wipe(server)
-    monkeypatch.setenv("PIPELINE_REGISTRY_CACHE", str(tmp_path / "registry-cache"))
-    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
-    return server.uri
 
 
 def _publish(reg, folder, tiny_model_dir, val, alias):

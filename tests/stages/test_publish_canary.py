@@ -14,20 +14,10 @@ from ground.logs import CONSOLE_LOGGER
 from ground.model_files import fingerprint
 from registry import open_registry
 from stages.publish import publish
-from tests.mlflow_server import wipe
+from tests.registry_stores import store_uri  # noqa: F401  (the fixture: a local store, then the MLflow one)
 from tests.synthetic_lora import write_lora
 
 NAME = "adder"
-
-
-@pytest.fixture(params=["local", "mlflow"])
-def store_uri(request, tmp_path, monkeypatch):
-    if request.param == "local":
-        return str(tmp_path / "store")
-    server = request.getfixturevalue("mlflow_server")
-    wipe(server)
-    monkeypatch.setenv("PIPELINE_REGISTRY_CACHE", str(tmp_path / "registry-cache"))
-    return server.uri
 
 
 def _publish_run(store_uri, tiny_model_dir, tmp_path, run_id, seed, **publish_keys):
