@@ -1,8 +1,9 @@
 """What the route tests of both serving modes share: a request that says which version answered, the binomial
-interval a split's share must fall in, and the route change under load (tests/serve/test_routes*.py).
+interval a split's share must fall in, the route change under load and the mirror (tests/serve/test_routes*.py).
 
 The registry these run against has `alpha` 1 (alias prod), 2 (alias canary) and 3 (latest, no alias), three
-adapters with different greedy answers, so an answer tells its version apart.
+adapters with different greedy answers, so an answer tells its version apart (tests/serve/shared_server.py
+publishes them).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from tests.serve.adapters import PROMPT
 
@@ -45,6 +47,12 @@ def same_answer(ids: list[int], expected: list[int]) -> bool:
 def metrics_text(url: str, api_key: str) -> str:
     request = urllib.request.Request(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {api_key}"})
     return urllib.request.urlopen(request, timeout=30).read().decode()
+
+
+def metric_total(url: str, api_key: str, metric: str) -> int:
+    """The sum of every labelled sample of counter `metric` on /metrics."""
+    pattern = r"^%s\{[^}]*\} ([0-9.e+]+)$" % re.escape(metric)
+    return int(sum(float(n) for n in re.findall(pattern, metrics_text(url, api_key), re.M)))
 
 
 def version_requests(text: str, version: int, route_target: str) -> int:
@@ -132,3 +140,29 @@ def route_change_under_load(client, registry, expected: dict, workers: int = 8) 
         counts[phase] = {m: sum(r[2] == m for r in requests) for m in ("alpha@1", "alpha@2", "alpha@3")}
     counts["requests"] = len(results)
     return counts
+
+
+def mirror_answers_no_caller(client, registry, url: str, api_key: str, expected: dict, users: int,
+                             answered_metric: str) -> None:
+    """prod=100 with canary as mirror: every caller gets prod's answer; `answered_metric` (a counter of what the
+    engines answered) grows by exactly two per request, and the per-version metrics count the copies under
+    `mirror:canary`, apart from the callers' requests."""
+    registry.set_route("alpha", {"prod": 100}, mirror="canary")
+    complete(client, "alpha@2")  # loaded already: the mirror's first copy does not wait for a load
+    time.sleep(FOLLOW_S)  # the cleared route of the test before may be reused for up to --alias-ttl
+    before = metric_total(url, api_key, answered_metric)
+    counted = metrics_text(url, api_key)
+    names = [f"mirrored-{i}" for i in range(users)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda u: complete(client, "alpha", user=u), names))
+    for model, ids in got:
+        assert model == "alpha@1" and same_answer(ids, expected["alpha@1"]), (model, ids)
+    started = time.monotonic()
+    while (answered := metric_total(url, api_key, answered_metric) - before) < 2 * users:
+        assert time.monotonic() - started < 60, f"{answered} answered ({answered_metric}) for {users} mirrored"
+        time.sleep(0.5)
+    assert answered == 2 * users, f"{answered} answered ({answered_metric}) for {users} mirrored"
+    now = metrics_text(url, api_key)
+    assert version_requests(now, 2, "mirror:canary") - version_requests(counted, 2, "mirror:canary") == users
+    assert version_requests(now, 1, "prod") - version_requests(counted, 1, "prod") == users
+    assert version_requests(now, 2, "canary") == version_requests(counted, 2, "canary")
