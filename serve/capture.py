@@ -44,6 +44,9 @@ ENV_RATE = "PIPELINE_SERVE_CAPTURE_RATE"
 ENV_REDACT = "PIPELINE_SERVE_CAPTURE_REDACT"  # a JSON list of regular expressions
 ENV_REDACT_HOOK = "PIPELINE_SERVE_CAPTURE_REDACT_HOOK"
 ENV_MAX_SHARD_MB = "PIPELINE_SERVE_CAPTURE_MAX_SHARD_MB"
+# "1" in the replicated ingress: the proxy in front (Ray Serve) names each request in its `x-request-id` header and
+# sends that header back itself, so the capture takes the id from the request instead of minting one
+ENV_PROXY_REQUEST_IDS = "PIPELINE_SERVE_PROXY_REQUEST_IDS"
 
 FOLDER_FORMAT = "lora-pipeline-capture/1"
 RECORD_FORMAT = 1

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 
 PATH = "/v1/feedback"
 LABELS = ("good", "bad")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")  # ours (req-<hex>) or, with --replicas, Ray Serve's (a uuid)
 MAX_BODY_BYTES = 64 << 10  # an id, a number and a comment
 MAX_COMMENT_CHARS = 4000
 
@@ -35,8 +37,8 @@ def parse_feedback(body: bytes) -> tuple[str, float | None, str | None, str | No
     if not isinstance(data, dict):
         raise FeedbackRefused(400, "The feedback body must be a JSON object with `request_id` and `score` or `label`.")
     request_id = data.get("request_id")
-    if not isinstance(request_id, str) or not request_id.startswith("req-") or len(request_id) > 100:
-        raise FeedbackRefused(400, f"`request_id` must be the `x-request-id` header of an answer (req-...), got "
+    if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
+        raise FeedbackRefused(400, f"`request_id` must be the `x-request-id` header of an answer, got "
                                    f"{str(request_id)[:60]!r}.")
     score, label, comment = data.get("score"), data.get("label"), data.get("comment")
     if score is None and label is None:

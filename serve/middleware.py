@@ -87,6 +87,9 @@ class RegistryRefMiddleware:
         from serve.capture import Capture
 
         self.capture = Capture.from_env()  # `--capture DIR`: None unless it is on
+        from serve.capture import ENV_PROXY_REQUEST_IDS
+
+        self.proxy_request_ids = os.environ.get(ENV_PROXY_REQUEST_IDS) == "1"
 
     async def __call__(self, scope, receive, send):
         if self.catalog is None or scope["type"] not in ("http", "websocket", "lifespan"):
@@ -135,7 +138,9 @@ class RegistryRefMiddleware:
             new_body, rewritten = await self._checked_body(scope, body)
         except RequestRefused as refused:
             return await _error(send, refused.status, str(refused))
-        request_id = new_request_id()
+        # every answer names its request, captured or not: the id `POST /v1/feedback` takes
+        request_id = (_header(scope, REQUEST_ID_HEADER) if self.proxy_request_ids else None) or new_request_id()
+        id_header = [] if self.proxy_request_ids else [(REQUEST_ID_HEADER, request_id.encode())]
         plan = None
         if self.capture is not None:
             requested = _model_of(body) if rewritten else None
@@ -150,8 +155,6 @@ class RegistryRefMiddleware:
         if routed is not None and routed["mirror"]:  # after every refusal: a refused request is not mirrored
             self.mirror.send(scope, json.loads(body), routed["adapter"], routed["mirror"])
         replay = [{"type": "http.request", "body": new_body, "more_body": False}]
-        # every answer names its request, captured or not: the id `POST /v1/feedback` takes
-        id_header = [(REQUEST_ID_HEADER, request_id.encode())]
         if plan is None:
             return await self.app(scope, _replay(replay, receive), ResponseWatch(send, extra_headers=id_header).send)
         plan.routed = scope.get(ROUTED_KEY)

@@ -73,10 +73,15 @@ def _refusal_of(exc: BaseException) -> Response | None:
 def _ingress_class():
     from ray import serve
 
+    from serve.capture import ENV_PROXY_REQUEST_IDS
+
     @serve.ingress()
     class Ingress:
         def __init__(self, replica, settings: dict, environment: dict):
             os.environ.update(environment)  # read by the middleware and its catalog (see serve.catalog.get_catalog)
+            # Serve's proxy gives every request an `x-request-id` and always sends it back: the capture uses that
+            # one (a second header of ours would reach the caller as "ours, Serve's")
+            os.environ[ENV_PROXY_REQUEST_IDS] = "1"
             self.replica = replica
             self.settings = settings
             self.base_name = settings["base_name"]

@@ -67,7 +67,7 @@ def test_redacted_text_takes_the_token_ids_with_it(tmp_path):
 
 
 def test_feedback_bodies_are_refused_naming_the_field():
-    for body, field in ((b"[]", "request_id"), (b'{"request_id": "x", "score": 1}', "request_id"),
+    for body, field in ((b"[]", "request_id"), (b'{"request_id": "x y", "score": 1}', "request_id"),
                         (b'{"request_id": "req-1"}', "score"), (b'{"request_id": "req-1", "score": true}', "score"),
                         (b'{"request_id": "req-1", "label": "ok"}', "label"),
                         (b'{"request_id": "req-1", "score": 1, "comment": 5}', "comment")):
