@@ -8,69 +8,31 @@ not exist"; the single server: 400, vLLM refuses anything but a JSON type, none 
 a request vLLM refuses by raising in a replica (`n` > 1 with greedy sampling) was a 500 there (single: 400).
 `n` / `best_of` above `--max-n` are refused the same way in both.
 
-Both servers are started at once with the real `pipeline serve` command (one registry, a synthetic adapter)
-and stopped with Ctrl-C.
+Both servers are the real `pipeline serve` command over one registry, shared with other modules
+(tests/serve/conftest.py), and stopped with Ctrl-C after the last of them.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from registry import open_registry
-from tests.serve.cli_server import free_port, read_until_ready
+from tests.serve.shared_server import API_KEY, MAX_N, start_together
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-API_KEY = "same-answers-key"
-MAX_N = 3
 DEEP = b"[" * 100_000 + b"]" * 100_000
-COMMON = ["--max-loras", "1", "--max-model-len", "128", "--kv-cache-gib", "0.0625", "--dtype", "float32",
-          "--served-name", "tiny-base", "--max-n", str(MAX_N)]
-
-
-def _start(args: list[str]) -> subprocess.Popen:
-    script = os.path.join(os.path.dirname(sys.executable), "pipeline")
-    return subprocess.Popen([script, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "PIPELINE_SERVE_API_KEY": API_KEY})
-
-
-def _stop(cli: subprocess.Popen, timeout: float) -> None:
-    if cli.poll() is None:
-        cli.send_signal(signal.SIGINT)
-        try:
-            cli.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(cli.pid, signal.SIGKILL)
-            cli.wait()
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory, tiny_model_dir):
-    """{"single": base URL, "replicated": base URL}: both started together (the replicated one takes longer)."""
-    from tests.synthetic_lora import write_lora
-
-    root = tmp_path_factory.mktemp("same-answers")
-    reg = open_registry(str(root / "registry"))
-    reg.publish(write_lora(root / "a1", seed=1), "alpha", base_dir=tiny_model_dir, alias="prod")
-    ports = {"single": free_port(), "replicated": free_port()}
-    registry = ["--registry", str(root / "registry"), "--base", str(tiny_model_dir)]
-    clis = {}
-    try:
-        clis["replicated"] = _start([*registry, "--port", str(ports["replicated"]), "--replicas", "2", *COMMON])
-        clis["single"] = _start([*registry, "--port", str(ports["single"]), *COMMON])
-        read_until_ready(clis["single"], 300)
-        read_until_ready(clis["replicated"], 420)
-        yield {kind: f"http://127.0.0.1:{port}" for kind, port in ports.items()}
-    finally:
-        for kind, cli in clis.items():
-            _stop(cli, 180 if kind == "replicated" else 90)
+def servers(shared_servers, shared_server, shared_replicated_server):
+    """{"single": base URL, "replicated": base URL}, over one registry whose `alpha@prod` is alpha@1 (the shared
+    servers, started together where neither runs yet; the replicated one takes longer)."""
+    shared_servers.alpha()
+    start_together(shared_server, shared_replicated_server)
+    return {"single": shared_server.base_url, "replicated": shared_replicated_server.base_url}
 
 
 def _post(base: str, path: str, body: bytes, content_type: str | None) -> tuple[int, dict]:
@@ -113,7 +75,9 @@ TABLE = [
     ("an unknown name, text/plain", "/v1/completions", _completion("nosuch@prod"), TEXT, 400),
     ("an unknown name", "/v1/completions", _completion("nosuch@prod"), JSON, 404),
     ("an invalid name", "/v1/completions", _completion("../etc"), JSON, 400),
-    ("a version past any registry's range", "/v1/completions", _completion("alpha@99999999999999999999"), JSON, 404),
+    ("a version past the registry's range", "/v1/completions", _completion("alpha@" + "9" * 18), JSON, 404),
+    ("a version of 20 digits (the registry's limit is 18)", "/v1/completions", _completion("alpha@" + "9" * 20),
+     JSON, 400),
     ("a 5,000-digit version", "/v1/completions", _completion("alpha@" + "9" * 5000), JSON, 400),
     (f"n = --max-n ({MAX_N})", "/v1/completions", _completion(n=MAX_N, temperature=1.0), JSON, 200),
     ("n = 2 with greedy sampling (vLLM refuses it)", "/v1/completions", _completion(n=2), JSON, 400),
