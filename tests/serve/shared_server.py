@@ -33,7 +33,8 @@ COMMON = ["--max-loras", "3", "--max-model-len", "256", "--kv-cache-gib", "0.062
 SINGLE = ["--auto-rollback", "--rollout-window-s", str(ROLLOUT_WINDOW_S), "--rollout-min-requests",
           str(ROLLOUT_MIN_REQUESTS), "--rollout-max-error-rate", str(ROLLOUT_MAX_ERROR_RATE),
           "--rollout-max-latency-ratio", "1000"]
-REPLICATED = ["--replicas", "2"]
+# the replicas parse hermes tool calls, the single server parses none: test_tool_passthrough.py checks both modes
+REPLICATED = ["--replicas", "2", "--tool-call-parser", "hermes"]
 
 
 class SharedServer:
