@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,40 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's tiny model and answer adapter
+from walkthrough_shell import sh, start_serve  # noqa: E402  (examples/, the folder of this script)
 
-PIPELINE = str(Path(sys.executable).with_name("pipeline"))
 NAME, API_KEY = "arith", "flywheel-key"
-
-
-def sh(*args: str) -> str:
-    """Run `pipeline ARGS`, print the command and its output as a terminal would show them."""
-    print(f"\n$ pipeline {' '.join(args)}", flush=True)
-    done = subprocess.run([PIPELINE, *args], capture_output=True, text=True)
-    text = (done.stdout + done.stderr).rstrip()
-    print(text, flush=True)
-    if done.returncode != 0:
-        raise SystemExit(f"`pipeline {' '.join(args)}` exited {done.returncode}")
-    return text
-
-
-def start_server(args: list[str], port: int, log_path: Path) -> subprocess.Popen:
-    import httpx
-
-    print(f"\n$ pipeline {' '.join(args)} &", flush=True)
-    server = subprocess.Popen([PIPELINE, *args], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited {server.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2,
-                         headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("the server did not answer within 600 s")
 
 
 def chat_and_judge(url: str) -> None:
@@ -121,9 +89,9 @@ def main() -> None:
     print("\n# 2. serve arith@prod with capture; users ask and judge", flush=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    server = start_server(["serve", "--registry", str(store), "--base", str(base), "--port", str(port),
+    server = start_serve(["serve", "--registry", str(store), "--base", str(base), "--port", str(port),
                            "--api-key", API_KEY, "--max-model-len", "256", "--capture", str(work / "capture")],
-                          port, work / "server.log")
+                         port, API_KEY, work / "server.log")
     try:
         chat_and_judge(url)
     finally:

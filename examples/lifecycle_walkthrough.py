@@ -37,44 +37,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's tiny model and answer adapters
+from walkthrough_shell import sh, start_serve  # noqa: E402  (examples/, the folder of this script)
 
-PIPELINE = str(Path(sys.executable).with_name("pipeline"))
 NAME, API_KEY = "adder", "walkthrough-key"
-
-
-def sh(*args: str, check: bool = True) -> str:
-    """Run `pipeline ARGS`, print the command and its output as a terminal would show them."""
-    print(f"\n$ pipeline {' '.join(args)}", flush=True)
-    done = subprocess.run([PIPELINE, *args], capture_output=True, text=True)
-    text = (done.stdout + done.stderr).rstrip()
-    print(text, flush=True)
-    if check and done.returncode != 0:
-        raise SystemExit(f"`pipeline {' '.join(args)}` exited {done.returncode}")
-    return text
 
 
 def start_server(registry: Path, base: Path, port: int, log_path: Path) -> subprocess.Popen:
     args = ["serve", "--registry", str(registry), "--base", str(base), "--port", str(port), "--api-key", API_KEY,
             "--max-model-len", "256", "--auto-rollback", "--rollout-window-s", "60", "--rollout-min-requests", "5",
             "--rollout-max-error-rate", "0.2"]
-    print(f"\n$ pipeline {' '.join(args)} &", flush=True)
-    server = subprocess.Popen([PIPELINE, *args], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    import httpx
-
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited {server.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2,
-                         headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200:
-                print(log_path.read_text().strip().splitlines()[-1], flush=True)
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("the server did not answer within 600 s")
+    server = start_serve(args, port, API_KEY, log_path)
+    print(log_path.read_text().strip().splitlines()[-1], flush=True)
+    return server
 
 
 def ask_many(client, count: int, tag: str) -> Counter:
