@@ -1,14 +1,8 @@
 """Capture: what each adapter version was asked and answered, written as append-only JSONL shards.
 
 `pipeline serve --capture DIR` (config: serve.capture.*). The record format is the shared one of
-`ground/capture_records.py`'s readers (docs/serving.md, "Capture and feedback"):
-
-    DIR/capture.json                   {"format": "lora-pipeline-capture/1", "created": ...}, written once
-    DIR/records/HOST-PID-MS-SEQ.jsonl  one request record per line (one writer per server process)
-    DIR/feedback/HOST-PID-MS-SEQ.jsonl one feedback record per line (`POST /v1/feedback`)
-
-Every line is flushed and fsynced before the caller gets its answer, shards are opened O_APPEND, rotated by size
-and never rewritten. The folder is checked when the server starts (created 0700, writable, with free space): a
+`ground/capture_records.py`'s readers (docs/serving.md, "Capture and feedback"); the folder and its shards are
+serve/capture_files.py's (every line fsynced before the caller gets its answer, never rewritten). The folder is checked when the server starts (created 0700, writable, with free space): a
 capture that cannot work is refused then, by name. A write that fails later never fails the caller's request:
 the record is counted as lost in /metrics (`lora_pipeline_capture_records_lost_total`) and logged once.
 
@@ -27,15 +21,12 @@ import os
 import random
 import re
 import secrets
-import shutil
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ground.errors import StageError
+from serve.capture_files import ShardWriter, prepare_folder, utc_now  # noqa: F401  (ShardWriter: tests use it here)
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +39,8 @@ ENV_MAX_SHARD_MB = "PIPELINE_SERVE_CAPTURE_MAX_SHARD_MB"
 # sends that header back itself, so the capture takes the id from the request instead of minting one
 ENV_PROXY_REQUEST_IDS = "PIPELINE_SERVE_PROXY_REQUEST_IDS"
 
-FOLDER_FORMAT = "lora-pipeline-capture/1"
 RECORD_FORMAT = 1
 DEFAULT_MAX_SHARD_MB = 64.0
-MIN_FREE_BYTES = 64 << 20  # below this at start the disk is as good as full: a shard or two and it is
 REDACTED = "[REDACTED]"
 OPT_OUT_HEADER = b"x-capture"
 OPT_OUT_FIELD = "capture"
@@ -62,10 +51,6 @@ METRIC_PREFIX = "lora_pipeline_capture_"
 
 def new_request_id() -> str:
     return "req-" + secrets.token_hex(16)
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # ------------------------------------------------------------------------------------------- settings (at start)
@@ -119,93 +104,6 @@ def load_hook(spec: str):
     if not callable(hook):
         raise StageError(f"--capture-redact-hook {spec!r} is not a function.")
     return hook
-
-
-def prepare_folder(path: str | os.PathLike) -> Path:
-    """Create the capture folder (0700) and its two shard folders; prove they take a write and have room.
-    Raises StageError naming the folder and the fix."""
-    folder = Path(path).expanduser().absolute()
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for sub in ("records", "feedback"):
-            (folder / sub).mkdir(mode=0o700, exist_ok=True)
-            probe = folder / sub / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, b"probe\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                probe.unlink(missing_ok=True)
-        _write_folder_marker(folder)
-    except OSError as exc:
-        raise StageError(f"The capture folder {folder} is not writable ({exc.strerror or exc}); pass --capture a "
-                         "folder this user can create and write (or fix its permissions).") from None
-    free = shutil.disk_usage(folder).free
-    if free < MIN_FREE_BYTES:
-        raise StageError(f"The capture folder {folder} is on a disk with {free >> 20} MiB free, under the "
-                         f"{MIN_FREE_BYTES >> 20} MiB a capture needs; free space or pass --capture another folder.")
-    return folder
-
-
-def _write_folder_marker(folder: Path) -> None:
-    marker = folder / "capture.json"
-    if marker.exists():
-        return
-    try:
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process of the same capture wrote it first
-        return
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({"format": FOLDER_FORMAT, "created": utc_now()}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# ------------------------------------------------------------------------------------------- shards
-class ShardWriter:
-    """Appends JSON lines to DIR/<kind>/HOST-PID-MS-SEQ.jsonl; one per process and kind; thread-safe.
-    `write` returns False (and the caller counts a lost line) when the line could not be made durable."""
-
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder = folder
-        self.max_bytes = max_bytes
-        self.prefix = f"{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000)}"
-        self.seq = 0
-        self._fd: int | None = None
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def write(self, line: bytes) -> bool:
-        with self._lock:
-            try:
-                if self._fd is None or (self._size and self._size + len(line) > self.max_bytes):
-                    self._open_next()
-                written = os.write(self._fd, line)
-                self._size += written
-                if written != len(line):
-                    raise OSError(f"short write ({written} of {len(line)} bytes)")
-                os.fsync(self._fd)
-                return True
-            except OSError as exc:
-                self._close()  # the next line starts a new shard: this one may end in a partial line
-                self.last_error = exc
-                return False
-
-    def _open_next(self) -> None:
-        self._close()
-        self.seq += 1
-        path = self.folder / f"{self.prefix}-{self.seq:05d}.jsonl"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
-        self._size = 0
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
 
 
 # ------------------------------------------------------------------------------------------- in the server
