@@ -35,6 +35,12 @@ from serve.verified import _remove_tree
 
 log = logging.getLogger(__name__)
 
+# A server's engine, unless the environment says otherwise. The CPU LoRA plugin's merged-weight path
+# (ground/vllm_cpu_lora_merged.py) rebuilds a slot's merged weights whenever a one-adapter batch follows another
+# adapter's (1-3 s for SmolLM2's 30 layers, measured), which a server switching among many adapters would pay
+# over and over; it stays for rollouts, where one adapter generates a whole batch.
+SERVER_ENGINE_DEFAULTS = {"LORA_PIPELINE_CPU_LORA_MERGED_SLOTS": "0"}
+
 # Environment variables read inside the server process (plugin and middleware).
 ENV_REGISTRY = "PIPELINE_SERVE_REGISTRY"
 ENV_BASE_FINGERPRINT = "PIPELINE_SERVE_BASE_FINGERPRINT"
@@ -323,6 +329,8 @@ def start_server(base_dir: str | Path, registry_uri: str | None = None, host: st
                         kv_cache_gib, gpu_memory_utilization, dtype, enforce_eager, tool_args + (extra_args or []))
     child_env = dict(os.environ)
     child_env.update(env or {})
+    for key, value in SERVER_ENGINE_DEFAULTS.items():
+        child_env.setdefault(key, value)
     child_env.update({
         # the resolver only runs with runtime LoRA updating on; our middleware blocks the load/unload routes
         # that the same switch opens, so clients cannot load arbitrary paths

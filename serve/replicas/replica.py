@@ -21,12 +21,15 @@ import os
 import tempfile
 import time
 
+from serve.server import SERVER_ENGINE_DEFAULTS
+
 log = logging.getLogger(__name__)
 
 # Set in the replica before vLLM is imported: the engine core inherits them.
 ENGINE_ENV = {
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # several engines share the cores; pinning would stack them on one
     "TOKENIZERS_PARALLELISM": "false",
+    **SERVER_ENGINE_DEFAULTS,  # the merged-weight LoRA path off, as in the single server (serve/server.py)
 }
 
 

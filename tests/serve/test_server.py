@@ -23,7 +23,7 @@ from ground.processes import shm_segments_of
 from serve.server import session_pids
 from ground.model_files import check_safetensors, fingerprint
 from tests.serve.adapters import PROMPT, make_adapters
-from tests.serve.cli_server import free_port, start_cli
+from tests.serve.cli_server import free_port, server_env, start_cli
 from tests.tiny_model import build_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -102,6 +102,16 @@ def test_host_memory_tier_is_sized_from_the_budget_and_the_adapters(served):
     assert argv[argv.index("--max-loras") + 1] == "4"
     assert argv[argv.index("--max-cpu-loras") + 1] == "6", argv
     assert "host-memory adapter tier: max_cpu_loras=6 (" in served["output"], served["output"]
+
+
+def test_the_engines_of_a_server_run_without_the_merged_weight_lora_path(served):
+    """A server switching among adapters would rebuild merged weights at every switch (serve/server.py says why):
+    its engine, and every replica's, starts with the merged path off unless the environment says otherwise."""
+    from ground.vllm_cpu_lora_merged import SLOTS_ENV
+    from serve.replicas.replica import ENGINE_ENV
+
+    assert server_env(served["server_pid"]).get(SLOTS_ENV) == "0"
+    assert ENGINE_ENV.get(SLOTS_ENV) == "0"
 
 
 def test_each_adapter_and_the_base_answer_with_their_own_weights(served):
