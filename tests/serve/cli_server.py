@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 
 from ground.processes import stat_field
 from ground.ports import free_port  # noqa: F401  (re-exported: the serve tests import it from here)
@@ -49,3 +51,18 @@ def server_env(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as f:
         pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
     return {k.decode(): v.decode(errors="replace") for k, v in pairs}
+
+
+@contextmanager
+def ctrl_c_when_done(cli: subprocess.Popen, output: str, timeout: float = 90):
+    """Run the body against a started `pipeline serve`; then Ctrl-C it and require a clean exit (code 0). A command
+    still running afterwards (a failed body, a hung stop) has its whole session killed, so no server outlives it."""
+    try:
+        yield
+        cli.send_signal(signal.SIGINT)
+        rest, _ = cli.communicate(timeout=timeout)
+        assert cli.returncode == 0, output + rest
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import openai
 import pytest
 
 from registry import open_registry
-from tests.serve.cli_server import free_port, start_cli
+from tests.serve.cli_server import ctrl_c_when_done, free_port, start_cli
 from tests.synthetic_lora import write_lora
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -41,26 +40,18 @@ def served(tmp_path_factory, tiny_model_dir):
     reg.set_alias("beta", "prod", 1)
     capture_dir = root / "capture" / "store"  # created by the server, parents included
     port = free_port()
-    cli = None
-    try:
-        cli, _, output = start_cli(
-            ["--registry", str(root / "registry"), "--base", str(tiny_model_dir), "--port", str(port),
-             "--max-loras", "2", "--max-model-len", "256", "--kv-cache-gib", "0.0625", "--dtype", "float32",
-             "--served-name", "tiny-base", "--capture", str(capture_dir), "--capture-redact", PATTERN,
-             "--capture-max-shard-mb", "0.0001"],
-            env={"PIPELINE_SERVE_API_KEY": API_KEY})
+    cli, _, output = start_cli(
+        ["--registry", str(root / "registry"), "--base", str(tiny_model_dir), "--port", str(port),
+         "--max-loras", "2", "--max-model-len", "256", "--kv-cache-gib", "0.0625", "--dtype", "float32",
+         "--served-name", "tiny-base", "--capture", str(capture_dir), "--capture-redact", PATTERN,
+         "--capture-max-shard-mb", "0.0001"],
+        env={"PIPELINE_SERVE_API_KEY": API_KEY})
+    with ctrl_c_when_done(cli, output):
         url = f"http://127.0.0.1:{port}/v1"
         digests = {name: "sha256:" + hashlib.sha256(
             (reg.store.version_dir(name, 1) / "manifest.json").read_bytes()).hexdigest() for name in ("alpha", "beta")}
         yield {"url": url, "capture": capture_dir, "digests": digests,
                "client": openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)}
-        cli.send_signal(signal.SIGINT)
-        rest, _ = cli.communicate(timeout=90)
-        assert cli.returncode == 0, output + rest
-    finally:
-        if cli is not None and cli.poll() is None:
-            os.killpg(cli.pid, signal.SIGKILL)
-            cli.wait()
 
 
 def read_records(capture: Path, kind: str = "records") -> list[dict]:

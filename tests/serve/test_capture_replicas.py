@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from registry import open_registry
-from tests.serve.cli_server import free_port, ppid
+from tests.serve.cli_server import ctrl_c_when_done, free_port, ppid
 from tests.serve.test_capture import read_records
 from tests.serve.test_replicas import replica_pids, start_replicated_cli
 from tests.synthetic_lora import write_lora
@@ -48,24 +48,16 @@ def served(tmp_path_factory, tiny_model_dir):
     for name, seed in (("alpha", 1), ("beta", 2)):
         reg.publish(write_lora(root / f"lora-{name}", rank=8, alpha=16, seed=seed), name, base_dir=tiny_model_dir)
     port = free_port()
-    cli = None
-    try:
-        cli, output = start_replicated_cli(
-            ["--registry", str(root / "registry"), "--base", str(tiny_model_dir), "--port", str(port),
-             "--replicas", "2", "--routing", "round_robin", "--max-loras", "2", "--max-model-len", "256",
-             "--kv-cache-gib", "0.0625", "--dtype", "float32", "--served-name", "tiny-base",
-             "--capture", str(root / "capture")],
-            env={"PIPELINE_SERVE_API_KEY": API_KEY})
+    cli, output = start_replicated_cli(
+        ["--registry", str(root / "registry"), "--base", str(tiny_model_dir), "--port", str(port),
+         "--replicas", "2", "--routing", "round_robin", "--max-loras", "2", "--max-model-len", "256",
+         "--kv-cache-gib", "0.0625", "--dtype", "float32", "--served-name", "tiny-base",
+         "--capture", str(root / "capture")],
+        env={"PIPELINE_SERVE_API_KEY": API_KEY})
+    with ctrl_c_when_done(cli, output, timeout=180):
         url = f"http://127.0.0.1:{port}/v1"
         yield {"url": url, "capture": root / "capture", "cli_pid": cli.pid,
                "client": openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)}
-        cli.send_signal(signal.SIGINT)
-        rest, _ = cli.communicate(timeout=180)
-        assert cli.returncode == 0, output + rest
-    finally:
-        if cli is not None and cli.poll() is None:
-            os.killpg(cli.pid, signal.SIGKILL)
-            cli.wait()
 
 
 def test_sigkill_of_a_replica_loses_no_record(served):
