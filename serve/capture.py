@@ -7,7 +7,8 @@ capture that cannot work is refused then, by name. A write that fails later neve
 the record is counted as lost in /metrics (`lora_pipeline_capture_records_lost_total`) and logged once.
 
 The settings reach the server process (single vLLM server or the replicated ingress, where the middleware runs)
-through environment variables, like the other middleware settings. Streamed answers are not captured.
+through environment variables, like the other middleware settings. A streamed answer is recorded from its
+chunks after the caller got them (`_assembled`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ OPT_OUT_FIELD = "capture"
 REQUEST_ID_HEADER = b"x-request-id"
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 METRIC_PREFIX = "lora_pipeline_capture_"
+STREAM_CAPTURE_BYTES = 16 << 20  # of a streamed answer's events kept for its record (chunk JSON is ~20x its text)
 
 
 def new_request_id() -> str:
@@ -116,6 +118,7 @@ class CapturePlan:
     requested_model: str | None
     request: dict  # the request as sent on (its `capture` field removed)
     wants_ids: bool  # the caller asked for token ids itself: they stay in its answer
+    streamed: bool = False  # an event stream: passed on as it comes, recorded from its chunks once it ends
     routed: dict | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -168,9 +171,13 @@ class Capture:
             return None, body
         changed = OPT_OUT_FIELD in data  # the field is ours: it never reaches vLLM
         opted_out = data.pop(OPT_OUT_FIELD, None) is False or _header(scope, OPT_OUT_HEADER) == "off"
-        if opted_out or data.get("stream") or (self.rate < 1 and random.random() >= self.rate):
+        if opted_out or (self.rate < 1 and random.random() >= self.rate):
             return None, json.dumps(data).encode() if changed else body
         wants_ids = bool(data.get("return_token_ids"))
+        streamed = bool(data.get("stream"))
+        if streamed:  # its chunks go to the caller untouched: the ids are recorded only when the caller asks too
+            plan = CapturePlan(request_id, endpoint, requested_model or data.get("model"), data, wants_ids, True)
+            return plan, json.dumps(data).encode() if changed else body
         data["return_token_ids"] = True
         return CapturePlan(request_id, endpoint, requested_model or data.get("model"), data, wants_ids), json.dumps(data).encode()
 
@@ -183,18 +190,32 @@ class Capture:
             choice = answer["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError):
             return body  # not an answer this capture understands: passed on untouched, not recorded
-        record = self._record(plan, answer, choice)
+        await self._write_record(plan, answer, choice)
         if not plan.wants_ids:  # asked for by the capture, not the caller: its answer as vLLM gives it otherwise
             _clear_ids(answer)
             for each in answer.get("choices") or []:
                 _clear_ids(each)
             body = json.dumps(answer).encode()
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        return body
+
+    async def answered_stream(self, plan: CapturePlan, watch) -> None:
+        """Record a streamed answer (status 200) from its chunks, after the caller has them all."""
+        if watch.kept > STREAM_CAPTURE_BYTES:  # kept only its first bytes: a record of part of it would mislead
+            self.lost += 1
+            log.warning("capture: a streamed answer over %d MiB was not recorded (request %s)",
+                        STREAM_CAPTURE_BYTES >> 20, plan.request_id)
+            return
+        answer = _assembled(watch.body, plan.endpoint)
+        if answer is None:
+            return  # no chunk this capture understands (or the stream broke off): not recorded
+        await self._write_record(plan, answer, answer["choices"][0])
+
+    async def _write_record(self, plan: CapturePlan, answer: dict, choice: dict) -> None:
+        line = (json.dumps(self._record(plan, answer, choice), ensure_ascii=False) + "\n").encode()
         ok = await asyncio.get_running_loop().run_in_executor(None, self.records.write, line)
         self._count(ok, self.records)
         if ok:
             self._known.add(plan.request_id)
-        return body
 
     def _record(self, plan: CapturePlan, answer: dict, choice: dict) -> dict:
         redacted = False
@@ -306,6 +327,40 @@ class Capture:
                 f"answered).\n# TYPE {p}records_lost_total counter\n{p}records_lost_total {self.lost}\n"
                 f"# HELP {p}feedback_written_total Feedback records written.\n"
                 f"# TYPE {p}feedback_written_total counter\n{p}feedback_written_total {self.feedback_written}\n")
+
+
+def _assembled(stream: bytes, endpoint: str) -> dict | None:
+    """The first choice of an event stream (`data: {...}` lines up to `data: [DONE]`) as one non-streamed answer:
+    its text, token ids (when the chunks carry them), finish reason, prompt ids and usage (when sent)."""
+    text, ids, finish, prompt_ids, usage, seen, done = [], [], None, None, None, False, False
+    for line in stream.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            done = True
+            continue
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            return None
+        usage = chunk.get("usage") or usage
+        prompt_ids = prompt_ids or chunk.get("prompt_token_ids")
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            seen = True
+            piece = (choice.get("delta") or {}).get("content") if endpoint == "chat" else choice.get("text")
+            text.append(piece or "")
+            ids.extend(choice.get("token_ids") or [])
+            prompt_ids = prompt_ids or choice.get("prompt_token_ids")
+            finish = choice.get("finish_reason") or finish
+    if not (seen and done):
+        return None
+    joined = "".join(text)
+    choice = {"message": {"content": joined}} if endpoint == "chat" else {"text": joined}
+    choice.update(token_ids=ids or None, finish_reason=finish, prompt_token_ids=prompt_ids)
+    return {"choices": [choice], "usage": usage}
 
 
 def _clear_ids(part: dict) -> None:

@@ -25,7 +25,8 @@ In order:
    a traffic route in the registry goes to the target the route picks for this caller (serve/routing.py), and,
    when the route has a mirror, a copy of the request goes to the mirror in the background (serve/mirror.py).
 4. Capture (serve/capture.py, `--capture DIR`, off by default): every answer gets an `x-request-id` header; an
-   answered (200) non-streamed chat or completion request is recorded before its answer is sent, unless the
+   answered (200) chat or completion request is recorded before its answer is sent (a streamed one right after
+   its last chunk, since its chunks are never held back), unless the
    caller opted out (`x-capture: off`, or `"capture": false` in the body, a field removed before vLLM sees it)
    or the sampling rate skipped it. `POST /v1/feedback` (serve/feedback.py) is answered here.
 5. List what can be served. A successful `GET /v1/models` lists the base and every servable reference from the
@@ -39,7 +40,7 @@ import json
 import logging
 import os
 
-from serve.capture import REQUEST_ID_HEADER, new_request_id
+from serve.capture import REQUEST_ID_HEADER, STREAM_CAPTURE_BYTES, new_request_id
 from serve.response_watch import ResponseWatch
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,17 @@ class RegistryRefMiddleware:
         if plan is None:
             return await self.app(scope, _replay(replay, receive), ResponseWatch(send, extra_headers=id_header).send)
         plan.routed = scope.get(ROUTED_KEY)
+        if plan.streamed:  # the caller's chunks are never held back; the record is written once they all went
+            async def recorded_stream(watch):
+                if watch.status == 200:
+                    try:
+                        await self.capture.answered_stream(plan, watch)
+                    except Exception:  # the capture must never cost the caller its answer
+                        log.exception("capture of streamed request %s failed", request_id)
+
+            watch = ResponseWatch(send, keep_bytes=STREAM_CAPTURE_BYTES + 1, extra_headers=id_header,
+                                  on_complete=recorded_stream)
+            return await self.app(scope, _replay(replay, receive), watch.send)
 
         async def recorded(watch):  # held until recorded: an answered request's record is on disk first
             body = watch.body

@@ -122,13 +122,23 @@ def test_two_adapters_200_requests_190_records(served):
     assert json.loads((served["capture"] / "capture.json").read_text())["format"] == "lora-pipeline-capture/1"
 
 
-def test_streamed_answers_are_not_captured(served):
-    raw = served["client"].chat.completions.with_raw_response.create(
-        model="alpha", messages=[{"role": "user", "content": "Stream please"}], max_tokens=3, stream=True)
-    request_id = raw.headers["x-request-id"]
-    chunks = list(raw.parse())
-    assert chunks and raw.http_response.status_code == 200
-    assert request_id not in {r["request_id"] for r in read_records(served["capture"])}
+def test_streamed_answers_are_captured_from_their_chunks(served):
+    """A stream reaches the caller chunk by chunk, untouched; its record holds the text the chunks spelled."""
+    for secret in ("", f" {SECRET}77"):
+        raw = served["client"].chat.completions.with_raw_response.create(
+            model="alpha", messages=[{"role": "user", "content": "Stream please" + secret}], max_tokens=3,
+            stream=True, temperature=0)
+        request_id = raw.headers["x-request-id"]
+        chunks = list(raw.parse())
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks and raw.http_response.status_code == 200
+        assert all(getattr(c.choices[0], "token_ids", None) is None for c in chunks if c.choices)  # not asked
+        [record] = [r for r in read_records(served["capture"]) if r["request_id"] == request_id]
+        assert record["endpoint"] == "chat" and record["adapter"] == "alpha" and record["version"] == 1
+        assert record["completion"] == streamed and record["finish_reason"] in ("length", "stop")
+        assert record["messages"][0]["content"] == "Stream please" + (" [REDACTED]" if secret else "")
+        assert record["redacted"] is bool(secret) and record["token_ids"] is None
+    assert SECRET.encode() not in b"".join(p.read_bytes() for p in served["capture"].rglob("*.jsonl"))
 
 
 def test_refused_requests_are_not_captured(served):

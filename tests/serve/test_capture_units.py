@@ -96,3 +96,28 @@ def test_serve_capture_keys_reach_the_server_environment(tmp_path):
     assert env[ENV_DIR] == str(tmp_path / "cap") and float(env["PIPELINE_SERVE_CAPTURE_RATE"]) == 0.5
     assert json.loads(env[ENV_REDACT]) == ["x+"] and float(env["PIPELINE_SERVE_CAPTURE_MAX_SHARD_MB"]) == 2.0
     assert capture_environment(load_config(None, [])) == {}
+
+
+def test_a_stream_is_assembled_from_its_chunks():
+    from serve.capture import _assembled
+
+    def events(*chunks, done=True):
+        lines = [b"data: " + json.dumps(c).encode() for c in chunks] + ([b"data: [DONE]"] if done else [])
+        return b"\n\n".join(lines) + b"\n\n"
+
+    chat = events({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "token_ids": None}],
+                   "prompt_token_ids": [1, 2]},
+                  {"choices": [{"index": 0, "delta": {"content": "4"}, "token_ids": [19]}]},
+                  {"choices": [{"index": 1, "delta": {"content": "other"}}]},  # a second choice: not recorded
+                  {"choices": [{"index": 0, "delta": {"content": "2"}, "token_ids": [17], "finish_reason": "stop"}]},
+                  {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 2}})
+    answer = _assembled(chat, "chat")
+    assert answer == {"choices": [{"message": {"content": "42"}, "token_ids": [19, 17], "finish_reason": "stop",
+                                   "prompt_token_ids": [1, 2]}],
+                      "usage": {"prompt_tokens": 2, "completion_tokens": 2}}
+    completion = events({"choices": [{"index": 0, "text": "ab"}]}, {"choices": [{"index": 0, "text": "c",
+                                                                                "finish_reason": "length"}]})
+    assert _assembled(completion, "completion")["choices"][0] == {
+        "text": "abc", "token_ids": None, "finish_reason": "length", "prompt_token_ids": None}
+    assert _assembled(events({"choices": [{"index": 0, "text": "ab"}]}, done=False), "completion") is None  # cut off
+    assert _assembled(b"data: {broken\n\n", "completion") is None
