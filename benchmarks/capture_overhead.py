@@ -9,6 +9,7 @@ average before and after.
 
     .venv/bin/python benchmarks/capture_overhead.py                       # 6 rounds of 200 requests per mode
     .venv/bin/python benchmarks/capture_overhead.py --rounds 3 --batch 100 --out benchmarks/results/x.json
+    .venv/bin/python benchmarks/capture_overhead.py --one-server --rounds 10   # one engine: captured vs opted out
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=6, help="batches per mode")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--one-server", action="store_true",
+                        help="one server with capture on; 'off' batches opt out per request (x-capture: off), so "
+                             "both modes share the engine, its cores and its start order")
     args = parser.parse_args()
 
     import openai
@@ -62,12 +66,15 @@ def main() -> None:
     reg.publish(write_lora(work / "lora", rank=8, alpha=16, seed=1), "bench", base_dir=base)
     servers = {}
     try:
-        for mode in ("off", "on"):
+        for mode in ("on",) if args.one_server else ("off", "on"):
             env = capture_env(CaptureSettings(str(work / "capture")) if mode == "on" else None)
             servers[mode] = start_server(base, str(work / "registry"), port=free_port(), max_loras=1,
                                          max_model_len=256, kv_cache_gib=0.0625, dtype="float32", env=env)
         clients = {mode: openai.OpenAI(base_url=h.url, api_key="none", max_retries=0, timeout=120)
                    for mode, h in servers.items()}
+        if args.one_server:
+            clients["off"] = openai.OpenAI(base_url=servers["on"].url, api_key="none", max_retries=0, timeout=120,
+                                           default_headers={"x-capture": "off"})
         for client in clients.values():  # warm-up: adapter load, first batches
             run_batch(client, 4 * args.concurrency, args.concurrency, args.max_tokens)
         load_before = os.getloadavg()
@@ -84,7 +91,8 @@ def main() -> None:
     summary = {mode: round(args.batch * args.rounds / sum(b["seconds"] for b in batches if b["mode"] == mode), 2)
                for mode in ("off", "on")}
     summary["on_over_off"] = round(summary["on"] / summary["off"], 3)
-    result = {"req_per_s": summary, "batches": batches, "batch": args.batch, "rounds": args.rounds,
+    result = {"req_per_s": summary, "one_server": args.one_server, "batches": batches, "batch": args.batch,
+              "rounds": args.rounds,
               "concurrency": args.concurrency, "max_tokens": args.max_tokens,
               "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after]}
     print(json.dumps({k: v for k, v in result.items() if k != "batches"}))
