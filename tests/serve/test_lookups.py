@@ -154,10 +154,13 @@ def test_store_errors_keep_their_status_whatever_the_store(flaky):
 
 def test_a_version_past_any_registry_is_404_without_asking_for_it(flaky):
     registry, catalog = flaky
-    with pytest.raises(NotFoundError, match=r"`alpha@99999999999999999999` does not exist; versions of `alpha`: 1-2"):
-        catalog.lookup("alpha@99999999999999999999")
+    with pytest.raises(NotFoundError, match=r"`alpha@999999999999999999` does not exist; versions of `alpha`: 1-2"):
+        catalog.lookup("alpha@999999999999999999")  # 18 digits: the most a version may have
     with pytest.raises(NotFoundError, match="alpha"):  # names what exists
-        catalog.lookup("nosuch@99999999999999999999")
+        catalog.lookup("nosuch@999999999999999999")
     assert registry.calls == 1  # only the listing of adapters for `nosuch`, never the version itself
+    with pytest.raises(RegistryError, match="more than 18 digits"):  # refused by the reference's own check
+        catalog.lookup("alpha@" + "9" * 20)
     with pytest.raises(RegistryError, match="5002 characters"):  # was a ValueError from int(): a 500
         catalog.lookup("alpha@" + "9" * 4996)
+    assert registry.calls == 1

@@ -166,9 +166,9 @@ def test_versions_tampered_on_the_server_are_422_and_versions_past_its_range_404
         message = body["error"]["message"]
         assert status == 422 and "verify" in message and model.split("@")[0] in message, (model, status, message)
 
-    status, body, _ = _post(mlflow_served["url"], _completion("alpha@99999999999999999999"))
+    status, body, _ = _post(mlflow_served["url"], _completion("alpha@999999999999999999"))  # 18 digits
     assert status == 404 and "versions of `alpha`: 1-2" in body["error"]["message"], (status, body)
-    status, body, _ = _post(mlflow_served["url"], _completion("nosuch@99999999999999999999"))
+    status, body, _ = _post(mlflow_served["url"], _completion("nosuch@999999999999999999"))
     assert status == 404 and "does not exist" in body["error"]["message"], (status, body)
 
 
