@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -133,7 +134,12 @@ def test_streamed_answers_are_captured_from_their_chunks(served):
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert chunks and raw.http_response.status_code == 200
         assert all(getattr(c.choices[0], "token_ids", None) is None for c in chunks if c.choices)  # not asked
-        [record] = [r for r in read_records(served["capture"]) if r["request_id"] == request_id]
+        # written right after the stream's last chunk went out, so possibly just after the client saw [DONE]
+        deadline, found = time.monotonic() + 30, []
+        while not found and time.monotonic() < deadline:
+            found = [r for r in read_records(served["capture"]) if r["request_id"] == request_id]
+            time.sleep(0 if found else 0.1)
+        [record] = found
         assert record["endpoint"] == "chat" and record["adapter"] == "alpha" and record["version"] == 1
         assert record["completion"] == streamed and record["finish_reason"] in ("length", "stop")
         assert record["messages"][0]["content"] == "Stream please" + (" [REDACTED]" if secret else "")
