@@ -8,7 +8,7 @@ the record is counted as lost in /metrics (`lora_pipeline_capture_records_lost_t
 
 The settings reach the server process (single vLLM server or the replicated ingress, where the middleware runs)
 through environment variables, like the other middleware settings. A streamed answer is recorded from its
-chunks after the caller got them (`_assembled`).
+chunks just before its `[DONE]` goes to the caller (`_assembled`).
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class Capture:
         return body
 
     async def answered_stream(self, plan: CapturePlan, watch) -> None:
-        """Record a streamed answer (status 200) from its chunks, after the caller has them all."""
+        """Record a streamed answer (status 200) from its chunks, before its end (`[DONE]`) goes to the caller."""
         if watch.kept > STREAM_CAPTURE_BYTES:  # kept only its first bytes: a record of part of it would mislead
             self.lost += 1
             log.warning("capture: a streamed answer over %d MiB was not recorded (request %s)",

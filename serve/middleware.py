@@ -25,8 +25,8 @@ In order:
    a traffic route in the registry goes to the target the route picks for this caller (serve/routing.py), and,
    when the route has a mirror, a copy of the request goes to the mirror in the background (serve/mirror.py).
 4. Capture (serve/capture.py, `--capture DIR`, off by default): every answer gets an `x-request-id` header; an
-   answered (200) chat or completion request is recorded before its answer is sent (a streamed one right after
-   its last chunk, since its chunks are never held back), unless the
+   answered (200) chat or completion request is recorded before its answer is sent (a streamed one just before
+   its `[DONE]` event, its other chunks passing on unheld), unless the
    caller opted out (`x-capture: off`, or `"capture": false` in the body, a field removed before vLLM sees it)
    or the sampling rate skipped it. `POST /v1/feedback` (serve/feedback.py) is answered here.
 5. List what can be served. A successful `GET /v1/models` lists the base and every servable reference from the
@@ -159,17 +159,8 @@ class RegistryRefMiddleware:
         if plan is None:
             return await self.app(scope, _replay(replay, receive), ResponseWatch(send, extra_headers=id_header).send)
         plan.routed = scope.get(ROUTED_KEY)
-        if plan.streamed:  # the caller's chunks are never held back; the record is written once they all went
-            async def recorded_stream(watch):
-                if watch.status == 200:
-                    try:
-                        await self.capture.answered_stream(plan, watch)
-                    except Exception:  # the capture must never cost the caller its answer
-                        log.exception("capture of streamed request %s failed", request_id)
-
-            watch = ResponseWatch(send, keep_bytes=STREAM_CAPTURE_BYTES + 1, extra_headers=id_header,
-                                  on_complete=recorded_stream)
-            return await self.app(scope, _replay(replay, receive), watch.send)
+        if plan.streamed:
+            return await self.app(scope, _replay(replay, receive), self._recording_stream(send, plan, id_header))
 
         async def recorded(watch):  # held until recorded: an answered request's record is on disk first
             body = watch.body
@@ -182,6 +173,29 @@ class RegistryRefMiddleware:
 
         watch = ResponseWatch(send, hold=True, extra_headers=id_header, on_complete=recorded)
         return await self.app(scope, _replay(replay, receive), watch.send)
+
+    def _recording_stream(self, send, plan, id_header):
+        """A `send` for a streamed answer: every chunk goes on to the caller as it comes, except that the record is
+        written just before the end of the stream (`data: [DONE]`) goes out. A client stops reading at [DONE] and
+        may hang up before the response's closing message, so waiting for that message could record nothing."""
+        kept = ResponseWatch(None, keep_bytes=STREAM_CAPTURE_BYTES + 1)  # status and events; sends nothing
+        passed = ResponseWatch(send, extra_headers=id_header)
+        recorded = False
+
+        async def send_stream(message):
+            nonlocal recorded
+            await kept.send(message)
+            last = message["type"] == "http.response.body" and (
+                b"data: [DONE]" in message.get("body", b"") or not message.get("more_body", False))
+            if last and not recorded and kept.status == 200:
+                recorded = True
+                try:
+                    await self.capture.answered_stream(plan, kept)
+                except Exception:  # the capture must never cost the caller its answer
+                    log.exception("capture of streamed request %s failed", plan.request_id)
+            await passed.send(message)
+
+        return send_stream
 
     async def _feedback(self, scope, receive, send):
         from serve import feedback
