@@ -55,7 +55,10 @@ def init_ray(cfg, bundles: list[dict]) -> bool:
 
     if ray.is_initialized():
         return False
-    address = cfg.ray_init.address
+    # A cluster is joined only when named (ray_init.address, or RAY_ADDRESS as Ray itself reads it); otherwise a
+    # new local one starts ("local"): Ray's default would join whatever /tmp/ray/ray_current_cluster names, even
+    # the stale record of a run that was SIGKILLed, and then refuse our num_cpus.
+    address = cfg.ray_init.address or os.environ.get("RAY_ADDRESS")
     # The run's log file, so every actor (and vLLM inside it) writes its output there, not to the console.
     log_env = worker_log_env()
     options = {"log_to_driver": True, "runtime_env": {"env_vars": log_env} if log_env else None}
@@ -68,7 +71,7 @@ def init_ray(cfg, bundles: list[dict]) -> bool:
         # Logical CPUs: enough for the placement group's bundles; on a 2-core machine they time-share the cores.
         needed = int(sum(b.get("CPU", 0) for b in bundles))
         num_cpus = cfg.ray_init.num_cpus or max(os.cpu_count() or 1, needed + 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **options)
     return True
 
 
