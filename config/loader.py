@@ -208,14 +208,19 @@ def _scope_generation(raw: dict[str, Any], ranks: dict[str, int], sources: dict[
              " and ".join(later))
 
 
-def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None, *,
+                file_raw: dict[str, Any] | None = None) -> Config:
     """Defaults <- algorithm preset <- YAML file <- overrides, then type checks and cross-field validation.
 
     Without a file, the embedded CPU demo (`config/cpu_quickstart.yaml`) is the file. The loaded
-    config records where each key came from (`cfg.source_of("data.train_files")`)."""
+    config records where each key came from (`cfg.source_of("data.train_files")`). `file_raw`: the file's
+    content already read (a fleet config passes its shared part, without its `fleet` section)."""
     raw: dict[str, Any] = {}
     layers: list[tuple[str, dict[str, Any]]] = []
-    if config_file is None:
+    if file_raw is not None:
+        _check_keys(file_raw, Config, f"config file {config_file}")
+        layers.append((f"config file {config_file}", file_raw))
+    elif config_file is None:
         file_raw = read_yaml(DEFAULT_CONFIG)
         _check_keys(file_raw, Config, f"config file {DEFAULT_CONFIG}")
         layers.append((EMBEDDED_DEFAULT, file_raw))
