@@ -186,7 +186,7 @@ class RegistryRefMiddleware:
             nonlocal recorded
             await kept.send(message)
             last = message["type"] == "http.response.body" and (
-                b"data: [DONE]" in message.get("body", b"") or not message.get("more_body", False))
+                _ends_event_stream(message.get("body", b"")) or not message.get("more_body", False))
             if last and not recorded and kept.status == 200:
                 recorded = True
                 try:
@@ -299,6 +299,12 @@ class RegistryRefMiddleware:
             except Exception:  # a listing problem must not take /v1/models down; vLLM's own list still answers
                 log.exception("could not add registry adapters to /v1/models")
         await watch.replace(body, status=watch.start.get("status", 500))
+
+
+def _ends_event_stream(chunk: bytes) -> bool:
+    """Whether `chunk` holds the stream's closing `data: [DONE]` event: a line of its own, not those characters
+    inside a chunk's JSON (an answer may quote them, and recording there would see a stream cut off)."""
+    return b"[DONE]" in chunk and any(line.strip() == b"data: [DONE]" for line in chunk.split(b"\n"))
 
 
 def _model_of(body: bytes) -> str | None:

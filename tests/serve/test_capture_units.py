@@ -121,3 +121,44 @@ def test_a_stream_is_assembled_from_its_chunks():
         "text": "abc", "token_ids": None, "finish_reason": "length", "prompt_token_ids": None}
     assert _assembled(events({"choices": [{"index": 0, "text": "ab"}]}, done=False), "completion") is None  # cut off
     assert _assembled(b"data: {broken\n\n", "completion") is None
+
+
+def test_a_stream_whose_text_says_done_is_recorded_at_its_real_end(tmp_path):
+    """The record is written when the stream's own `data: [DONE]` event goes out, not at a chunk whose text merely
+    contains those characters (an answer about event streams): that chunk would be recorded as a cut-off stream."""
+    from types import SimpleNamespace
+
+    from serve.middleware import RegistryRefMiddleware
+
+    capture = Capture(prepare_folder(tmp_path / "cap"))
+    plan = CapturePlan("req-" + "ef" * 16, "chat", "alpha", {"messages": [{"role": "user", "content": "SSE?"}]},
+                       wants_ids=False, streamed=True)
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    def event(payload) -> bytes:
+        return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+    messages = [
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]},
+        {"type": "http.response.body", "more_body": True,
+         "body": event({"choices": [{"index": 0, "delta": {"content": "it ends with data: [DONE] and"}}]})},
+        {"type": "http.response.body", "more_body": True,
+         "body": event({"choices": [{"index": 0, "delta": {"content": " a blank line"}, "finish_reason": "stop"}]})},
+        {"type": "http.response.body", "more_body": True, "body": event(b"[DONE]")},
+        {"type": "http.response.body", "more_body": False, "body": b""},
+    ]
+
+    async def stream():
+        recording = RegistryRefMiddleware._recording_stream(SimpleNamespace(capture=capture), send, plan, [])
+        for message in messages:
+            await recording(message)
+
+    asyncio.run(stream())
+    assert [m.get("body") for m in sent[1:]] == [m["body"] for m in messages[1:]]  # passed on untouched
+    [line] = b"".join(p.read_bytes() for p in sorted((tmp_path / "cap" / "records").glob("*.jsonl"))).splitlines()
+    record = json.loads(line)
+    assert record["request_id"] == plan.request_id
+    assert record["completion"] == "it ends with data: [DONE] and a blank line" and record["finish_reason"] == "stop"
