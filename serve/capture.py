@@ -22,6 +22,7 @@ import os
 import random
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,11 @@ class Capture:
         self.lost = 0
         self.feedback_written = 0
         self._warned = False
-        self._known: set[str] = set()  # request ids recorded by this process (others are looked up on disk)
+        # request ids known to be captured: this process's own, and those of the record shards' lines read so
+        # far (other replicas, earlier runs); each shard is read once, then only what was appended since
+        self._known: set[str] = set()
+        self._indexed: dict[str, int] = {}  # record shard name -> bytes of it already read into _known
+        self._index_lock = threading.Lock()  # known() runs in executor threads
         self._digests: dict[str, str | None] = {}  # adapter folder -> its manifest digest
 
     @classmethod
@@ -301,15 +306,30 @@ class Capture:
         (the other replicas, an earlier run): a miss here is looked up in the record shards on disk."""
         if request_id in self._known:
             return True
-        needle = f'"request_id": "{request_id}"'.encode()
-        for shard in sorted((self.folder / "records").glob("*.jsonl")):
-            try:
-                if needle in shard.read_bytes():
-                    self._known.add(request_id)
-                    return True
-            except OSError:
-                continue
-        return False
+        self._index_new_lines()
+        return request_id in self._known
+
+    def _index_new_lines(self) -> None:
+        """Add the request ids of the record lines written since the last look (by any process) to `_known`.
+        A miss thus costs a listing and what was appended since, not a read of the whole capture."""
+        with self._index_lock:
+            for shard in sorted((self.folder / "records").glob("*.jsonl")):
+                done = self._indexed.get(shard.name, 0)
+                try:
+                    with open(shard, "rb") as f:
+                        f.seek(done)
+                        new = f.read()
+                except OSError:
+                    continue
+                complete = new.rfind(b"\n") + 1  # a line still being written is read once it is whole
+                for line in new[:complete].splitlines():
+                    try:
+                        request_id = json.loads(line).get("request_id")
+                    except (ValueError, AttributeError):
+                        continue  # a torn line (a writer killed mid-line) names no captured request
+                    if isinstance(request_id, str):
+                        self._known.add(request_id)
+                self._indexed[shard.name] = done + complete
 
     def write_feedback(self, request_id: str, score, label, comment) -> bool:
         record = {"kind": "feedback", "format": RECORD_FORMAT, "request_id": request_id, "time": utc_now(),

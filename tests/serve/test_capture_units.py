@@ -57,6 +57,35 @@ def test_an_id_captured_by_another_process_is_known(tmp_path):
     assert this.known("req-" + "ab" * 16) and not this.known("req-" + "cd" * 16)
 
 
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (/proc/self/io `rchar`)."""
+    for line in open("/proc/self/io"):
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("/proc/self/io has no rchar line")
+
+
+def test_unknown_ids_do_not_reread_the_capture(tmp_path):
+    """`POST /v1/feedback` with an id the capture never saw must not cost a read of every shard each time: the
+    shards' lines are indexed once, and later looks read only what was appended since (another writer's lines
+    included, a line still being written once it is complete)."""
+    other = Capture(prepare_folder(tmp_path / "cap"), max_shard_mb=1)
+    pad = "x" * 2000
+    for i in range(1500):  # ~3 MB in 3-4 shards, written by "another process"
+        other.records.write((json.dumps({"kind": "request", "request_id": f"req-{i:032x}", "pad": pad}) + "\n").encode())
+    this = Capture(tmp_path / "cap")
+    assert not this.known("req-" + "f" * 32)  # the first look reads the shards
+    before = _bytes_read()
+    for _ in range(20):
+        assert not this.known("req-" + "f" * 32)
+    assert _bytes_read() - before < 1 << 20  # reading the shards again would be 20 x 3 MB
+    assert this.known(f"req-{7:032x}") and this.known(f"req-{1499:032x}")
+    other.records.write(b'{"kind": "request", "request_id": "req-late", "pad": "')  # still being written
+    assert not this.known("req-late")
+    other.records.write(b'"}\n')
+    assert this.known("req-late")
+
+
 def test_redacted_text_takes_the_token_ids_with_it(tmp_path):
     capture = Capture(prepare_folder(tmp_path / "cap"), patterns=[r"\d{4}"])
     plan = CapturePlan("req-1", "completion", "alpha", {"prompt": "pin 1234"}, wants_ids=False)
