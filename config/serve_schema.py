@@ -4,6 +4,7 @@ verl's. Part of `config.schema.Config`; kept apart so the training sections read
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
@@ -75,6 +76,18 @@ class CaptureConfig(Section):
     redact: list[str] = Field(default_factory=list)  # regular expressions replaced in the text before writing
     redact_hook: Optional[str] = None  # `module:function`, str -> str, applied after the patterns
     max_shard_mb: float = Field(default=64.0, gt=0)  # a shard is closed and the next begun at this size
+
+    @field_validator("redact")
+    @classmethod
+    def _patterns_compile(cls, patterns):
+        # refused when the config loads, not when the serve stage starts after a whole training run
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc}); fix the pattern "
+                                 "(Python `re` syntax)") from None
+        return patterns
 
 
 class ServeConfig(Section):

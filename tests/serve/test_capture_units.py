@@ -127,6 +127,16 @@ def test_serve_capture_keys_reach_the_server_environment(tmp_path):
     assert capture_environment(load_config(None, [])) == {}
 
 
+def test_a_redact_pattern_that_does_not_compile_is_refused_when_the_config_loads():
+    """Not when the serve stage starts, after a whole training run and its publish."""
+    from config.loader import load_config
+    from ground.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"serve\.capture\.redact.*\(unclosed.*not a valid regular expression"):
+        load_config(None, ["serve.capture.redact=['(unclosed']"])
+    assert load_config(None, ["serve.capture.redact=['SECRET-[0-9]+']"]).serve.capture.redact == ["SECRET-[0-9]+"]
+
+
 def test_a_stream_is_assembled_from_its_chunks():
     from serve.capture import _assembled
 
