@@ -189,9 +189,8 @@ def test_publish_records_the_capture_manifest_in_lineage(capture, tmp_path, tiny
     assert captured["capture"] == str(folder.resolve())
 
 
-def test_the_docs_recipe_rescores_captured_prompts_with_a_rule_scorer(tmp_path):
+def test_the_docs_recipe_rescores_captured_prompts_with_a_rule_scorer(tmp_path, monkeypatch):
     """docs/flywheel.md's block that gives captured arithmetic questions the `arithmetic` scorer, run as written."""
-    import os
     import re
     from pathlib import Path
 
@@ -199,7 +198,7 @@ def test_the_docs_recipe_rescores_captured_prompts_with_a_rule_scorer(tmp_path):
     write_shard(folder, "records", [request_record("What is 3 + 4? Answer with just the number.", "9", seconds=1),
                                     request_record("Hello", "hi", seconds=2),
                                     request_record("What is 9 - 12? Answer with just the number.", "?", seconds=3)])
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the docs' relative paths; the next tests keep their own working folder
     assert run("arith", "--capture", folder, "--out", "data/from-arith") == 0
     docs = (Path(__file__).resolve().parents[2] / "docs" / "flywheel.md").read_text()
     [block] = [b for b in re.findall(r"```python\n(.*?)```", docs, re.S) if "from-arith-rule" in b]
