@@ -157,7 +157,8 @@ def cpu_wrapper_for(slots: torch.Tensor, adapters: int, prefill: bool):
     from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    wrapper = PunicaWrapperCPU(max_num_batched_tokens=128, max_batches=128, device="cpu")
+    tokens = max(128, len(slots))
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=tokens, max_batches=tokens, device="cpu")
     lora_ids = tuple(int(s) + 1 for s in slots)  # adapter id k+1 sits in slot k; id 0 = no adapter
     mapping = LoRAMapping(lora_ids, lora_ids, is_prefill=prefill)
     PunicaWrapperBase.update_metadata(wrapper, mapping, list(range(1, adapters + 1)) + [None], adapters + 1,
@@ -205,6 +206,52 @@ def test_fused_add_lora_linear_falls_back_on_rows_it_was_not_told_about(restorab
     restorable_wrapper.PunicaWrapperCPU.add_lora_linear(wrapper, expected, x, lora_a, lora_b, 1.0, (40,))
     segmented.add_lora_linear(wrapper, actual, x, lora_a, lora_b, 1.0, (40,))
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_several_adapters_take_the_all_slot_products_and_follow_in_place_writes(dtype, restorable_wrapper):
+    """Interleaved decode tokens of 3 adapters and the base: the all-slot products run (counted), equal vLLM's
+    own method, and after vLLM writes a slot in place (as set_lora / reset_lora do) the cached layouts are
+    rebuilt: the next call equals vLLM's method on the new weights."""
+    gen = torch.Generator().manual_seed(21)
+    slots = torch.tensor([0, 2, 1, -1, 0, 1, 2, 2, -1, 0, 1, 0])
+    wrapper = cpu_wrapper_for(slots, 3, prefill=False)
+    segmented._remember_token_groups(wrapper)
+    upstream_add_lora_linear = segmented._ORIGINAL_METHODS.get("add_lora_linear",
+                                                               restorable_wrapper.PunicaWrapperCPU.add_lora_linear)
+    out_slices = (48, 16, 16)
+    x = torch.randn(len(slots), 40, generator=gen).to(dtype)
+    lora_as = tuple(stacked(3, 8, 40, dtype, gen) for _ in out_slices)
+    lora_bs = tuple(stacked(3, size, 8, dtype, gen) for size in out_slices)
+
+    def both() -> tuple:
+        expected, actual = torch.zeros(len(slots), 80, dtype=dtype), torch.zeros(len(slots), 80, dtype=dtype)
+        upstream_add_lora_linear(wrapper, expected, x, lora_as, lora_bs, 1.0, out_slices)
+        calls = segmented.stats["all_slot_calls"]
+        segmented.add_lora_linear(wrapper, actual, x, lora_as, lora_bs, 1.0, out_slices)
+        assert segmented.stats["all_slot_calls"] == calls + 1
+        return actual, expected
+
+    actual, expected = both()
+    close(actual, expected, dtype)
+    assert torch.all(actual[slots == -1] == 0)
+    lora_bs[1][2, 0].copy_(torch.randn(16, 8, generator=gen).to(dtype))  # set_lora writes slot 2 of slice 1
+    lora_as[0][0] = 0  # reset_lora zeroes slot 0
+    rewritten, expected = both()
+    close(rewritten, expected, dtype)
+    assert not torch.equal(rewritten[:, 48:64], actual[:, 48:64])
+    assert torch.all(rewritten[slots == 0, :48] == 0)
+
+
+def test_a_few_long_runs_keep_the_per_group_loop(restorable_wrapper):
+    """Prefill of 2 sequences of 200 tokens each: the thin products per group cost less than all slots'."""
+    slots = torch.tensor([1] * 200 + [0] * 200)
+    wrapper = cpu_wrapper_for(slots, 2, prefill=True)
+    segmented._remember_token_groups(wrapper)
+    assert not segmented._all_slot_products_pay(wrapper._segmented_groups[1], len(slots))
+    wrapper = cpu_wrapper_for(torch.tensor([1] * 32 + [0] * 32), 2, prefill=True)  # 2 short runs: all slots pay
+    segmented._remember_token_groups(wrapper)
+    assert segmented._all_slot_products_pay(wrapper._segmented_groups[1], 64)
 
 
 def test_no_adapter_tokens_get_no_delta_even_when_the_last_slot_is_occupied():

@@ -105,10 +105,12 @@ def test_four_adapters_in_one_batch_equal_peft(engine, four_adapters, tiny_model
         return original_fused(wrapper, y, x, *args, **kwargs)
 
     monkeypatch.setattr(wrapper_module.PunicaWrapperCPU, "add_lora_linear", counted)
+    all_slot_calls = segmented.stats["all_slot_calls"]
     outputs = engine.generate([TokensPrompt(prompt_token_ids=prompt_ids)] * len(REQUEST_SEEDS), params,
                               lora_request=[requests.get(seed) for seed in REQUEST_SEEDS], use_tqdm=False)
 
     assert fused_calls and all(fused_calls)
+    assert segmented.stats["all_slot_calls"] > all_slot_calls  # the mixed decode batches took the all-slot products
     distinct = {tuple(answers[seed]) for seed in answers}
     assert len(distinct) == len(answers)  # 4 adapters and the base answer differently: a mix-up would show
     peft_logprobs = {}
@@ -166,3 +168,25 @@ def test_an_adapter_reloaded_in_place_answers_with_its_new_weights(engine, four_
                         copies=2)
     assert merged.stats["merges"] > merges  # the new weights were merged afresh
     assert [list(c.token_ids) for c in second] == [answers[3]] * 2
+
+
+def test_an_adapter_reloaded_in_place_in_a_mixed_batch(engine, four_adapters, tiny_model_dir):
+    """A mixed batch (the all-slot products, with their cached layouts) right after an in-place reload."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    dirs, answers = four_adapters
+    prompt_ids = AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPT).input_ids
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, detokenize=False)
+
+    def mixed(moving_dir: str, inplace: bool) -> list[list[int]]:
+        moving = LoRARequest("moving", 11, moving_dir, load_inplace=inplace)
+        requests = [moving, LoRARequest("adapter-4", 4, str(dirs[4])), None] * 2
+        outputs = engine.generate([TokensPrompt(prompt_token_ids=prompt_ids)] * len(requests), params,
+                                  lora_request=requests, use_tqdm=False)
+        return [list(out.outputs[0].token_ids) for out in outputs]
+
+    assert mixed(str(dirs[1]), inplace=False) == [answers[1], answers[4], answers[None]] * 2
+    assert mixed(str(dirs[2]), inplace=True) == [answers[2], answers[4], answers[None]] * 2
