@@ -145,6 +145,7 @@ class Capture:
         self._known: set[str] = set()
         self._indexed: dict[str, int] = {}  # record shard name -> bytes of it already read into _known
         self._index_lock = threading.Lock()  # known() runs in executor threads
+        self._hook_lock = threading.Lock()
         self._digests: dict[str, str | None] = {}  # adapter folder -> its manifest digest
 
     @classmethod
@@ -216,11 +217,14 @@ class Capture:
         await self._write_record(plan, answer, answer["choices"][0])
 
     async def _write_record(self, plan: CapturePlan, answer: dict, choice: dict) -> None:
-        line = (json.dumps(self._record(plan, answer, choice), ensure_ascii=False) + "\n").encode()
-        ok = await asyncio.get_running_loop().run_in_executor(None, self.records.write, line)
+        # built off the event loop too: the redaction (the user's patterns and hook) may take its time
+        ok = await asyncio.get_running_loop().run_in_executor(None, self._record_written, plan, answer, choice)
         self._count(ok, self.records)
         if ok:
             self._known.add(plan.request_id)
+
+    def _record_written(self, plan: CapturePlan, answer: dict, choice: dict) -> bool:
+        return self.records.write((json.dumps(self._record(plan, answer, choice), ensure_ascii=False) + "\n").encode())
 
     def _record(self, plan: CapturePlan, answer: dict, choice: dict) -> dict:
         redacted = False
@@ -255,7 +259,8 @@ class Capture:
         for pattern in self.patterns:
             new = pattern.sub(REDACTED, new)
         if self.hook is not None:
-            new = self.hook(new)
+            with self._hook_lock:  # records are built in executor threads: the user's hook is called one at a time
+                new = self.hook(new)
         return new, new != text
 
     def _redact_json(self, value):

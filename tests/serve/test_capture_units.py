@@ -72,7 +72,8 @@ def test_unknown_ids_do_not_reread_the_capture(tmp_path):
     other = Capture(prepare_folder(tmp_path / "cap"), max_shard_mb=1)
     pad = "x" * 2000
     for i in range(1500):  # ~3 MB in 3-4 shards, written by "another process"
-        other.records.write((json.dumps({"kind": "request", "request_id": f"req-{i:032x}", "pad": pad}) + "\n").encode())
+        line = json.dumps({"kind": "request", "request_id": f"req-{i:032x}", "pad": pad}) + "\n"
+        other.records.write(line.encode())
     this = Capture(tmp_path / "cap")
     assert not this.known("req-" + "f" * 32)  # the first look reads the shards
     before = _bytes_read()
@@ -201,3 +202,38 @@ def test_a_stream_whose_text_says_done_is_recorded_at_its_real_end(tmp_path):
     record = json.loads(line)
     assert record["request_id"] == plan.request_id
     assert record["completion"] == "it ends with data: [DONE] and a blank line" and record["finish_reason"] == "stop"
+
+
+def _slow_hook(text: str) -> str:  # a redaction hook that calls out (a PII service, a model): slow per text
+    import time
+
+    time.sleep(0.2)
+    return text
+
+
+def test_the_redaction_hook_runs_off_the_event_loop(tmp_path):
+    """The hook is the user's code and may take its time: while it runs, the server's other requests go on."""
+    from types import SimpleNamespace
+
+    capture = Capture(prepare_folder(tmp_path / "cap"), hook=_slow_hook)
+    plan = CapturePlan("req-" + "12" * 16, "completion", "alpha", {"prompt": "hi"}, wants_ids=False)
+    body = json.dumps({"choices": [{"text": "ok", "token_ids": [1], "finish_reason": "stop"}]}).encode()
+
+    async def go():
+        ticks = 0
+
+        async def other_requests():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(other_requests())
+        await asyncio.sleep(0)
+        await capture.answered(plan, SimpleNamespace(body=body))  # prompt and completion: two hook calls, 0.4 s
+        ticker.cancel()
+        return ticks
+
+    assert asyncio.run(go()) >= 5  # with the hook on the loop it ticked twice: before it and during the write
+    [line] = b"".join(p.read_bytes() for p in (tmp_path / "cap" / "records").glob("*.jsonl")).splitlines()
+    assert json.loads(line)["completion"] == "ok"
