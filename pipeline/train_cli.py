@@ -19,8 +19,22 @@ from ground.new_files import refuse_registry_folder
               help="Where the final adapter, history and outputs go (default: trainer.default_local_dir).")
 @click.option("--force", is_flag=True, help="Start from scratch even where an earlier run left checkpoints or "
               "outputs, replacing them (default: refuse).")
-def train_command(config_file, overrides, out_dir, force):
+@click.option("--fleet", "fleet_file", type=click.Path(), default=None,
+              help="Train many adapters at once from a fleet YAML (shared config + fleet.members); see "
+              "docs/training.md, 'Fleet training'.")
+@click.option("--fail-fast", is_flag=True, help="With --fleet: stop every member at the first member failure.")
+@click.option("--resume", is_flag=True, help="With --fleet: continue from the fleet's last checkpoint.")
+def train_command(config_file, overrides, out_dir, force, fleet_file, fail_fast, resume):
     """Train a LoRA adapter with RL: FSDP2 actor workers on Ray, vLLM rollouts (no publishing)."""
+    if fleet_file or fail_fast or resume:
+        from ground.errors import ConfigError
+        from pipeline.fleet_train import train_fleet
+
+        if not fleet_file or config_file:
+            raise ConfigError("--fail-fast and --resume go with --fleet FILE, and --fleet replaces -c: the fleet "
+                              "YAML holds the shared config. Pass --fleet fleet.yaml alone.")
+        train_fleet(fleet_file, list(overrides), out_dir, fail_fast=fail_fast, resume=resume, force=force)
+        return
     from pipeline.runner import load_run_config
     from stages.stage_model import cleanup, stage_model
     from stages.start_adapter import check_start_adapter, resolve_start_adapter, with_start_folder

@@ -82,7 +82,7 @@ class RolloutEngine:
     """
 
     def __init__(self, model_dir: str, rollout_cfg: dict, *, lora_rank: int, max_model_len: int, seed: int,
-                 sync_mode: str):
+                 sync_mode: str, max_loras: int = 1):
         if sync_mode not in SYNC_MODES:
             raise ConfigError(f"sync_mode={sync_mode!r} must be one of {SYNC_MODES} (resolve `auto` first).")
         redirect_process_output("rollout")  # vLLM's own output too: into the run's log file, not the console
@@ -116,7 +116,8 @@ class RolloutEngine:
         if sync_mode == "adapter":
             configured = rollout_cfg.get("max_lora_rank")
             max_rank = vllm_max_lora_rank(max(lora_rank, configured or 0))
-            kwargs.update(enable_lora=True, max_lora_rank=max_rank, max_loras=1, max_cpu_loras=1)
+            # max_loras > 1: a fleet's engine holds every member's adapter (stages/train/fleet/engine.py)
+            kwargs.update(enable_lora=True, max_lora_rank=max_rank, max_loras=max_loras, max_cpu_loras=max_loras)
         if not _on_cuda():
             _use_every_allowed_core()
         log.info("starting vLLM rollout engine (%s sync) on %s", sync_mode, self.model_dir)

@@ -1,0 +1,103 @@
+"""Fleet training end to end on the tiny model, through the real CLI (`pipeline train --fleet`): real Ray, one
+real vLLM CPU engine with a LoRA slot per member, one FSDP2 actor over gloo. One 2-step run of four members
+(three learn the toy task, one has a reward function that raises) is shared by the assertions; the last test
+resumes it for a third step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.stages.train.fleet_helpers import write_fleet
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+GOOD = ("add", "sub", "spell")
+
+
+def _cli(*args):
+    from pipeline.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet")
+    path = write_fleet(tiny_model_dir, root, steps=2)
+    out = root / "out"
+    result = _cli("train", "--fleet", str(path), "--out-dir", str(out))
+    assert result.exit_code == 0, result.output
+    return {"root": root, "path": path, "out": out, "output": result.output,
+            "outcome": json.loads((out / "fleet_outcome.json").read_text())}
+
+
+def test_the_broken_member_fails_alone_with_its_error(fleet_run):
+    members = fleet_run["outcome"]["members"]
+    assert {n: m["status"] for n, m in members.items()} == {"add": "finished", "sub": "finished",
+                                                            "spell": "finished", "broken": "failed"}
+    error = members["broken"]["error"]
+    assert error["type"] == "RewardError" and "deliberately broken reward" in error["message"]
+    assert error["step"] == 1 and members["broken"]["adapter_dir"] is None
+    assert fleet_run["output"].count("deliberately broken reward") == 1  # said once, in the closing summary
+    assert fleet_run["outcome"]["steps"] == 2
+    history = [json.loads(x) for x in (fleet_run["out"] / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2]
+    for h in history:  # the others trained both steps; the broken one has no metrics after failing
+        assert all(f"members/{n}/reward/mean" in h and f"members/{n}/actor/grad_norm" in h for n in GOOD)
+        assert not any(k.startswith("members/broken/") for k in h)
+    # each member's own rollout.n: sub samples 2 per prompt, the others 4 (4 prompts per step)
+    assert [history[0][f"members/{n}/rows"] for n in GOOD] == [16.0, 8.0, 16.0]
+
+
+def test_each_finished_member_is_a_peft_adapter_of_its_own(fleet_run, tiny_model_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    ranks = {"add": 8, "sub": 4, "spell": 2}
+    weights = {}
+    for name in GOOD:
+        folder = Path(fleet_run["outcome"]["members"][name]["adapter_dir"])
+        assert folder == fleet_run["out"] / "members" / name / "adapter"
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["r"] == ranks[name]
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(folder))
+        assert model.peft_config["default"].r == ranks[name]
+        weights[name] = load_file(str(folder / "adapter_model.safetensors"))
+        # trained: B moved away from its zero start
+        assert any(t.abs().max() > 0 for k, t in weights[name].items() if "lora_B" in k)
+    key = next(k for k in weights["add"] if "lora_B" in k)
+    shapes = {n: tuple(weights[n][key].shape) for n in GOOD}
+    assert len(set(shapes.values())) == 3  # each its own rank
+    assert not (fleet_run["out"] / "members" / "broken").exists()
+
+
+def test_resume_continues_every_member_from_the_last_checkpoint(fleet_run):
+    out = fleet_run["out"]
+    saved = torch.load(out / "checkpoints" / "global_step_2" / "fleet_lora.pt", weights_only=True)
+    again = _cli("train", "--fleet", str(fleet_run["path"]), "--out-dir", str(out), "--resume",
+                 "trainer.total_training_steps=3")
+    assert again.exit_code == 0, again.output
+    outcome = json.loads((out / "fleet_outcome.json").read_text())
+    assert outcome["steps"] == 3
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3]  # only the third step ran
+    assert outcome["members"]["broken"]["status"] == "failed"  # its failure is remembered, not retried
+    assert outcome["members"]["broken"]["error"]["step"] == 1
+    # the third step started from step 2's weights: a member's A (which moves little at this lr) is still close
+    resumed = torch.load(out / "checkpoints" / "global_step_3" / "fleet_lora.pt", weights_only=True)
+    assert set(resumed) == set(saved)
+    key = next(k for k in saved if ".lora_A." in k)
+    assert (resumed[key] - saved[key]).abs().max() < (saved[key].abs().max())
+
+
+def test_a_checkpointed_folder_is_not_restarted_by_accident(fleet_run):
+    from ground.errors import StageError
+
+    with pytest.raises(StageError, match="--resume to continue it, --force to start over"):
+        _cli("train", "--fleet", str(fleet_run["path"]), "--out-dir", str(fleet_run["out"]))
