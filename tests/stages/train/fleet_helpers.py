@@ -1,5 +1,6 @@
-"""A four-member fleet on the tiny model for the fleet tests: three members on the toy task (digits reward,
-different ranks, alphas, learning rates and rollout.n), one whose reward function raises."""
+"""A five-member fleet on the tiny model for the fleet tests: three members on the toy task (digits reward,
+different ranks, alphas, learning rates and rollout.n), one whose train file is missing, one whose
+reward function raises."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info):
 
 
 def write_fleet(model_dir: Path, root: Path, steps: int) -> Path:
-    """fleet.yaml under root: the toy run's shared settings (one actor rank) and the members add, sub, spell, broken."""
+    """fleet.yaml under root: the toy run's shared settings (one actor rank) and the members add, sub, spell, nodata, broken."""
     from config.loader import overrides_to_dict
 
     data, reward = make_toy_task(root)
@@ -30,12 +31,14 @@ def write_fleet(model_dir: Path, root: Path, steps: int) -> Path:
     shared.pop("custom_reward_function")
     files = {"train_files": str(data / "train.parquet"), "val_files": str(data / "test.parquet")}
     shared["fleet"] = {"members": [
-        {"name": "add", "data": files, "custom_reward_function": {"path": str(reward)}},
-        {"name": "sub", "data": files, "custom_reward_function": {"path": str(reward)}, "lora_rank": 4,
+        {"name": "add", "data": dict(files), "custom_reward_function": {"path": str(reward)}},
+        {"name": "sub", "data": dict(files), "custom_reward_function": {"path": str(reward)}, "lora_rank": 4,
          "lora_alpha": 4, "optim": {"lr": 2e-2}, "rollout": {"n": 2}},
-        {"name": "spell", "data": files, "custom_reward_function": {"path": str(reward)}, "lora_rank": 2,
+        {"name": "spell", "data": dict(files), "custom_reward_function": {"path": str(reward)}, "lora_rank": 2,
          "lora_alpha": 8},
-        {"name": "broken", "data": files, "custom_reward_function": {"path": str(broken)}},
+        {"name": "nodata", "data": {"train_files": str(root / "missing.parquet"), "val_files": files["val_files"]},
+         "custom_reward_function": {"path": str(reward)}},
+        {"name": "broken", "data": dict(files), "custom_reward_function": {"path": str(broken)}},
     ]}
     path = root / "fleet.yaml"
     path.write_text(yaml.safe_dump(shared))

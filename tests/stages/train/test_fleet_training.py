@@ -1,6 +1,6 @@
 """Fleet training end to end on the tiny model, through the real CLI (`pipeline train --fleet`): real Ray, one
-real vLLM CPU engine with a LoRA slot per member, one FSDP2 actor over gloo. One 2-step run of four members
-(three learn the toy task, one has a reward function that raises) is shared by the assertions; the last test
+real vLLM CPU engine with a LoRA slot per member, one FSDP2 actor over gloo. One 2-step run of five members
+(three learn the toy task, one has no train file, one has a reward function that raises) is shared by the assertions; the last test
 resumes it for a third step."""
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def fleet_run(tiny_model_dir, tmp_path_factory):
 
 def test_the_broken_member_fails_alone_with_its_error(fleet_run):
     members = fleet_run["outcome"]["members"]
-    assert {n: m["status"] for n, m in members.items()} == {"add": "finished", "sub": "finished",
-                                                            "spell": "finished", "broken": "failed"}
+    assert {n: m["status"] for n, m in members.items()} == {"add": "finished", "sub": "finished", "spell": "finished",
+                                                            "nodata": "failed", "broken": "failed"}
+    nodata = members["nodata"]["error"]
+    assert nodata["type"] == "DataError" and "missing.parquet" in nodata["message"] and nodata["step"] == 1
     error = members["broken"]["error"]
     assert error["type"] == "RewardError" and "deliberately broken reward" in error["message"]
     assert error["step"] == 1 and members["broken"]["adapter_dir"] is None
@@ -49,7 +51,7 @@ def test_the_broken_member_fails_alone_with_its_error(fleet_run):
     assert [h["step"] for h in history] == [1, 2]
     for h in history:  # the others trained both steps; the broken one has no metrics after failing
         assert all(f"members/{n}/reward/mean" in h and f"members/{n}/actor/grad_norm" in h for n in GOOD)
-        assert not any(k.startswith("members/broken/") for k in h)
+        assert not any(k.startswith(("members/broken/", "members/nodata/")) for k in h)
     # each member's own rollout.n: sub samples 2 per prompt, the others 4 (4 prompts per step)
     assert [history[0][f"members/{n}/rows"] for n in GOOD] == [16.0, 8.0, 16.0]
 
@@ -75,6 +77,7 @@ def test_each_finished_member_is_a_peft_adapter_of_its_own(fleet_run, tiny_model
     shapes = {n: tuple(weights[n][key].shape) for n in GOOD}
     assert len(set(shapes.values())) == 3  # each its own rank
     assert not (fleet_run["out"] / "members" / "broken").exists()
+    assert not (fleet_run["out"] / "members" / "nodata").exists()
 
 
 def test_resume_continues_every_member_from_the_last_checkpoint(fleet_run):
