@@ -28,7 +28,8 @@ In order:
    answered (200) chat or completion request is recorded before its answer is sent (a streamed one just before
    its `[DONE]` event, its other chunks passing on unheld), unless the
    caller opted out (`x-capture: off`, or `"capture": false` in the body, a field removed before vLLM sees it)
-   or the sampling rate skipped it. `POST /v1/feedback` (serve/feedback.py) is answered here.
+   or the sampling rate skipped it. `POST /v1/feedback` (serve/feedback.py) is answered here. With --replicas
+   a caller's own `x-request-id` names its record, and one that feedback could not name is a 400.
 5. List what can be served. A successful `GET /v1/models` lists the base and every servable reference from the
    registry (every version, `NAME` and each alias); adapters vLLM still holds but the registry no longer has
    are left out, and so are vLLM's paths.
@@ -40,7 +41,7 @@ import json
 import logging
 import os
 
-from serve.capture import REQUEST_ID_HEADER, STREAM_CAPTURE_BYTES, new_request_id
+from serve.capture import ENDPOINTS as CAPTURED_ENDPOINTS, REQUEST_ID_HEADER, STREAM_CAPTURE_BYTES, new_request_id
 from serve.response_watch import ResponseWatch
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,9 @@ class RegistryRefMiddleware:
 
     # -------------------------------------------------------------------------------- 2. bounded body, 3. pin
     async def _with_body(self, scope, receive, send):
+        refused_id = self._unrecordable_request_id(scope)
+        if refused_id is not None:
+            return await _error(send, 400, refused_id)
         declared = _header(scope, b"content-length")
         # ASCII digits only: latin-1 headers may carry "²", which isdigit() accepts and int() refuses
         if declared is not None and (not declared.isascii() or not declared.isdigit() or int(declared) > self.max_body):
@@ -205,6 +209,21 @@ class RegistryRefMiddleware:
         except feedback.FeedbackRefused as refused:
             return await _error(send, refused.status, str(refused))
         return await _json_response(send, status, payload)
+
+    def _unrecordable_request_id(self, scope) -> str | None:
+        """With --replicas the capture records a request under the `x-request-id` Serve's proxy keeps, the caller's own
+        when it sent one: an id feedback could never name (serve/feedback.py's REQUEST_ID) is refused, naming the
+        header. Refused, not replaced as an edge proxy (Heroku's router, Envoy) would: the proxy sends the caller's id
+        back itself, so a fresh id of ours would name a record the caller never learns of."""
+        if not self.proxy_request_ids or self.capture is None or scope["path"] not in CAPTURED_ENDPOINTS:
+            return None
+        from serve.feedback import REQUEST_ID
+
+        sent = _header(scope, REQUEST_ID_HEADER)
+        if sent is None or REQUEST_ID.fullmatch(sent):
+            return None
+        return (f"The `x-request-id` header {sent[:60]!r} cannot name a captured request: send 1 to 100 of the "
+                "characters A-Z a-z 0-9 . _ : - (or no such header: the server then names the request itself).")
 
     def _too_large(self, declared: str) -> str:
         return (f"The request body ({declared[:20]} bytes) is larger than this server's limit of "

@@ -60,8 +60,24 @@ def served(tmp_path_factory, tiny_model_dir):
                "client": openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)}
 
 
+def test_a_callers_own_request_id_names_its_record(served):
+    """Serve's proxy keeps a caller's `x-request-id`: a well-formed one names the record (sent twice, two records
+    share it), one that feedback could never name is refused with 400 naming the header, and nothing is recorded."""
+    client = served["client"]
+    with pytest.raises(openai.BadRequestError, match="x-request-id"):
+        client.completions.create(model="alpha", prompt="Hi?", max_tokens=2, temperature=0,
+                                  extra_headers={"x-request-id": "not an/id"})
+    for _ in range(2):
+        raw = client.completions.with_raw_response.create(model="alpha", prompt="Hi?", max_tokens=2, temperature=0,
+                                                          extra_headers={"x-request-id": "client-chosen.1"})
+        assert raw.headers["x-request-id"] == "client-chosen.1"
+    ids = [r["request_id"] for r in read_records(served["capture"])]
+    assert "not an/id" not in ids and ids.count("client-chosen.1") == 2
+
+
 def test_sigkill_of_a_replica_loses_no_record(served):
     client = served["client"]
+    earlier = Counter(r["request_id"] for r in read_records(served["capture"]))  # the module's other tests' records
     before = our_replica_pids(served["cli_pid"])
     assert len(before) == 2, before
     victim = sorted(before)[0]
@@ -83,7 +99,7 @@ def test_sigkill_of_a_replica_loses_no_record(served):
         list(pool.map(one, range(100)))
     assert killed.is_set() and len(answered) + len(failed) == 100
     assert all(status == 200 for _, _, status in answered)
-    counts = Counter(r["request_id"] for r in read_records(served["capture"]))
+    counts = Counter(r["request_id"] for r in read_records(served["capture"])) - earlier
     ours = {request_id: replica for request_id, replica, _ in answered}
     assert {rid: counts[rid] for rid in ours} == {rid: 1 for rid in ours}  # none lost, none twice
     assert sum(counts.values()) == len(ours)  # and nothing for a request that was not answered
