@@ -196,7 +196,7 @@ class Capture:
             choice = answer["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError):
             return body  # not an answer this capture understands: passed on untouched, not recorded
-        await self._write_record(plan, answer, choice)
+        await self._write_record(plan, lambda: (answer, choice))
         if not plan.wants_ids:  # asked for by the capture, not the caller: its answer as vLLM gives it otherwise
             _clear_ids(answer)
             for each in answer.get("choices") or []:
@@ -211,20 +211,30 @@ class Capture:
             log.warning("capture: a streamed answer over %d MiB was not recorded (request %s)",
                         STREAM_CAPTURE_BYTES >> 20, plan.request_id)
             return
-        answer = _assembled(watch.body, plan.endpoint)
-        if answer is None:
-            return  # no chunk this capture understands (or the stream broke off): not recorded
-        await self._write_record(plan, answer, answer["choices"][0])
 
-    async def _write_record(self, plan: CapturePlan, answer: dict, choice: dict) -> None:
-        # built off the event loop too: the redaction (the user's patterns and hook) may take its time
-        ok = await asyncio.get_running_loop().run_in_executor(None, self._record_written, plan, answer, choice)
+        def streamed_answer():  # up to 16 MiB of events to join and parse: in the executor, not on the event loop
+            answer = _assembled(watch.body, plan.endpoint)  # the stream waits for this call: its parts stay as they are
+            return None if answer is None else (answer, answer["choices"][0])
+
+        await self._write_record(plan, streamed_answer)
+
+    async def _write_record(self, plan: CapturePlan, answer_of) -> None:
+        """Record `answer_of()`'s (answer, first choice), or nothing when it gives None (a stream this capture does
+        not understand, or one cut off). Built off the event loop: assembling a stream and the redaction (the
+        user's patterns and hook) may take their time while the server's other requests go on."""
+        ok = await asyncio.get_running_loop().run_in_executor(None, self._record_written, plan, answer_of)
+        if ok is None:
+            return
         self._count(ok, self.records)
         if ok:
             self._known.add(plan.request_id)
 
-    def _record_written(self, plan: CapturePlan, answer: dict, choice: dict) -> bool:
-        return self.records.write((json.dumps(self._record(plan, answer, choice), ensure_ascii=False) + "\n").encode())
+    def _record_written(self, plan: CapturePlan, answer_of) -> bool | None:
+        answered = answer_of()
+        if answered is None:
+            return None
+        record = self._record(plan, *answered)
+        return self.records.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
 
     def _record(self, plan: CapturePlan, answer: dict, choice: dict) -> dict:
         redacted = False

@@ -237,3 +237,35 @@ def test_the_redaction_hook_runs_off_the_event_loop(tmp_path):
     assert asyncio.run(go()) >= 5  # with the hook on the loop it ticked twice: before it and during the write
     [line] = b"".join(p.read_bytes() for p in (tmp_path / "cap" / "records").glob("*.jsonl")).splitlines()
     assert json.loads(line)["completion"] == "ok"
+
+
+def test_a_stream_is_assembled_off_the_event_loop(tmp_path, monkeypatch):
+    """Each stream keeps up to 16 MiB of events for its record: joining and parsing them happens in the executor
+    thread that writes the record, not on the event loop every request shares. A cut-off stream writes nothing."""
+    import threading
+    from types import SimpleNamespace
+
+    from serve import capture as capture_module
+
+    threads, assembled = [], capture_module._assembled
+
+    def watched(stream: bytes, endpoint: str):
+        threads.append(threading.current_thread())
+        return assembled(stream, endpoint)
+
+    monkeypatch.setattr(capture_module, "_assembled", watched)
+    capture = Capture(prepare_folder(tmp_path / "cap"))
+    plan = CapturePlan("req-" + "34" * 16, "completion", "alpha", {"prompt": "hi"}, wants_ids=False, streamed=True)
+    whole = b'data: {"choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+    cut_off = whole.split(b"data: [DONE]")[0]
+
+    async def go():
+        for events in (whole, cut_off):
+            await capture.answered_stream(plan, SimpleNamespace(kept=len(events), body=events))
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(go())
+    assert len(threads) == 2 and loop_thread not in threads
+    assert (capture.written, capture.lost) == (1, 0)
+    [line] = b"".join(p.read_bytes() for p in (tmp_path / "cap" / "records").glob("*.jsonl")).splitlines()
+    assert json.loads(line)["completion"] == "ok"
