@@ -10,6 +10,7 @@ from typing import ClassVar, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from config.section import Section
+from ground.capture_settings import folder_problem, hook_spec_problem
 from ground.vllm_tool_parsers import unknown_tool_parser
 
 
@@ -88,6 +89,22 @@ class CaptureConfig(Section):
                 raise ValueError(f"{pattern!r} is not a valid regular expression ({exc}); fix the pattern "
                                  "(Python `re` syntax)") from None
         return patterns
+
+    @field_validator("redact_hook")
+    @classmethod
+    def _hook_findable(cls, spec):  # its format and module, found without importing it (that runs the user's code)
+        problem = spec and hook_spec_problem(spec)
+        if problem:
+            raise ValueError(f"{spec!r} {problem}")
+        return spec
+
+    @field_validator("dir")
+    @classmethod
+    def _folder_usable(cls, path):  # checked, not created: the server creates it when it starts
+        problem = path and folder_problem(path)
+        if problem:
+            raise ValueError(f"{problem}; set it to a folder this user can create and write")
+        return path
 
 
 class ServeConfig(Section):

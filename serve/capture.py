@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ground.errors import StageError
+from ground.capture_settings import CLI_SOURCE, setting_name
 from serve.capture_files import ShardWriter, prepare_folder, utc_now  # noqa: F401  (ShardWriter: tests use it here)
 
 log = logging.getLogger(__name__)
@@ -66,46 +67,48 @@ class CaptureSettings:
     max_shard_mb: float = DEFAULT_MAX_SHARD_MB
 
 
-def capture_env(settings: CaptureSettings | None) -> dict[str, str]:
+def capture_env(settings: CaptureSettings | None, source: str = CLI_SOURCE) -> dict[str, str]:
     """The server process's environment for `settings` (empty when capture is off), after checking every part
-    of them here, at start: the folder (created 0700, writable, not full), the patterns and the hook."""
+    of them here, at start: the folder (created 0700, writable, not full), the patterns and the hook. Messages
+    name the settings as `source` spells them: `--capture` (pipeline serve's flags) or `serve.capture` (config)."""
     if settings is None or not settings.dir:
         return {}
     if not 0 <= settings.rate <= 1:
-        raise StageError(f"--capture-rate must be between 0 and 1 (got {settings.rate}).")
+        raise StageError(f"{setting_name(source, 'rate')} must be between 0 and 1 (got {settings.rate}).")
     if not settings.max_shard_mb > 0:
-        raise StageError(f"serve.capture.max_shard_mb must be above 0 (got {settings.max_shard_mb}).")
-    compile_patterns(settings.redact)
+        raise StageError(f"{setting_name(source, 'max_shard_mb')} must be above 0 (got {settings.max_shard_mb}).")
+    compile_patterns(settings.redact, source)
     if settings.redact_hook:
-        load_hook(settings.redact_hook)
-    folder = prepare_folder(settings.dir)
+        load_hook(settings.redact_hook, source)
+    folder = prepare_folder(settings.dir, setting_name(source, "dir"))
     return {ENV_DIR: str(folder), ENV_RATE: repr(float(settings.rate)), ENV_REDACT: json.dumps(list(settings.redact)),
             ENV_REDACT_HOOK: settings.redact_hook or "", ENV_MAX_SHARD_MB: repr(float(settings.max_shard_mb))}
 
 
-def compile_patterns(patterns) -> list[re.Pattern]:
+def compile_patterns(patterns, source: str = CLI_SOURCE) -> list[re.Pattern]:
     compiled = []
     for pattern in patterns:
         try:
             compiled.append(re.compile(pattern))
         except re.error as exc:
-            raise StageError(f"--capture-redact {pattern!r} is not a valid regular expression ({exc}); fix the "
-                             "pattern (Python `re` syntax).") from None
+            raise StageError(f"{setting_name(source, 'redact')} {pattern!r} is not a valid regular expression "
+                             f"({exc}); fix the pattern (Python `re` syntax).") from None
     return compiled
 
 
-def load_hook(spec: str):
+def load_hook(spec: str, source: str = CLI_SOURCE):
     """`module:function`, a function str -> str applied to every text before it is written."""
+    named = f"{setting_name(source, 'redact_hook')} {spec!r}"
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise StageError(f"--capture-redact-hook {spec!r} must be `module:function` (a function from str to str).")
+        raise StageError(f"{named} must be `module:function` (a function from str to str).")
     try:
         hook = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
-        raise StageError(f"--capture-redact-hook {spec!r} cannot be loaded ({exc.__class__.__name__}: {exc}); "
-                         "the module must be importable by the server (PYTHONPATH).") from None
+        raise StageError(f"{named} cannot be loaded ({exc.__class__.__name__}: {exc}); the module must be "
+                         "importable by the server (PYTHONPATH).") from None
     if not callable(hook):
-        raise StageError(f"--capture-redact-hook {spec!r} is not a function.")
+        raise StageError(f"{named} is not a function.")
     return hook
 
 

@@ -30,9 +30,9 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def prepare_folder(path: str | os.PathLike) -> Path:
+def prepare_folder(path: str | os.PathLike, setting: str = "--capture") -> Path:
     """Create the capture folder (0700) and its two shard folders; prove they take a write and have room.
-    Raises StageError naming the folder and the fix."""
+    Raises StageError naming the folder, the `setting` it came from and the fix."""
     folder = Path(path).expanduser().absolute()
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -48,12 +48,12 @@ def prepare_folder(path: str | os.PathLike) -> Path:
                 probe.unlink(missing_ok=True)
         _write_folder_marker(folder)
     except OSError as exc:
-        raise StageError(f"The capture folder {folder} is not writable ({exc.strerror or exc}); pass --capture a "
-                         "folder this user can create and write (or fix its permissions).") from None
+        raise StageError(f"The capture folder {folder} is not writable ({exc.strerror or exc}); set {setting} to "
+                         "a folder this user can create and write (or fix its permissions).") from None
     free = shutil.disk_usage(folder).free
     if free < MIN_FREE_BYTES:
         raise StageError(f"The capture folder {folder} is on a disk with {free >> 20} MiB free, under the "
-                         f"{MIN_FREE_BYTES >> 20} MiB a capture needs; free space or pass --capture another folder.")
+                         f"{MIN_FREE_BYTES >> 20} MiB a capture needs; free space or set {setting} to another folder.")
     return folder
 
 

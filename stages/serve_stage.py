@@ -78,7 +78,7 @@ def capture_environment(cfg: Config) -> dict[str, str]:
 
     c = cfg.serve.capture
     return capture_env(CaptureSettings(c.dir, c.rate, tuple(c.redact), c.redact_hook, c.max_shard_mb)
-                       if c.dir else None)
+                       if c.dir else None, source="serve.capture")
 
 
 def rollout_environment(cfg: Config) -> dict[str, str]:

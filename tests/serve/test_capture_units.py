@@ -269,3 +269,40 @@ def test_a_stream_is_assembled_off_the_event_loop(tmp_path, monkeypatch):
     assert (capture.written, capture.lost) == (1, 0)
     [line] = b"".join(p.read_bytes() for p in (tmp_path / "cap" / "records").glob("*.jsonl")).splitlines()
     assert json.loads(line)["completion"] == "ok"
+
+
+def test_capture_errors_name_the_flag_or_the_config_key_the_value_came_from(tmp_path):
+    from config.loader import load_config
+    from stages.serve_stage import capture_environment
+
+    with pytest.raises(StageError, match="--capture-rate must be between 0 and 1"):
+        capture_env(CaptureSettings(str(tmp_path / "c"), rate=2.0))
+    with pytest.raises(StageError, match="serve.capture.rate must be between 0 and 1"):
+        capture_env(CaptureSettings(str(tmp_path / "c"), rate=2.0), source="serve.capture")
+    # a module that is there but lacks the function: found when the config loads, refused when the stage starts
+    cfg = load_config(None, [f"serve.capture.dir={tmp_path / 'c'}", "serve.capture.redact_hook=json:no_such_hook"])
+    with pytest.raises(StageError, match=r"^serve\.capture\.redact_hook 'json:no_such_hook' cannot be loaded"):
+        capture_environment(cfg)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StageError, match=r"set serve\.capture\.dir to a folder"):
+        capture_env(CaptureSettings(str(blocker / "cap")), source="serve.capture")
+
+
+def test_a_capture_hook_or_folder_that_cannot_work_is_refused_when_the_config_loads(tmp_path):
+    """Not when the serve stage starts after the whole training run; and nothing is imported or created then."""
+    from config.loader import load_config
+    from ground.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"serve\.capture\.redact_hook.*no_such_module_r2.*not importable"):
+        load_config(None, ["serve.capture.redact_hook=no_such_module_r2.scrub:hook"])
+    with pytest.raises(ConfigError, match=r"serve\.capture\.redact_hook.*'scrub' must be `module:function`"):
+        load_config(None, ["serve.capture.redact_hook=scrub"])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=rf"serve\.capture\.dir.*{blocker}/cap cannot be created: {blocker} is not a"):
+        load_config(None, [f"serve.capture.dir={blocker / 'cap'}"])
+    with pytest.raises(ConfigError, match=rf"serve\.capture\.dir.*{blocker} exists and is not a folder"):
+        load_config(None, [f"serve.capture.dir={blocker}"])
+    cfg = load_config(None, [f"serve.capture.dir={tmp_path / 'new' / 'cap'}", "serve.capture.redact_hook=json:dumps"])
+    assert cfg.serve.capture.redact_hook == "json:dumps" and not (tmp_path / "new").exists()  # checked, not created
