@@ -11,6 +11,7 @@ training run on that file carries into its published version's lineage (ground/c
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ import click
 
 from ground.capture_dataset import DATASET_MANIFEST, MANIFEST_FORMAT, file_digest
 from ground.capture_records import Capture, feedback_score, parse_time, read_capture
-from ground.errors import DataError
+from ground.errors import ConfigError, DataError
 from ground.new_files import existing, refuse_registry_folder, write_new_file, write_new_text
 
 FORMATS = ("verl", "trl-prompt-completion", "trl-unpaired-preference", "messages")
@@ -124,6 +125,22 @@ def row_of(record: dict, fmt: str, capture: Capture, answers: dict, data_source:
     return {"messages": messages + answer}
 
 
+def check_data_source(data_source: str, fmt: str, custom_reward: bool) -> None:
+    """A verl row's data_source picks its reward scorer at training's first reward: a name no scorer takes is refused
+    here, before a data set is written, unless the run that trains on it scores rows with a reward of its own."""
+    from stages.train.rewards import DATA_SOURCE_SCORERS
+
+    if fmt != "verl" or custom_reward or data_source in DATA_SOURCE_SCORERS:
+        return
+    known = sorted(DATA_SOURCE_SCORERS)
+    close = difflib.get_close_matches(data_source, known, n=1)
+    hint = f" Did you mean --data-source {close[0]}?" if close else ""
+    raise ConfigError(f"--data-source {data_source!r}: no reward scorer takes that data_source, so training would "
+                      f"stop at its first reward; known: {', '.join(known)}.{hint} If the training run scores these "
+                      "rows with its own reward (custom_reward_function.path or reward_model.scorer), pass "
+                      "--custom-reward.")
+
+
 def _empty_error(capture_dir, reference: str, selection: dict, since, until, min_score) -> DataError:
     emptied = next((step for step, n in selection["steps"] if n == 0), None)
     counts = selection["counts"]
@@ -141,9 +158,11 @@ def _empty_error(capture_dir, reference: str, selection: dict, since, until, min
 
 def build(capture_dir, reference: str, out_dir, *, since: str | None = None, until: str | None = None,
           min_score: float | None = None, fmt: str = "verl", registry_uri: str | None = None,
-          data_source: str = DEFAULT_DATA_SOURCE, good_score: float = 0.5) -> dict:
+          data_source: str = DEFAULT_DATA_SOURCE, good_score: float = 0.5, custom_reward: bool = False) -> dict:
     """Write OUT/train.parquet and OUT/capture_dataset.json; returns the manifest plus its own digest."""
     import pandas as pd
+
+    check_data_source(data_source, fmt, custom_reward)
 
     out_dir = Path(out_dir)
     refuse_registry_folder(out_dir, "--out")
@@ -195,15 +214,19 @@ def build(capture_dir, reference: str, out_dir, *, since: str | None = None, unt
               help="verl's RL parquet (what `pipeline train` reads), or TRL's data set types.")
 @click.option("--data-source", default=DEFAULT_DATA_SOURCE, show_default=True,
               help="verl rows' data_source, which picks their reward scorer (see `pipeline algorithms`).")
+@click.option("--custom-reward", is_flag=True,
+              help="The run that trains on this set scores its rows with its own reward (custom_reward_function.path "
+                   "or reward_model.scorer): --data-source may then be a name no built-in scorer takes.")
 @click.option("--good-score", type=float, default=0.5, show_default=True,
               help="trl-unpaired-preference: a feedback score at least this is label true.")
 @click.option("--registry", "registry_uri", default=None,
               help="Where NAME@alias resolves (default: $PIPELINE_REGISTRY, then ./registry-store).")
-def from_serving_cmd(reference, capture_dir, out_dir, since, until, min_score, fmt, data_source, good_score,
-                     registry_uri):
+def from_serving_cmd(reference, capture_dir, out_dir, since, until, min_score, fmt, data_source, custom_reward,
+                     good_score, registry_uri):
     """A training set from what REFERENCE (NAME, NAME@V or NAME@alias) was asked and answered while serving."""
     result = build(capture_dir, reference, out_dir, since=since, until=until, min_score=min_score, fmt=fmt,
-                   registry_uri=registry_uri, data_source=data_source, good_score=good_score)
+                   registry_uri=registry_uri, data_source=data_source, good_score=good_score,
+                   custom_reward=custom_reward)
     counts = result["counts"]
     click.echo(f"wrote {Path(out_dir) / DATA_FILE} ({counts['kept']} rows, {fmt}; {counts['kept_with_feedback']} with "
                f"feedback) from {counts['read']} captured records: "

@@ -142,6 +142,21 @@ def test_an_empty_result_is_refused_naming_the_filter(capture, tmp_path, capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
+def test_a_data_source_no_scorer_takes_is_refused_unless_a_custom_reward_scores_it(capture, tmp_path, capsys):
+    """A misspelt --data-source would write a set that fails only at training's first reward."""
+    folder, _ = capture
+    assert run("arith", "--capture", folder, "--out", tmp_path / "a", "--data-source", "feedback_mach") == 2
+    err = capsys.readouterr().err
+    assert "--data-source 'feedback_mach'" in err and "Did you mean --data-source feedback_match?" in err
+    assert "arithmetic" in err and "--custom-reward" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()
+    assert run("arith", "--capture", folder, "--out", tmp_path / "b", "--data-source", "my_judge",
+               "--custom-reward") == 0
+    assert {row["data_source"] for row in load_rows(tmp_path / "b" / "train.parquet")} == {"my_judge"}
+    # the other formats carry no data_source
+    assert run("arith", "--capture", folder, "--out", tmp_path / "c", "--format", "messages", "--data-source", "x") == 0
+
+
 def test_never_overwrites(capture, tmp_path, capsys):
     folder, _ = capture
     out = tmp_path / "out"
