@@ -45,11 +45,19 @@ def run(pipeline_name, config_file, overrides, run_dir, resume_dir):
         if the_run.pipeline.name != pipeline_name:
             raise PipelineError(f"Run `{resume_dir}` is a `{the_run.pipeline.name}` run, not `{pipeline_name}`.")
     else:
-        cfg = load_run_config(config_file, overrides)
+        keep_fleet = None
+        if pipeline_name == "train-fleet":  # -c is a fleet YAML: shared config + fleet.members
+            from pipeline.fleet_pipeline import load_fleet_for_run
+
+            cfg, keep_fleet = load_fleet_for_run(config_file, overrides)
+        else:
+            cfg = load_run_config(config_file, overrides)
         # Before the stages' checks, which may write the demo's data: a run never writes into a registry.
         refuse_registry_folder(run_dir or "runs", "--run-dir" if run_dir else "The default run folder ./runs")
         PIPELINES[pipeline_name].check(cfg)  # e.g. a missing data file: before the run directory and any stage
         the_run = Run.create(PIPELINES[pipeline_name], cfg, run_dir)
+        if keep_fleet:
+            keep_fleet(the_run.run_dir)
     from pipeline.tracking import make_tracking
 
     from pipeline.report import write_report

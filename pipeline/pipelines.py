@@ -6,6 +6,7 @@ stages before it and returns its own outputs. Stages do not import each other; t
 
 from __future__ import annotations
 
+from pipeline.fleet_pipeline import fleet_pipeline
 from pipeline.runner import Pipeline, Stage, StageContext
 
 
@@ -98,4 +99,6 @@ PIPELINES: dict[str, Pipeline] = {
     ),
     "stage-model": Pipeline("stage-model", [STAGE_MODEL], "stage the base model only"),
     "train": Pipeline("train", [STAGE_MODEL, TRAIN], "stage the base model -> train (no publishing)"),
+    # many adapters in one run; its -c is a fleet YAML (pipeline/fleet_pipeline.py)
+    "train-fleet": fleet_pipeline(STAGE_MODEL),
 }

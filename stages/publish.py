@@ -24,7 +24,8 @@ STABLE_ALIAS = "prod"  # the alias a canary shares its name's traffic with
 
 
 def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dict,
-            mlflow_tracking_uri: str | None = None) -> dict:
+            mlflow_tracking_uri: str | None = None, extra_lineage: dict | None = None) -> dict:
+    """extra_lineage: more lineage fields (a fleet member's `fleet`: the shared run and its members)."""
     if not evaluation.get("publish"):
         console_log("Not publishing: %s", evaluation.get("decision"))
         return {"published": False, "ref": None, "reason": evaluation.get("decision")}
@@ -57,6 +58,7 @@ def publish(cfg: Config, run_id: str, staged: dict, train: dict, evaluation: dic
                                               if cfg.custom_reward_function.path else None)},
         "max_response_length": cfg.data.max_response_length,
     }
+    lineage.update(extra_lineage or {})
     captured = capture_lineage(cfg.data.train_files)
     if captured:  # trained on `pipeline data from-serving` output: back to the capture, its window and counts
         lineage["capture_datasets"] = captured
