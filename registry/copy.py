@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ground.errors import NotFoundError, RegistryError
 from registry.core import Registry, _copy_hashed, _write_json
+from registry.history import Event
 from registry.integrity import MANIFEST, METADATA, PAYLOAD, manifest_files, read_regular, verify_folder
 from registry.refs import check_name
 from registry.validate import validate_adapter
@@ -80,17 +81,18 @@ def copy_registry(src: Registry, dst: Registry, names: list[str] | None = None) 
     return report
 
 
-def _event_key(record: dict) -> str:
-    return json.dumps(record, sort_keys=True, default=str)
+def _event_key(event: Event) -> str:
+    return json.dumps(asdict(event), sort_keys=True, default=str)
 
 
 def _copy_history(src: Registry, dst: Registry, name: str) -> int:
     """Append the source's events the destination lacks, oldest first, unchanged (who did what, when, why)."""
-    held = {_event_key(r) for r in dst.store.read_events(name) if isinstance(r, dict)}
+    # the destination's records are read as history() reads the source's (Event.from_dict): a stored event of
+    # another shape (without `figures`, say) must still match its copy, or every copy would append it again
+    held = {_event_key(Event.from_dict(r)) for r in dst.store.read_events(name) if isinstance(r, dict)}
     added = 0
     for event in src.history(name):
-        record = asdict(event)
-        if _event_key(record) not in held:
+        if _event_key(event) not in held:
             dst.store.append_event(name, event.to_json())
             added += 1
     return added
