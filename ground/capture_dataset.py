@@ -9,20 +9,18 @@ matches the one the manifest recorded (a file edited after it was built is marke
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+
+from ground.model_files import sha256_file
 
 DATASET_MANIFEST = "capture_dataset.json"
 MANIFEST_FORMAT = "lora-pipeline-capture-dataset/1"
 
 
 def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    """`sha256:<hex>`, the digest as the manifest and the lineage spell it."""
+    return "sha256:" + sha256_file(Path(path))
 
 
 def capture_lineage(train_files) -> list[dict]:

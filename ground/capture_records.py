@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ground.errors import DataError
@@ -29,6 +29,12 @@ CAPTURE_FORMAT = "lora-pipeline-capture/1"
 RECORD_FORMAT = 1
 LABEL_SCORES = {"good": 1.0, "bad": 0.0}  # what a label counts as for a reader that needs a number
 REQUEST_KEYS = ("request_id", "time", "adapter", "version", "completion")
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def utc_now() -> str:
+    """Now, as the capture spells its times (UTC, microseconds, `Z`); parse_time reads it back."""
+    return datetime.now(timezone.utc).strftime(TIME_FORMAT)
 
 
 def parse_time(text: str, where: str) -> datetime:

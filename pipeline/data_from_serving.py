@@ -14,13 +14,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import click
 
 from ground.capture_dataset import DATASET_MANIFEST, MANIFEST_FORMAT, file_digest
-from ground.capture_records import Capture, feedback_score, parse_time, read_capture
+from ground.capture_records import Capture, feedback_score, parse_time, read_capture, utc_now
 from ground.errors import ConfigError, DataError
 from ground.new_files import existing, refuse_registry_folder, write_new_file, write_new_text
 
@@ -182,7 +182,7 @@ def build(capture_dir, reference: str, out_dir, *, since: str | None = None, unt
     write_new_file(out_dir / DATA_FILE, lambda tmp: pd.DataFrame(rows).to_parquet(tmp, index=False))
     manifest = {
         "format": MANIFEST_FORMAT,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "created": utc_now(),
         "capture": str(Path(capture_dir).resolve()),
         "adapter": adapter,
         "window": {"since": since, "until": until, "first": kept[0]["time"], "last": kept[-1]["time"]},

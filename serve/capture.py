@@ -27,9 +27,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ground.errors import StageError
+from ground.capture_records import utc_now
 from ground.capture_settings import CLI_SOURCE, setting_name
-from serve.capture_files import ShardWriter, prepare_folder, utc_now  # noqa: F401  (ShardWriter: tests use it here)
+from ground.errors import StageError
+from serve.asgi_headers import header
+from serve.capture_files import ShardWriter, prepare_folder
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +181,7 @@ class Capture:
         if not isinstance(data, dict):
             return None, body
         changed = OPT_OUT_FIELD in data  # the field is ours: it never reaches vLLM
-        opted_out = data.pop(OPT_OUT_FIELD, None) is False or _header(scope, OPT_OUT_HEADER) == "off"
+        opted_out = data.pop(OPT_OUT_FIELD, None) is False or (header(scope, OPT_OUT_HEADER) or "").lower() == "off"
         if opted_out or (self.rate < 1 and random.random() >= self.rate):
             return None, json.dumps(data).encode() if changed else body
         wants_ids = bool(data.get("return_token_ids"))
@@ -316,7 +318,7 @@ class Capture:
             self._warned = True
             log.error("capture: could not write to %s (%s); records are lost from now on until it is writable "
                       "again (counted in /metrics as %srecords_lost_total)", writer.folder,
-                      getattr(writer, "last_error", "?"), METRIC_PREFIX)
+                      writer.last_error, METRIC_PREFIX)
 
     # ---------------------------------------------------------------- feedback
     def known(self, request_id: str) -> bool:
@@ -411,10 +413,3 @@ def _route_ref(routed: dict) -> str | None:
     if not routed.get("route_target"):
         return None
     return f"{routed['adapter']}@{routed['route_target']}"
-
-
-def _header(scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return value.decode("latin-1").strip().lower()
-    return None

@@ -17,17 +17,13 @@ import shutil
 import socket
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+from ground.capture_records import utc_now
 from ground.errors import StageError
 
 FOLDER_FORMAT = "lora-pipeline-capture/1"
 MIN_FREE_BYTES = 64 << 20  # below this at start the disk is as good as full: a shard or two and it is
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def prepare_folder(path: str | os.PathLike, setting: str = "--capture") -> Path:
@@ -84,6 +80,7 @@ class ShardWriter:
         self._fd: int | None = None
         self._size = 0
         self._lock = threading.Lock()
+        self.last_error: OSError | None = None  # why the last failed write failed (the capture logs it once)
 
     def write(self, line: bytes) -> bool:
         with self._lock:

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 
+from serve.asgi_headers import header
 from serve.capture import ENDPOINTS as CAPTURED_ENDPOINTS, REQUEST_ID_HEADER, STREAM_CAPTURE_BYTES, new_request_id
 from serve.response_watch import ResponseWatch
 
@@ -122,7 +123,7 @@ class RegistryRefMiddleware:
         refused_id = self._unrecordable_request_id(scope)
         if refused_id is not None:
             return await _error(send, 400, refused_id)
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         # ASCII digits only: latin-1 headers may carry "²", which isdigit() accepts and int() refuses
         if declared is not None and (not declared.isascii() or not declared.isdigit() or int(declared) > self.max_body):
             return await _error(send, 413, self._too_large(declared))
@@ -144,7 +145,7 @@ class RegistryRefMiddleware:
         except RequestRefused as refused:
             return await _error(send, refused.status, str(refused))
         # every answer names its request, captured or not: the id `POST /v1/feedback` takes
-        request_id = (_header(scope, REQUEST_ID_HEADER) if self.proxy_request_ids else None) or new_request_id()
+        request_id = (header(scope, REQUEST_ID_HEADER) if self.proxy_request_ids else None) or new_request_id()
         id_header = [] if self.proxy_request_ids else [(REQUEST_ID_HEADER, request_id.encode())]
         plan = None
         if self.capture is not None:
@@ -219,7 +220,7 @@ class RegistryRefMiddleware:
             return None
         from serve.feedback import REQUEST_ID
 
-        sent = _header(scope, REQUEST_ID_HEADER)
+        sent = header(scope, REQUEST_ID_HEADER)
         if sent is None or REQUEST_ID.fullmatch(sent):
             return None
         return (f"The `x-request-id` header {sent[:60]!r} cannot name a captured request: send 1 to 100 of the "
@@ -231,7 +232,7 @@ class RegistryRefMiddleware:
 
     async def _checked_body(self, scope, body: bytes) -> tuple[bytes, bool]:
         """(the body to pass on, whether it was rewritten). Raises RequestRefused."""
-        content_type = (_header(scope, b"content-type") or "").lower()
+        content_type = (header(scope, b"content-type") or "").lower()
         if not body.strip() or (content_type.startswith("multipart/") and scope["path"].startswith(FORM_ROUTES)):
             return body, False  # no body, or an audio upload: vLLM's route checks its own format
         media_type = content_type.split(";")[0].strip()
@@ -251,7 +252,7 @@ class RegistryRefMiddleware:
             choice, name = None, routed_name(model)
             route = await self.lookups.route(name) if name is not None else None  # off the loop, like aliases
             if route is not None:
-                choice = choose(route, name, caller_key(data, _header(scope, SESSION_HEADER)))
+                choice = choose(route, name, caller_key(data, header(scope, SESSION_HEADER)))
             # off the event loop, with a deadline; stale while the registry is down
             resolved = await self.lookups.pin(choice.ref if choice else model)
         except RegistryError as exc:
@@ -342,13 +343,6 @@ def _replay(messages: list[dict], receive):
         return await receive()
 
     return replayed
-
-
-def _header(scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return value.decode("latin-1").strip()
-    return None
 
 
 def _json_kind(data) -> str:

@@ -12,8 +12,8 @@ import pytest
 
 from ground.errors import StageError
 from serve import feedback
-from serve.capture import (ENV_DIR, ENV_REDACT, Capture, CapturePlan, CaptureSettings, ShardWriter, capture_env,
-                           prepare_folder)
+from serve.capture import ENV_DIR, ENV_REDACT, Capture, CapturePlan, CaptureSettings, capture_env, prepare_folder
+from serve.capture_files import ShardWriter
 
 
 def test_the_folder_is_created_0700_with_its_marker(tmp_path):
@@ -306,3 +306,26 @@ def test_a_capture_hook_or_folder_that_cannot_work_is_refused_when_the_config_lo
         load_config(None, [f"serve.capture.dir={blocker}"])
     cfg = load_config(None, [f"serve.capture.dir={tmp_path / 'new' / 'cap'}", "serve.capture.redact_hook=json:dumps"])
     assert cfg.serve.capture.redact_hook == "json:dumps" and not (tmp_path / "new").exists()  # checked, not created
+
+
+def test_a_failed_write_is_counted_and_logged_once_with_its_reason(tmp_path, caplog):
+    import shutil
+
+    capture = Capture(prepare_folder(tmp_path / "cap"))
+    assert capture.records.last_error is None  # set from the start, not only after a failure
+    shutil.rmtree(tmp_path / "cap" / "records")  # the first shard cannot be opened now
+    for _ in range(2):
+        capture._count(capture.records.write(b'{"kind": "request"}\n'), capture.records)
+    assert (capture.written, capture.lost) == (0, 2) and isinstance(capture.records.last_error, FileNotFoundError)
+    [logged] = [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()]
+    assert "No such file or directory" in logged
+
+
+def test_the_opt_out_header_is_read_whatever_its_case():
+    capture = Capture.__new__(Capture)  # plan() reads only the rate
+    capture.rate = 1.0
+    body = json.dumps({"model": "alpha", "prompt": "hi"}).encode()
+    scope = {"path": "/v1/completions", "headers": [(b"x-capture", b" OFF ")]}
+    assert capture.plan(scope, body, None, "req-1") == (None, body)
+    plan, sent = capture.plan({**scope, "headers": [(b"x-capture", b"on")]}, body, None, "req-2")
+    assert plan.request_id == "req-2" and json.loads(sent)["return_token_ids"] is True
