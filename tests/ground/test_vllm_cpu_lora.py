@@ -20,6 +20,7 @@ from vllm.lora.ops.torch_ops import lora_ops as upstream  # noqa: E402
 from vllm.lora.punica_wrapper.utils import compute_meta  # noqa: E402
 
 import ground.vllm_cpu_lora as segmented  # noqa: E402
+import ground.vllm_cpu_lora_fused as fused  # noqa: E402
 
 MIXES = ["one_adapter", "one_adapter_some_none", "interleaved", "interleaved_some_none", "all_none", "sorted_runs"]
 
@@ -177,9 +178,9 @@ def test_fused_add_lora_linear_equals_upstream(seed, mix, prefill, restorable_wr
     dtype = [torch.bfloat16, torch.float32, torch.bfloat16][seed]
     slots = token_slots(mix, tokens, adapters, gen)
     wrapper = cpu_wrapper_for(slots, adapters, prefill)
-    upstream_add_lora_linear = segmented._ORIGINAL_METHODS.get("add_lora_linear",
+    upstream_add_lora_linear = fused.ORIGINAL_METHODS.get("add_lora_linear",
                                                                restorable_wrapper.PunicaWrapperCPU.add_lora_linear)
-    segmented._remember_token_groups(wrapper)  # what the patched update_metadata adds
+    fused._remember_token_groups(wrapper)  # what the patched update_metadata adds
     for out_slices in ([96, 32, 32], [150, 150], [40]):
         x = torch.randn(tokens, width, generator=gen).to(dtype)
         lora_as = tuple(stacked(adapters, rank, width, dtype, gen) for _ in out_slices)
@@ -187,7 +188,7 @@ def test_fused_add_lora_linear_equals_upstream(seed, mix, prefill, restorable_wr
         base = torch.randn(tokens, sum(out_slices), generator=gen).to(dtype)
         expected, actual = base.clone(), base.clone()
         upstream_add_lora_linear(wrapper, expected, x, lora_as, lora_bs, 1.0, tuple(out_slices))
-        segmented.add_lora_linear(wrapper, actual, x, lora_as, lora_bs, 1.0, tuple(out_slices))
+        fused.add_lora_linear(wrapper, actual, x, lora_as, lora_bs, 1.0, tuple(out_slices))
         close(actual, expected, dtype)
         if mix != "all_none":
             assert not torch.equal(actual, base)  # the LoRA delta did land
@@ -198,26 +199,33 @@ def test_fused_add_lora_linear_falls_back_on_rows_it_was_not_told_about(restorab
     gen = torch.Generator().manual_seed(11)
     slots = torch.tensor([0, 0, 1, 1, -1])
     wrapper = cpu_wrapper_for(slots, 2, prefill=True)
-    segmented._remember_token_groups(wrapper)
+    fused._remember_token_groups(wrapper)
     wrapper._segmented_groups = (99, wrapper._segmented_groups[1])  # stale: another forward's token count
     x = torch.randn(5, 24, generator=gen)
     lora_a, lora_b = (stacked(2, 8, 24, torch.float32, gen),), (stacked(2, 40, 8, torch.float32, gen),)
     expected, actual = torch.zeros(5, 40), torch.zeros(5, 40)
     restorable_wrapper.PunicaWrapperCPU.add_lora_linear(wrapper, expected, x, lora_a, lora_b, 1.0, (40,))
-    segmented.add_lora_linear(wrapper, actual, x, lora_a, lora_b, 1.0, (40,))
+    fused.add_lora_linear(wrapper, actual, x, lora_a, lora_b, 1.0, (40,))
     torch.testing.assert_close(actual, expected)
 
 
+LAYOUT_CASES = {"several": ([0, 2, 1, -1, 0, 1, 2, 2, -1, 0, 1, 0], 1),  # all-slot products
+                "one": ([2] * 12, 0),  # one group: the per-group loop with its per-slot layouts
+                "runs": ([0] * 150 + [2] * 150 + [-1] * 4, 0)}  # long runs: the loop
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_several_adapters_take_the_all_slot_products_and_follow_in_place_writes(dtype, restorable_wrapper):
-    """Interleaved decode tokens of 3 adapters and the base: the all-slot products run (counted), equal vLLM's
-    own method, and after vLLM writes a slot in place (as set_lora / reset_lora do) the cached layouts are
-    rebuilt: the next call equals vLLM's method on the new weights."""
+def test_cached_layouts_equal_upstream_and_follow_in_place_writes(dtype, case, restorable_wrapper):
+    """The products on cached layouts (all slots at once for interleaved tokens of 3 adapters and the base; per
+    slot with a block-diagonal expand otherwise) equal vLLM's own method, and after vLLM writes a slot in place
+    (as set_lora / reset_lora do) they are rebuilt: the next call equals vLLM's method on the new weights."""
     gen = torch.Generator().manual_seed(21)
-    slots = torch.tensor([0, 2, 1, -1, 0, 1, 2, 2, -1, 0, 1, 0])
+    slot_list, all_slot_calls = LAYOUT_CASES[case]
+    slots = torch.tensor(slot_list)
     wrapper = cpu_wrapper_for(slots, 3, prefill=False)
-    segmented._remember_token_groups(wrapper)
-    upstream_add_lora_linear = segmented._ORIGINAL_METHODS.get("add_lora_linear",
+    fused._remember_token_groups(wrapper)
+    upstream_add_lora_linear = fused.ORIGINAL_METHODS.get("add_lora_linear",
                                                                restorable_wrapper.PunicaWrapperCPU.add_lora_linear)
     out_slices = (48, 16, 16)
     x = torch.randn(len(slots), 40, generator=gen).to(dtype)
@@ -227,9 +235,9 @@ def test_several_adapters_take_the_all_slot_products_and_follow_in_place_writes(
     def both() -> tuple:
         expected, actual = torch.zeros(len(slots), 80, dtype=dtype), torch.zeros(len(slots), 80, dtype=dtype)
         upstream_add_lora_linear(wrapper, expected, x, lora_as, lora_bs, 1.0, out_slices)
-        calls = segmented.stats["all_slot_calls"]
-        segmented.add_lora_linear(wrapper, actual, x, lora_as, lora_bs, 1.0, out_slices)
-        assert segmented.stats["all_slot_calls"] == calls + 1
+        calls = fused.stats["all_slot_calls"]
+        fused.add_lora_linear(wrapper, actual, x, lora_as, lora_bs, 1.0, out_slices)
+        assert fused.stats["all_slot_calls"] == calls + all_slot_calls
         return actual, expected
 
     actual, expected = both()
@@ -239,7 +247,7 @@ def test_several_adapters_take_the_all_slot_products_and_follow_in_place_writes(
     lora_as[0][0] = 0  # reset_lora zeroes slot 0
     rewritten, expected = both()
     close(rewritten, expected, dtype)
-    assert not torch.equal(rewritten[:, 48:64], actual[:, 48:64])
+    assert not torch.equal(rewritten[slots == 2, 48:64], actual[slots == 2, 48:64])
     assert torch.all(rewritten[slots == 0, :48] == 0)
 
 
@@ -247,11 +255,11 @@ def test_a_few_long_runs_keep_the_per_group_loop(restorable_wrapper):
     """Prefill of 2 sequences of 200 tokens each: the thin products per group cost less than all slots'."""
     slots = torch.tensor([1] * 200 + [0] * 200)
     wrapper = cpu_wrapper_for(slots, 2, prefill=True)
-    segmented._remember_token_groups(wrapper)
-    assert not segmented._all_slot_products_pay(wrapper._segmented_groups[1], len(slots))
+    fused._remember_token_groups(wrapper)
+    assert not fused._all_slot_products_pay(wrapper._segmented_groups[1], len(slots))
     wrapper = cpu_wrapper_for(torch.tensor([1] * 32 + [0] * 32), 2, prefill=True)  # 2 short runs: all slots pay
-    segmented._remember_token_groups(wrapper)
-    assert segmented._all_slot_products_pay(wrapper._segmented_groups[1], 64)
+    fused._remember_token_groups(wrapper)
+    assert fused._all_slot_products_pay(wrapper._segmented_groups[1], 64)
 
 
 def test_no_adapter_tokens_get_no_delta_even_when_the_last_slot_is_occupied():
@@ -309,7 +317,7 @@ def restorable_wrapper(monkeypatch):
 
     for name in segmented.PATCHED_NAMES:
         monkeypatch.setattr(wrapper_module, name, getattr(upstream, name))
-    for name, original in segmented._ORIGINAL_METHODS.items():  # vLLM's own methods while the test runs
+    for name, original in fused.ORIGINAL_METHODS.items():  # vLLM's own methods while the test runs
         monkeypatch.setattr(wrapper_module.PunicaWrapperCPU, name, original)
     monkeypatch.setitem(segmented._state, "patched", False)
     return wrapper_module
@@ -325,15 +333,15 @@ def test_register_replaces_the_cpu_wrapper_ops(restorable_wrapper, monkeypatch):
     segmented.register()
     for name in segmented.PATCHED_NAMES:
         assert getattr(restorable_wrapper, name) is getattr(segmented, name)
-    assert restorable_wrapper.PunicaWrapperCPU.add_lora_linear is segmented.add_lora_linear
-    assert restorable_wrapper.PunicaWrapperCPU.update_metadata is segmented.update_metadata
+    assert restorable_wrapper.PunicaWrapperCPU.add_lora_linear is fused.add_lora_linear
+    assert restorable_wrapper.PunicaWrapperCPU.update_metadata is fused.update_metadata
 
 
 def test_environment_variable_turns_it_off(restorable_wrapper, monkeypatch):
     monkeypatch.setenv(segmented.ENV_SWITCH, "0")
     segmented.register()
     assert restorable_wrapper.bgmv_shrink is upstream.bgmv_shrink
-    assert restorable_wrapper.PunicaWrapperCPU.add_lora_linear is not segmented.add_lora_linear
+    assert restorable_wrapper.PunicaWrapperCPU.add_lora_linear is not fused.add_lora_linear
 
 
 def test_untested_vllm_version_stays_off_with_one_log_line(restorable_wrapper, monkeypatch, caplog):

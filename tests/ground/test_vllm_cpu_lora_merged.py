@@ -23,6 +23,7 @@ from vllm.model_executor.layers.linear import (  # noqa: E402
 )
 
 import ground.vllm_cpu_lora as segmented  # noqa: E402
+import ground.vllm_cpu_lora_fused as fused  # noqa: E402
 import ground.vllm_cpu_lora_merged as merged  # noqa: E402
 from tests.ground.test_vllm_cpu_lora import close, cpu_wrapper_for, token_slots  # noqa: E402
 
@@ -93,7 +94,7 @@ def vllms_own_apply(layer, x, bias):
 
 def forward(layer, slots, x, prefill: bool):
     layer.punica_wrapper = cpu_wrapper_for(slots, ADAPTERS, prefill)
-    segmented._remember_token_groups(layer.punica_wrapper)  # what the patched update_metadata adds
+    fused._remember_token_groups(layer.punica_wrapper)  # what the patched update_metadata adds
     bias = layer.base_layer.bias
     return layer.apply(x, bias), vllms_own_apply(layer, x, bias)
 

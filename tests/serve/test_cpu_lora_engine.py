@@ -75,12 +75,13 @@ def test_the_plugin_installed_the_segmented_ops(engine):
     import vllm.lora.punica_wrapper.punica_cpu as wrapper_module
 
     import ground.vllm_cpu_lora as segmented
+    import ground.vllm_cpu_lora_fused as fused
 
     for name in segmented.PATCHED_NAMES:
         assert getattr(wrapper_module, name) is getattr(segmented, name)
     # and the fused per-layer path (tokens grouped once per forward, one shrink GEMM for all slices)
-    assert wrapper_module.PunicaWrapperCPU.add_lora_linear is segmented.add_lora_linear
-    assert wrapper_module.PunicaWrapperCPU.update_metadata is segmented.update_metadata
+    assert wrapper_module.PunicaWrapperCPU.add_lora_linear is fused.add_lora_linear
+    assert wrapper_module.PunicaWrapperCPU.update_metadata is fused.update_metadata
 
 
 def test_four_adapters_in_one_batch_equal_peft(engine, four_adapters, tiny_model_dir, monkeypatch):
@@ -91,6 +92,7 @@ def test_four_adapters_in_one_batch_equal_peft(engine, four_adapters, tiny_model
     import vllm.lora.punica_wrapper.punica_cpu as wrapper_module
 
     import ground.vllm_cpu_lora as segmented
+    import ground.vllm_cpu_lora_fused as fused
 
     dirs, answers = four_adapters
     prompt_ids = AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPT).input_ids
@@ -98,19 +100,19 @@ def test_four_adapters_in_one_batch_equal_peft(engine, four_adapters, tiny_model
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, detokenize=False,
                             ignore_eos=False)
     fused_calls = []  # the engine's LoRA layers must take the fused path, not fall back to vLLM's method
-    original_fused = segmented.add_lora_linear
+    original_fused = fused.add_lora_linear
 
     def counted(wrapper, y, x, *args, **kwargs):
         fused_calls.append(x.shape[0] == wrapper._segmented_groups[0])
         return original_fused(wrapper, y, x, *args, **kwargs)
 
     monkeypatch.setattr(wrapper_module.PunicaWrapperCPU, "add_lora_linear", counted)
-    all_slot_calls = segmented.stats["all_slot_calls"]
+    all_slot_calls = fused.stats["all_slot_calls"]
     outputs = engine.generate([TokensPrompt(prompt_token_ids=prompt_ids)] * len(REQUEST_SEEDS), params,
                               lora_request=[requests.get(seed) for seed in REQUEST_SEEDS], use_tqdm=False)
 
     assert fused_calls and all(fused_calls)
-    assert segmented.stats["all_slot_calls"] > all_slot_calls  # the mixed decode batches took the all-slot products
+    assert fused.stats["all_slot_calls"] > all_slot_calls  # the mixed decode batches took the all-slot products
     distinct = {tuple(answers[seed]) for seed in answers}
     assert len(distinct) == len(answers)  # 4 adapters and the base answer differently: a mix-up would show
     peft_logprobs = {}
