@@ -166,8 +166,15 @@ class FleetWorker:
                         whole = weights[f"{name}.{kind}.{index}"]
                         local = p.data.to_local() if hasattr(p.data, "to_local") else p.data
                         local.copy_(whole[: local.shape[0]])  # world size 1: the shard is the whole tensor
-        set_optimizer_state_dict(self.model, self.optimizer.adamw, torch.load(src / OPTIMIZER_STATE, weights_only=True),
-                                 options=StateDictOptions(full_state_dict=True, strict=False))  # a member never stepped has no state
+        saved_optim = torch.load(src / OPTIMIZER_STATE, weights_only=True)
+        # strict=False: a member that never stepped (failed before its first update) has no saved state
+        set_optimizer_state_dict(self.model, self.optimizer.adamw, saved_optim,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        # Loading first gives every parameter a state (a zero-gradient AdamW step at lr 0); a member that had none
+        # must have none again, or its step count would read 1 (measured: it did, before this)
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and name not in saved_optim["state"]:
+                self.optimizer.adamw.state.pop(param, None)
 
     def shutdown(self) -> None:
         import torch.distributed as dist
