@@ -60,3 +60,5 @@ def test_fleet_flags_need_a_fleet_file(tmp_path):
 
     result = _cli("train", "--resume")
     assert isinstance(result.exception, ConfigError) and "--fleet" in str(result.exception)
+    result = _cli("train", "--fleet", str(tmp_path / "fleet.yaml"), "--resume", "--force")
+    assert isinstance(result.exception, ConfigError) and "contradict" in str(result.exception)
