@@ -19,7 +19,7 @@ import time
 import openai
 
 from tests.serve.adapters import make_adapters
-from tests.serve.cli_server import free_port, read_until_ready
+from tests.serve.cli_server import free_port, ppid, read_until_ready
 from tests.serve.route_checks import MAX_TOKENS  # the greedy answers that tell the `alpha` versions apart
 
 API_KEY = "shared-serve-key-41"
@@ -37,6 +37,20 @@ SINGLE = ["--auto-rollback", "--rollout-window-s", str(ROLLOUT_WINDOW_S), "--rol
 REPLICATED = ["--replicas", "2", "--tool-call-parser", "hermes"]
 
 
+def our_replica_pids(cli_pid: int) -> set[int]:
+    """The replica processes below the command `cli_pid` (other servers' replicas may run on the same machine)."""
+    from tests.serve.test_replicas import replica_pids
+
+    ours = set()
+    for pid in replica_pids():
+        ancestor = pid
+        while ancestor not in (None, 0, 1) and ancestor != cli_pid:
+            ancestor = ppid(ancestor)
+        if ancestor == cli_pid:
+            ours.add(pid)
+    return ours
+
+
 class SharedServer:
     """`pipeline serve` over `registry_dir`, started on first use; `stop()` is its Ctrl-C and checks the exit."""
 
@@ -44,6 +58,7 @@ class SharedServer:
         self.registry_dir, self.base_dir, self.args, self.replicated = registry_dir, base_dir, args, replicated
         self.api_key = API_KEY
         self.cli = None
+        self.replica_exit_s = 30.0  # how long its replicas may take to go once the command has exited
 
     @property
     def running(self) -> bool:
@@ -83,16 +98,19 @@ class SharedServer:
         if cli is None:
             return
         try:
+            # this server's replicas, taken while they still descend from the command (its exit orphans them);
+            # other servers' replicas on the machine (other sessions, other modules) are none of its business
+            ours = our_replica_pids(cli.pid) if self.replicated else set()
             cli.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal delivers to the command
             rest, _ = cli.communicate(timeout=180 if self.replicated else 90)
             assert cli.returncode == 0 and "stopping the server" in rest, self.output + rest
-            if self.replicated:  # and no replica outlives the command
+            if self.replicated:  # and none of its replicas outlives the command
                 from tests.serve.test_replicas import replica_pids
 
-                deadline = time.monotonic() + 30
-                while replica_pids() and time.monotonic() < deadline:
+                deadline = time.monotonic() + self.replica_exit_s
+                while ours & set(replica_pids()) and time.monotonic() < deadline:
                     time.sleep(0.5)
-                assert replica_pids() == {}
+                assert not ours & set(replica_pids()), f"replicas {sorted(ours & set(replica_pids()))} outlived it"
         finally:
             if cli.poll() is None:
                 os.killpg(cli.pid, signal.SIGKILL)

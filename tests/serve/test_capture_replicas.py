@@ -19,26 +19,15 @@ import openai
 import pytest
 
 from registry import open_registry
-from tests.serve.cli_server import ctrl_c_when_done, free_port, ppid
+from tests.serve.cli_server import ctrl_c_when_done, free_port
+from tests.serve.shared_server import our_replica_pids
 from tests.serve.test_capture import read_records
-from tests.serve.test_replicas import replica_pids, start_replicated_cli
+from tests.serve.test_replicas import start_replicated_cli
 from tests.synthetic_lora import write_lora
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 API_KEY = "capture-replicas-key"
-
-
-def our_replica_pids(cli_pid: int) -> set[int]:
-    """The replica processes below our command (other servers' replicas may run on the same machine)."""
-    ours = set()
-    for pid in replica_pids():
-        ancestor = pid
-        while ancestor not in (None, 0, 1) and ancestor != cli_pid:
-            ancestor = ppid(ancestor)
-        if ancestor == cli_pid:
-            ours.add(pid)
-    return ours
 
 
 @pytest.fixture(scope="module")
