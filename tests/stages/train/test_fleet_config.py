@@ -82,3 +82,29 @@ def test_a_config_without_members_is_refused(tmp_path):
     path.write_text("trainer: {total_training_steps: 1}\n")
     with pytest.raises(ConfigError, match="no `fleet.members:` list"):
         parse_fleet(path)
+
+
+def test_the_example_fleet_parses_and_its_data_and_reward_work(tmp_path):
+    """examples/fleet: three members, names the registry takes, data the generator writes, the spelled reward."""
+    import importlib.util
+    from pathlib import Path
+
+    from registry.refs import check_name
+    from stages.train.data import load_rows
+
+    root = Path(__file__).resolve().parents[3]
+    fleet = parse_fleet(root / "examples" / "fleet" / "fleet.yaml")
+    assert [m.name for m in fleet.members] == ["smollm2-add", "smollm2-sub", "smollm2-spell"]
+    assert all(check_name(m.name) for m in fleet.members)
+    spec = importlib.util.spec_from_file_location("fleet_make_data", root / "examples" / "fleet" / "make_data.py")
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+    make_data.main(["--out", str(tmp_path), "--train-size", "16", "--test-size", "4"])
+    spell = load_rows(tmp_path / "spell" / "train.parquet")
+    assert len(spell) == 16 and spell[0]["reward_model"]["ground_truth"] in make_data.WORDS
+    assert {r["extra_info"]["op"] for r in load_rows(tmp_path / "sub" / "train.parquet")} == {"-"}
+    from stages.train.rewards import load_custom_scorer
+
+    score = load_custom_scorer(str(root / "examples" / "fleet" / "rewards.py"), "spelled_score")
+    assert score("fleet_spell", " Seven.", "seven", {})["score"] == 1.0
+    assert score("fleet_spell", "7", "seven", {})["score"] == 0.0
