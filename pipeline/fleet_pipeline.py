@@ -80,7 +80,10 @@ def _publish_fleet(ctx: StageContext) -> dict:
         train = {"adapter_dir": member["adapter_dir"], "steps": trained["steps"], "config_digest": cfg.digest(),
                  "data_fingerprint": data_fingerprint(cfg.data.train_files),
                  "start_adapter": {"path": spec.start_adapter} if spec.start_adapter else {}}
-        evaluation = {"publish": True, "decision": "fleet member finished training (no gate for fleets yet)"}
+        before, after = member.get("val_reward_before"), member.get("val_reward_after")
+        evaluation = {"publish": True, "decision": "fleet member finished training (no gate for fleets yet)",
+                      "start_reward": before, "adapter_reward": after,
+                      "improvement": after - before if before is not None and after is not None else None}
         fleet_lineage = {"fleet": {"run": ctx.run_dir.name, "members": names, "member": spec.name,
                                    "metrics": member["metrics"]}}
         published = publish(cfg, ctx.run_dir.name, ctx.outputs["stage_model"], train, evaluation,

@@ -38,7 +38,10 @@ class MemberRun:
     error: dict | None = None
     train_iter: object = None
     reward_fn: object = None
+    val_items: list = field(default_factory=list)
     last: dict = field(default_factory=dict)  # the member's metrics of its last step
+    val_before: dict | None = None
+    val_after: dict | None = None
 
     @property
     def name(self) -> str:
@@ -129,6 +132,8 @@ class FleetRun:
                 member.train_iter = BatchIterator(data.items, mcfg.data.train_batch_size, mcfg.data.shuffle,
                                                   mcfg.data.seed)
                 member.reward_fn = RewardFunction(mcfg)
+                member.val_items = PromptDataset(mcfg.data.val_files, self.tokenizer, mcfg.data,
+                                                 max_samples=mcfg.data.val_max_samples).items
                 steps.append(total_training_steps(mcfg, len(member.train_iter)))
             except Exception as exc:
                 self._fail(member, exc)
@@ -137,6 +142,7 @@ class FleetRun:
             member = next((m for m in self.members if m.name == name), None)
             if member is None:
                 continue
+            member.val_before = saved.get("val_before")
             if saved["status"] == "failed" and member.status == "running":
                 member.status, member.error = "failed", saved["error"]
             elif member.train_iter is not None and saved.get("data"):
@@ -175,6 +181,19 @@ class FleetRun:
             ray.get(self.worker.load_state.remote(str(self.resume)))
             console_log("fleet resumed from %s (step %d)", self.resume, self.global_step)
         self._sync(list(range(n_members)))
+        if not self.resume and cfg.trainer.val_before_train:  # fresh adapters: B = 0, the base's reward
+            self._validate("val_before")
+
+    def _validate(self, when: str) -> None:
+        """Each running member's held-out reward, kept as its val_before or val_after; a raising reward fails it."""
+        from stages.train.fleet.validation import validate_member
+
+        for index in self.live():
+            member = self.members[index]
+            try:
+                setattr(member, when, validate_member(self.engine, self.tokenizer, member))
+            except Exception as exc:
+                self._fail(member, exc)
 
     def _sync(self, indices: list[int]) -> None:
         import ray
@@ -281,6 +300,15 @@ class FleetRun:
                         " ".join(f"{m.name}={m.last.get('reward/mean', float('nan')):.3f}"
                                  for m in self.members if m.status == "running"))
             last = self.global_step == self.total_steps
+            test_freq = self.cfg.trainer.test_freq
+            if last or (test_freq > 0 and self.global_step % test_freq == 0):
+                self._validate("val_after")
+                entry = {"step": self.global_step, **{f"members/{m.name}/{k}": v for m in self.members
+                                                      if m.status == "running" and m.val_after
+                                                      for k, v in m.val_after.items()}}
+                self.history.append(entry)
+                with open(history_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
             if save_freq > 0 and (self.global_step % save_freq == 0 or last):
                 self._save_checkpoint()
 
@@ -292,7 +320,7 @@ class FleetRun:
         tmp = checkpoint.begin(self.ckpt_root, self.global_step)
         ray.get(self.worker.save_state.remote(str(tmp)))
         state = {"global_step": self.global_step,
-                 "members": {m.name: {"status": m.status, "error": m.error,
+                 "members": {m.name: {"status": m.status, "error": m.error, "val_before": m.val_before,
                                       "data": m.train_iter.state_dict() if m.train_iter is not None else None}
                              for m in self.members}}
         checkpoint.commit(self.ckpt_root, self.global_step, state, keep_last=self.cfg.trainer.max_actor_ckpt_to_keep)
@@ -327,6 +355,8 @@ class FleetRun:
             "members": {
                 m.name: {"status": "stopped" if stopped and m.status == "running" else m.status, "error": m.error,
                          "adapter_dir": folders.get(i), "metrics": m.last,
+                         "val_reward_before": (m.val_before or {}).get("val/reward"),
+                         "val_reward_after": (m.val_after or {}).get("val/reward"),
                          "start_adapter": m.spec.start_adapter}
                 for i, m in enumerate(self.members)},
             "history_path": str(self.out / "history.jsonl"),

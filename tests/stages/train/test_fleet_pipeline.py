@@ -45,5 +45,7 @@ def test_train_fleet_publishes_each_finished_member_with_lineage_to_the_shared_r
         assert lineage["fleet"]["run"] == "fleet-e2e" and lineage["fleet"]["members"] == ["add", "sub", "broken"]
         assert lineage["fleet"]["member"] == name
         lineages[name] = lineage
+        # its held-out reward before (the base) and after training, from the fleet's validation
+        assert set(version.metadata["metrics"]) >= {"start_reward", "adapter_reward", "improvement"}
     assert lineages["add"]["config_digest"] != lineages["sub"]["config_digest"]  # each its own config (rank, lr, n)
     assert (run_dir / "fleet.yaml").is_file()

@@ -47,13 +47,23 @@ def test_the_broken_member_fails_alone_with_its_error(fleet_run):
     assert error["step"] == 1 and members["broken"]["adapter_dir"] is None
     assert fleet_run["output"].count("deliberately broken reward") == 1  # said once, in the closing summary
     assert fleet_run["outcome"]["steps"] == 2
-    history = [json.loads(x) for x in (fleet_run["out"] / "history.jsonl").read_text().splitlines()]
+    entries = [json.loads(x) for x in (fleet_run["out"] / "history.jsonl").read_text().splitlines()]
+    history = [h for h in entries if "timing/step" in h]
     assert [h["step"] for h in history] == [1, 2]
     for h in history:  # the others trained both steps; the broken one has no metrics after failing
         assert all(f"members/{n}/reward/mean" in h and f"members/{n}/actor/grad_norm" in h for n in GOOD)
         assert not any(k.startswith(("members/broken/", "members/nodata/")) for k in h)
     # each member's own rollout.n: sub samples 2 per prompt, the others 4 (4 prompts per step)
     assert [history[0][f"members/{n}/rows"] for n in GOOD] == [16.0, 8.0, 16.0]
+    # each member's held-out reward before training (adapters at B = 0: the base) and after the last step
+    validation = [h for h in entries if "timing/step" not in h]
+    assert [h["step"] for h in validation] == [2] and all(f"members/{n}/val/reward" in validation[0] for n in GOOD)
+    for name in GOOD:
+        assert isinstance(members[name]["val_reward_before"], float)
+        assert members[name]["val_reward_after"] == validation[0][f"members/{name}/val/reward"]
+    # the base is the same for every member and the toy reward is shared: equal rewards before training
+    assert len({members[n]["val_reward_before"] for n in GOOD}) == 1
+    assert members["broken"]["val_reward_before"] is None and members["nodata"]["val_reward_after"] is None
 
 
 def test_each_finished_member_is_a_peft_adapter_of_its_own(fleet_run, tiny_model_dir):
@@ -89,7 +99,10 @@ def test_resume_continues_every_member_from_the_last_checkpoint(fleet_run):
     outcome = json.loads((out / "fleet_outcome.json").read_text())
     assert outcome["steps"] == 3
     history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [1, 2, 3]  # only the third step ran
+    assert [h["step"] for h in history if "timing/step" in h] == [1, 2, 3]  # only the third step ran
+    # the resumed run kept the validation before training from the checkpoint (it did not validate again)
+    before = {n: m["val_reward_before"] for n, m in fleet_run["outcome"]["members"].items()}
+    assert {n: m["val_reward_before"] for n, m in outcome["members"].items()} == before
     assert outcome["members"]["broken"]["status"] == "failed"  # its failure is remembered, not retried
     assert outcome["members"]["broken"]["error"]["step"] == 1
     # the third step continued step 2's weights and AdamW state: every stepped parameter is at step 3 (a fresh
