@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,9 +338,7 @@ class FleetRun:
             for index, folder in written.items():  # <out>/members/<name>/adapter
                 final = root / self.members[index].name / "adapter"
                 final.parent.mkdir(parents=True, exist_ok=True)
-                if final.exists():
-                    import shutil
-
+                if final.exists():  # a resumed run replaces what an earlier finish wrote
                     shutil.rmtree(final)
                 os.replace(folder, final)
                 folders[index] = str(final)

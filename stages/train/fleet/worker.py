@@ -8,7 +8,6 @@ the fleet update does not arrange yet (docs/training.md, "Fleet training").
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

@@ -72,7 +72,7 @@ def test_keys_that_cannot_differ_are_refused_by_name(tmp_path, extra, key):
     ([], "is empty"),
 ])
 def test_bad_members_are_refused(tmp_path, members, words):
-    with pytest.raises(ConfigError, match=None) as err:
+    with pytest.raises(ConfigError) as err:
         parse_fleet(_write(tmp_path, members))
     assert words in str(err.value)
 
