@@ -1,6 +1,6 @@
 """The run report: reward and validation curves as pictures, the before/after table, per-phase timings and
 the registry reference a run published. Built from the run's manifest alone, so `pipeline runs show` and the
-Markdown report always agree.
+Markdown report always agree. A fleet run's members (figure and sections) come from pipeline/fleet_report.py.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.fleet_report import fleet_summary, plot_fleet_rewards, render_fleet
 from pipeline.runner import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
         "val_generations": train.get("val_generations") or [],
         "loggers": train.get("loggers") or {},
         "mlflow_parent_run_id": m.get("mlflow_parent_run_id"),
+        "fleet": fleet_summary(_outputs(m, "train_fleet"), _outputs(m, "publish_fleet")),
     }
 
 
@@ -133,13 +135,16 @@ def render_text(s: dict[str, Any]) -> list[str]:
     for st in s["stages"]:
         err = f" ({st['error']})" if st.get("error") else ""
         lines.append(f"| {st['name']} | {st['status']}{err} | {_fmt(st['seconds'], 1)} |")
-    lines += ["", f"## Before / after (held-out validation, {s['validation']})", "", "| model | reward | accuracy |",
-              "|---|---|---|"]
-    lines.append(f"| start: {s['start_point']} | {_fmt(s['start_reward'])} | {_fmt(s['start_acc'])} |")
-    lines.append(f"| adapter | {_fmt(s['adapter_reward'])} | {_fmt(s['adapter_acc'])} |")
-    if s["decision"]:
-        lines += ["", f"Publish decision: {s['decision']}"]
-    lines += ["", f"Published: `{s['published_ref']}`" if s["published_ref"] else "Published: nothing"]
+    if s.get("fleet"):  # a fleet run: each member has its own before/after, decision and reference
+        lines += render_fleet(s["fleet"])
+    else:
+        lines += ["", f"## Before / after (held-out validation, {s['validation']})", "",
+                  "| model | reward | accuracy |", "|---|---|---|"]
+        lines.append(f"| start: {s['start_point']} | {_fmt(s['start_reward'])} | {_fmt(s['start_acc'])} |")
+        lines.append(f"| adapter | {_fmt(s['adapter_reward'])} | {_fmt(s['adapter_acc'])} |")
+        if s["decision"]:
+            lines += ["", f"Publish decision: {s['decision']}"]
+        lines += ["", f"Published: `{s['published_ref']}`" if s["published_ref"] else "Published: nothing"]
     mismatch = s.get("rollout_mismatch")
     if mismatch:  # actor_rollout_ref.rollout.calculate_log_probs=true (docs/training.md)
         lines += ["", f"Rollout-training mismatch (the engine's log-probs against the actor's, mean of "
@@ -189,6 +194,9 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     s = summary(run_dir)
     pictures = plot_curves(read_history(s["history_path"]), run_dir, s["validation"])
+    if s.get("fleet"):
+        figure = plot_fleet_rewards(read_history(s["fleet"]["history_path"]), s["fleet"], run_dir)
+        pictures += [figure] if figure else []
     lines = render_text(s)
     if pictures:
         lines += ["", "## Curves", ""] + [f"![{p}]({p})" for p in pictures]

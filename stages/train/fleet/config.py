@@ -42,6 +42,8 @@ MEMBER_KEYS = {
     "optim.lr": "actor_rollout_ref.actor.optim.lr",
     "rollout.n": "actor_rollout_ref.rollout.n",
     "start_adapter": "actor_rollout_ref.model.lora_adapter_path",
+    # each member's own publish gate (pipeline/fleet_pipeline.gate_member): one customer's bar may be higher
+    "publish.min_improvement": "publish.min_improvement",
 }
 # The same keys spelled in full (verl names) are accepted too.
 FULL_NAMES = {full: full for full in MEMBER_KEYS.values()}

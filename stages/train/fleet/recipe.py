@@ -60,7 +60,8 @@ def _mean(xs) -> float:
 
 class FleetRun:
     def __init__(self, fleet: FleetConfig, model_dir: str, out_dir: str | Path, *, fail_fast: bool = False,
-                 resume: bool = False, start_folders: dict[int, str] | None = None):
+                 resume: bool = False, start_folders: dict[int, str] | None = None, parent_run_id: str | None = None):
+        """parent_run_id: the pipeline's MLflow parent run, under which the fleet's run nests (fleet/tracking.py)."""
         self.fleet, self.cfg = fleet, fleet.shared
         self.model_dir = str(model_dir)
         self.out = Path(out_dir).expanduser().resolve()
@@ -69,6 +70,8 @@ class FleetRun:
         self.members = [MemberRun(spec) for spec in fleet.members]
         self.history: list[dict] = []
         self.global_step = 0
+        self.parent_run_id = parent_run_id
+        self.tracking = None  # FleetTracking, started once the workers are up
 
     # ------------------------------------------------------------------------------------------ failures
     def _fail(self, member: MemberRun, exc: BaseException) -> None:
@@ -184,6 +187,11 @@ class FleetRun:
         self._sync(list(range(n_members)))
         if not self.resume and cfg.trainer.val_before_train:  # fresh adapters: B = 0, the base's reward
             self._validate("val_before")
+        from stages.train.fleet.tracking import FleetTracking
+
+        saved = checkpoint.read_trainer_state(self.resume).get("mlflow") if self.resume else None
+        self.tracking = FleetTracking(cfg, self.fleet.members, self.parent_run_id, saved, str(self.out))
+        stack.callback(self.tracking.close, "FAILED")  # a no-op when _write_outcome has closed it
 
     def _validate(self, when: str) -> None:
         """Each running member's held-out reward, kept as its val_before or val_after; a raising reward fails it."""
@@ -289,14 +297,23 @@ class FleetRun:
         else:
             self.history = []
         history_path.write_text("".join(json.dumps(e) + "\n" for e in self.history))
+
+        def record(entry: dict) -> None:
+            self.history.append(entry)
+            with open(history_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if self.tracking is not None:  # None only when no member got past reading its data
+                self.tracking.log_entry(entry)
+
+        # the held-out reward before training, at step 0 of each member's run (MLflow only: history keeps its format)
+        if not self.resume and self.tracking is not None:
+            self.tracking.log_entry({"step": self.global_step, **{
+                f"members/{m.name}/{k}": v for m in self.members if m.val_before for k, v in m.val_before.items()}})
         save_freq = self.cfg.trainer.save_freq
         while self.global_step < self.total_steps and self.live():
             metrics = self.step()
             self.global_step += 1
-            entry = {"step": self.global_step, **metrics}
-            self.history.append(entry)
-            with open(history_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            record({"step": self.global_step, **metrics})
             console_log("fleet step %d/%d: %s", self.global_step, self.total_steps,
                         " ".join(f"{m.name}={m.last.get('reward/mean', float('nan')):.3f}"
                                  for m in self.members if m.status == "running"))
@@ -304,12 +321,9 @@ class FleetRun:
             test_freq = self.cfg.trainer.test_freq
             if last or (test_freq > 0 and self.global_step % test_freq == 0):
                 self._validate("val_after")
-                entry = {"step": self.global_step, **{f"members/{m.name}/{k}": v for m in self.members
-                                                      if m.status == "running" and m.val_after
-                                                      for k, v in m.val_after.items()}}
-                self.history.append(entry)
-                with open(history_path, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
+                record({"step": self.global_step, **{f"members/{m.name}/{k}": v for m in self.members
+                                                     if m.status == "running" and m.val_after
+                                                     for k, v in m.val_after.items()}})
             if save_freq > 0 and (self.global_step % save_freq == 0 or last):
                 self._save_checkpoint()
 
@@ -320,7 +334,7 @@ class FleetRun:
 
         tmp = checkpoint.begin(self.ckpt_root, self.global_step)
         ray.get(self.worker.save_state.remote(str(tmp)))
-        state = {"global_step": self.global_step,
+        state = {"global_step": self.global_step, "mlflow": self.tracking.state(),
                  "members": {m.name: {"status": m.status, "error": m.error, "val_before": m.val_before,
                                       "data": m.train_iter.state_dict() if m.train_iter is not None else None}
                              for m in self.members}}
@@ -342,12 +356,14 @@ class FleetRun:
                     shutil.rmtree(final)
                 os.replace(folder, final)
                 folders[index] = str(final)
+                self.tracking.log_member_artifacts(self.members[index].name, str(final))
                 self.members[index].status = "finished"
             (root / ".adapters").rmdir()
         return self._write_outcome(folders=folders)
 
     def _write_outcome(self, folders: dict | None = None, stopped: bool = False) -> dict:
         folders = folders or {}
+        tracking = self.tracking
         outcome = {
             "steps": self.global_step,
             "stopped_by_fail_fast": stopped,
@@ -356,10 +372,19 @@ class FleetRun:
                          "adapter_dir": folders.get(i), "metrics": m.last,
                          "val_reward_before": (m.val_before or {}).get("val/reward"),
                          "val_reward_after": (m.val_after or {}).get("val/reward"),
-                         "start_adapter": m.spec.start_adapter}
+                         "val_acc_before": (m.val_before or {}).get("val/acc"),
+                         "val_acc_after": (m.val_after or {}).get("val/acc"),
+                         "start_adapter": m.spec.start_adapter,
+                         "mlflow_run_id": tracking.member_runs.get(m.name) if tracking else None}
                 for i, m in enumerate(self.members)},
             "history_path": str(self.out / "history.jsonl"),
+            "mlflow_run_id": tracking.run_id if tracking else None,
+            "loggers": tracking.destinations if tracking else {},
         }
+        if tracking is not None:  # each member's run ends with its own outcome, then the fleet's
+            for name, member in outcome["members"].items():
+                tracking.end_member(name, member["status"], member["error"])
+            tracking.close("FAILED" if stopped else "FINISHED")  # --fail-fast stopped it
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / OUTCOME_FILE).write_text(json.dumps(outcome, indent=2))
         return outcome
