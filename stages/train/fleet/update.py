@@ -12,8 +12,12 @@ The promise: a member trained in a fleet gets the update it would get trained al
   gradient (its rows are left out of the forward), and AdamW skips a parameter whose grad is None: its
   weights, moments and step count stay bit for bit. A member whose gradient is not finite skips alone.
 
-Only loss_agg_mode token-mean (the default) in this slice; KL loss, entropy bonus and rollout correction are
-not wired yet.
+Every loss the single path's update adds is here, per member over its own tokens: the policy loss, the
+entropy bonus (actor.entropy_coeff) and the KL loss against the shared reference (actor.use_kl_loss: the
+reference log-probs are the base's, adapters off, computed by the worker), each aggregated with the member's
+weights for any loss_agg_mode (fleet/mini_batches.py). Mini-batches and epochs are the worker's
+(FleetWorker.update); this module is one optimizer step. Rollout correction is refused in a fleet
+(fleet/config.py): the fleet's rollout does not keep the engine's log-probs.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import math
 
 import torch
 
-from ground.errors import ConfigError
 from stages.train.fleet.lora import member_parameters
 from stages.train.fleet.members import BASE_ONLY
+from stages.train.fleet.mini_batches import MemberNormalisers, member_response_widths, member_token_weights
 from stages.train.fleet.model import FleetModel, group_rows
-from stages.train.losses import get_policy_loss_fn
-from stages.train.micro_batching import take
+from stages.train.kl import kl_penalty
+from stages.train.losses import check_loss_agg_mode, entropy_from_logits, get_policy_loss_fn
+from stages.train.micro_batching import plan_rows, row_lengths, take
 from stages.train.modeling import response_log_probs
 
 
@@ -63,15 +68,6 @@ class FleetOptimizer:
         return norms
 
 
-def member_token_counts(member_of_row: torch.Tensor, response_mask: torch.Tensor, n_members: int) -> torch.Tensor:
-    """Response tokens of each member in these rows [n_members] (BASE_ONLY rows count for no one)."""
-    counts = torch.zeros(n_members, dtype=torch.float64, device=response_mask.device)
-    member_of_row = member_of_row.to(response_mask.device)
-    own = member_of_row != BASE_ONLY
-    counts.index_add_(0, member_of_row[own], response_mask[own].sum(-1).double())
-    return counts
-
-
 def members_on_any_rank(tokens: torch.Tensor) -> list[int]:
     """Members with a response token on this rank or any other. Every rank must step the same members: under
     FSDP each holds a shard of every member's weights and AdamW state, and a member stepped on one rank but not
@@ -86,53 +82,81 @@ def members_on_any_rank(tokens: torch.Tensor) -> list[int]:
 
 
 def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, member_of_row: torch.Tensor,
-                actor_cfg, *, micro_batch_rows: int, temperature: float = 1.0, trim: bool = True) -> dict:
-    """One optimizer step over `mini_batch` (the trainer's tensors + advantages, old_log_probs), whose row i
-    belongs to member member_of_row[i]. Micro-batches are consecutive runs of `micro_batch_rows` rows, each
-    grouped by member inside. Returns metrics, per member under `fleet/<name>/...`."""
-    if actor_cfg.loss_agg_mode != "token-mean":
-        raise ConfigError(f"actor_rollout_ref.actor.loss_agg_mode={actor_cfg.loss_agg_mode!r}: fleet training "
-                          "normalises each member's loss over its own tokens (token-mean) and supports only that "
-                          "mode so far. Set it to token-mean.")
+                actor_cfg, *, micro_batch_rows: int, temperature: float = 1.0, trim: bool = True,
+                max_tokens: int | None = None, widths: torch.Tensor | None = None) -> dict:
+    """One optimizer step over `mini_batch` (the trainer's tensors + advantages, old_log_probs, and
+    ref_log_probs when actor.use_kl_loss), whose row i belongs to member member_of_row[i].
+
+    Micro-batches as the single path cuts them (micro_batching.plan_rows: `micro_batch_rows` rows, or a token
+    budget `max_tokens` with dynamic batch size; sorted by length when `trim`), each grouped by member inside;
+    grouping changes no gradient, since every token carries its member's weight for the whole mini-batch.
+    widths: each member's response width alone (seq-mean-token-sum-norm; default: the longest of its rows
+    here). Returns metrics per member under `fleet/<name>/...` for the members that stepped."""
+    mode = actor_cfg.loss_agg_mode
+    check_loss_agg_mode(mode)
     policy_loss = get_policy_loss_fn(actor_cfg.policy_loss.loss_mode)
+    entropy_coeff = float(actor_cfg.entropy_coeff)
+    use_kl = bool(actor_cfg.use_kl_loss)
+    if use_kl and "ref_log_probs" not in mini_batch:
+        raise ValueError("actor.use_kl_loss is on but the mini-batch has no ref_log_probs; FleetWorker.update "
+                         "computes them (all rows routed to BASE_ONLY) before the mini-batches")
     n_members = len(model.members)
     member_of_row = member_of_row.cpu()  # row bookkeeping on the host; the tensors stay on their device
-    mask = mini_batch["response_mask"]
-    tokens = member_token_counts(member_of_row, mask, n_members)
-    present = members_on_any_rank(tokens)
-    # rows of the base, and of members without a single token, carry no loss: left out of the forward
-    has_tokens = (tokens > 0).tolist()  # one copy to the host, not one per row
-    kept = [i for i, m in enumerate(member_of_row.tolist()) if m != BASE_ONLY and has_tokens[m]]
+    if widths is None:
+        widths = member_response_widths(mini_batch, member_of_row, n_members)
+    norm = MemberNormalisers(mini_batch, member_of_row, n_members, widths)
+    present = members_on_any_rank(norm.tokens)
+    # rows of the base, and rows without a response token (weight 0 in every mode), carry no loss: left out of
+    # the forward, so a member without a single token gets no gradient at all
+    row_tokens = mini_batch["response_mask"].sum(-1).tolist()
+    kept = [i for i, m in enumerate(member_of_row.tolist()) if m != BASE_ONLY and row_tokens[i] > 0]
+    lengths = row_lengths(mini_batch).tolist()
+    groups = plan_rows([lengths[i] for i in kept], max_rows=micro_batch_rows, max_tokens=max_tokens, sort=trim)
     model.train()
     optimizer.zero_grad()
-    losses = torch.zeros(n_members, dtype=torch.float64)
-    for start in range(0, len(kept), micro_batch_rows):
-        rows = torch.tensor(kept[start : start + micro_batch_rows], dtype=torch.long)
+    sums = {key: torch.zeros(n_members, dtype=torch.float64) for key in ("pg_loss", "entropy", "kl_loss")}
+    for group in groups:
+        rows = torch.tensor([kept[j] for j in group], dtype=torch.long)
         rows = rows[group_rows(member_of_row[rows])]
         micro = take(mini_batch, rows.tolist(), trim).data
         members = member_of_row[rows]
         r = micro["responses"].shape[1]
         logits = model(micro["input_ids"], micro["attention_mask"], micro["position_ids"], members,
                        logits_to_keep=r + 1, touch=present)
-        log_prob, _ = response_log_probs(logits, micro["responses"], temperature)
+        log_prob, resp_logits = response_log_probs(logits, micro["responses"], temperature)
+        # the entropy is always a metric; it needs autograd only when entropy_coeff puts it in the loss
+        with torch.set_grad_enabled(bool(entropy_coeff) and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(resp_logits)
+        del resp_logits
         loss = log_prob.sum() * 0.0
         for member in members.unique().tolist():
             seg = (members == member).nonzero().squeeze(-1).to(log_prob.device)
             seg_mask = micro["response_mask"][seg]
-            # per-token weight 1/N_m: "seq-mean-token-sum" of (mask/N_m) times the segment's rows is
-            # sum(loss * mask) / N_m, this segment's share of member m's token-mean
-            weights = seg_mask / tokens[member].to(seg_mask.dtype)
-            seg_loss, _ = policy_loss(micro["old_log_probs"][seg], log_prob[seg], micro["advantages"][seg],
-                                      weights, "seq-mean-token-sum", actor_cfg)
-            seg_loss = seg_loss * len(seg)
-            losses[member] += seg_loss.item()
+            weights = member_token_weights(mode, member, seg_mask, norm).to(seg_mask.dtype)
+            # "seq-mean-token-sum" of the weights, times the segment's rows, is sum(loss * weights): this
+            # segment's share of member m's aggregated loss over the mini-batch
+            pg, _ = policy_loss(micro["old_log_probs"][seg], log_prob[seg], micro["advantages"][seg], weights,
+                                "seq-mean-token-sum", actor_cfg)
+            pg = pg * len(seg)
+            seg_loss = pg
+            if entropy_coeff:
+                seg_loss = seg_loss - entropy_coeff * (entropy[seg] * weights).sum()
+            if use_kl:
+                kl = (kl_penalty(log_prob[seg], micro["ref_log_probs"][seg], actor_cfg.kl_loss_type) * weights).sum()
+                seg_loss = seg_loss + actor_cfg.kl_loss_coef * kl
+                sums["kl_loss"][member] += kl.item()
+            sums["pg_loss"][member] += pg.item()
+            sums["entropy"][member] += float((entropy[seg].detach() * seg_mask).sum()) / float(norm.tokens[member])
             loss = loss + seg_loss
         loss.backward()
     norms = optimizer.step()
     metrics = {}
     for m in present:
         name = model.members[m].name
-        metrics[f"fleet/{name}/pg_loss"] = float(losses[m])
+        metrics[f"fleet/{name}/pg_loss"] = float(sums["pg_loss"][m])
+        metrics[f"fleet/{name}/entropy"] = float(sums["entropy"][m])
+        if use_kl:
+            metrics[f"fleet/{name}/kl_loss"] = float(sums["kl_loss"][m])
         metrics[f"fleet/{name}/grad_norm"] = norms.get(name, float("nan"))
-        metrics[f"fleet/{name}/tokens"] = float(tokens[m])
+        metrics[f"fleet/{name}/tokens"] = float(norm.tokens[m])
     return metrics

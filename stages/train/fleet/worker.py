@@ -2,7 +2,8 @@
 (the same layout as the single path's ActorWorker), run as a Ray actor by fleet/recipe.py.
 
 World size 1 (one rank over gloo) in this slice: several ranks need equal micro-batch counts per rank, which
-the fleet update does not arrange yet (docs/training.md, "Fleet training").
+the fleet update does not arrange yet (docs/training.md, "Fleet training"). The update itself (KL reference,
+warmup, epochs, mini-batches) is fleet/update_loop.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from stages.train.fleet.members import FleetMember
 
 LORA_STATE = "fleet_lora.pt"
 OPTIMIZER_STATE = "fleet_optimizer.pt"
+UPDATES_STATE = "fleet_updates.json"  # {member name: its update count}
 
 
 def _members(raw: list[dict]) -> list[FleetMember]:
@@ -35,6 +37,9 @@ class FleetWorker:
         self.model_dir = str(model_dir)
         self.members = _members(members)
         self.start_adapters = {int(k): v for k, v in start_adapters.items()}
+        # each member's actor updates so far (RL steps with its rows): its warmup and shuffle seed count them,
+        # as the single path's LR scheduler counts update_actor calls
+        self.updates = [0] * len(self.members)
         torch.set_num_threads(max(1, threads))
 
     def setup(self) -> dict:
@@ -86,24 +91,20 @@ class FleetWorker:
 
     # ------------------------------------------------------------------------------------------- passes
     def log_probs(self, batch: dict, member_of_row: torch.Tensor) -> torch.Tensor:
-        from stages.train.fleet.model import log_probs
+        """Each row's response log-probs under its member's LoRA (BASE_ONLY: the reference), [b, R] float32, in
+        passes of rollout.log_prob_micro_batch_size_per_gpu rows, as the single path's old-log-prob pass."""
+        from stages.train.fleet.update_loop import log_probs_in_passes
 
-        self.model.eval()
-        temperature = self.cfg.actor_rollout_ref.rollout.temperature
-        return log_probs(self.model, batch, member_of_row, temperature).float()
+        rollout = self.cfg.actor_rollout_ref.rollout
+        return log_probs_in_passes(self.model, batch, member_of_row, int(rollout.log_prob_micro_batch_size_per_gpu),
+                                   rollout.temperature)
 
     def update(self, batch: dict, member_of_row: torch.Tensor) -> dict:
-        """One fleet update per mini-batch of ppo_mini_batch_size prompts' rows (in row order)."""
-        from stages.train.fleet.update import update_step
+        """The RL step's actor update for every member (fleet/update_loop.py): the KL reference when
+        actor.use_kl_loss, each member's warmup, ppo_epochs x mini-batches dealt per member."""
+        from stages.train.fleet.update_loop import update_members
 
-        actor = self.cfg.actor_rollout_ref.actor
-        rows = batch["input_ids"].shape[0]
-        micro = int(actor.ppo_micro_batch_size_per_gpu or rows)
-        metrics: dict = {}
-        for _ in range(int(actor.ppo_epochs)):
-            metrics = update_step(self.model, self.optimizer, batch, member_of_row, actor, micro_batch_rows=micro,
-                                  temperature=self.cfg.actor_rollout_ref.rollout.temperature)
-        return metrics
+        return update_members(self.model, self.optimizer, self.cfg, batch, member_of_row, self.updates)
 
     # -------------------------------------------------------------------------------------- adapters out
     def peft_config(self, index: int) -> dict:
@@ -145,6 +146,7 @@ class FleetWorker:
         torch.save(weights, out / LORA_STATE)
         torch.save(optim, out / OPTIMIZER_STATE)
         (out / "members.json").write_text(json.dumps([m.name for m in self.members]))
+        (out / UPDATES_STATE).write_text(json.dumps({m.name: n for m, n in zip(self.members, self.updates)}))
 
     def load_state(self, ckpt_dir: str) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -157,6 +159,9 @@ class FleetWorker:
             raise StageError(f"Checkpoint {src} holds the members {saved_names}, this fleet has "
                              f"{[m.name for m in self.members]}. Resume with the fleet config that wrote it, or "
                              "start fresh (--force).")
+        if (src / UPDATES_STATE).is_file():  # checkpoints written before warmup and shuffle were per member lack it
+            counts = json.loads((src / UPDATES_STATE).read_text())
+            self.updates = [int(counts.get(m.name, 0)) for m in self.members]
         weights = torch.load(src / LORA_STATE, weights_only=True)
         with torch.no_grad():
             for name, layer in fleet_layers(self.model.lm):
