@@ -119,6 +119,56 @@ def _member_overrides(raw: Any, index: int) -> tuple[str, dict[str, Any]]:
     return name, overrides
 
 
+def _refused_in_a_fleet(cfg) -> list[tuple[str, Any, str]]:
+    """(key, value, why) of each shared setting the fleet's step would otherwise ignore silently. A verl user's
+    key must do in a fleet what it does in a single run; where the fleet does not do it yet, it says so."""
+    from stages.train.core_algos import needs_critic, needs_greedy_baseline
+
+    arr, algo = cfg.actor_rollout_ref, cfg.algorithm
+    optim, rc = arr.actor.optim, algo.rollout_correction
+    found = []
+    if algo.use_kl_in_reward:
+        found.append(("algorithm.use_kl_in_reward", True, "the fleet's step does not subtract a KL penalty from the "
+                      "rewards; use actor_rollout_ref.actor.use_kl_loss=true (a KL loss against the shared "
+                      "reference, per member)"))
+    if needs_critic(algo.adv_estimator):
+        found.append(("algorithm.adv_estimator", algo.adv_estimator, "the fleet trains no critic (value model) "
+                      "yet; use a critic-free estimator such as grpo, rloo or reinforce_plus_plus"))
+    elif needs_greedy_baseline(algo.adv_estimator):
+        found.append(("algorithm.adv_estimator", algo.adv_estimator, "the fleet does not roll out the greedy "
+                      "baseline this estimator needs; use grpo or rloo"))
+    if algo.filter_groups.enable:
+        found.append(("algorithm.filter_groups.enable", True, "the fleet does not resample groups (DAPO's dynamic "
+                      "sampling); leave it off"))
+    for key in ("rollout_is", "rollout_rs"):
+        if getattr(rc, key) is not None:
+            found.append((f"algorithm.rollout_correction.{key}", getattr(rc, key), "the fleet's rollout does not "
+                          "keep the engine's log-probs, which rollout correction needs; leave it unset"))
+    if rc.bypass_mode:
+        found.append(("algorithm.rollout_correction.bypass_mode", True, "the fleet's rollout does not keep the "
+                      "engine's log-probs to use as the old ones; leave it off"))
+    if arr.rollout.calculate_log_probs:
+        found.append(("actor_rollout_ref.rollout.calculate_log_probs", True, "the fleet's rollout does not keep "
+                      "the engine's log-probs (no rollout_corr/ metrics); leave it off"))
+    if optim.lr_warmup_steps < 0 and optim.lr_warmup_steps_ratio > 0:
+        found.append(("actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", optim.lr_warmup_steps_ratio,
+                      "a ratio of the run's steps, and each member's run length depends on its own data; set "
+                      "actor_rollout_ref.actor.optim.lr_warmup_steps (a number of updates, counted per member)"))
+    if cfg.trainer.critic_warmup > 0:
+        found.append(("trainer.critic_warmup", cfg.trainer.critic_warmup, "the fleet has no critic and updates "
+                      "the actor from the first step; set it to 0"))
+    return found
+
+
+def refuse_what_a_fleet_ignores(cfg, path: str | Path) -> None:
+    """ConfigError naming the first shared setting a fleet cannot honour (see `_refused_in_a_fleet`)."""
+    found = _refused_in_a_fleet(cfg)
+    if found:
+        key, value, why = found[0]
+        others = f" (also refused here: {', '.join(k for k, _, _ in found[1:])})" if len(found) > 1 else ""
+        raise ConfigError(f"Fleet config `{path}`: {key}={value!r} is not supported in fleet training: {why}.{others}")
+
+
 def parse_fleet(path: str | Path, overrides: list[str] | None = None) -> FleetConfig:
     """Read and check a fleet YAML; `overrides` (`key=value`) apply to the shared part, as on `pipeline train`."""
     from config import load_config, read_yaml
@@ -132,6 +182,7 @@ def parse_fleet(path: str | Path, overrides: list[str] | None = None) -> FleetCo
     if extra:
         raise ConfigError(f"Fleet config `{path}`: unknown key fleet.{extra[0]}; `fleet` holds only `members`.")
     shared = load_config(path, overrides, file_raw=raw)
+    refuse_what_a_fleet_ignores(shared, path)  # the same for every member: these keys cannot differ per member
     members = []
     for index, entry in enumerate(fleet["members"]):
         name, member_keys = _member_overrides(entry, index)

@@ -77,6 +77,39 @@ def test_bad_members_are_refused(tmp_path, members, words):
     assert words in str(err.value)
 
 
+@pytest.mark.parametrize("shared, key, why", [
+    ({"algorithm": {"use_kl_in_reward": True}}, "algorithm.use_kl_in_reward", "use_kl_loss=true"),
+    ({"algorithm": {"adv_estimator": "gae"}}, "algorithm.adv_estimator", "no critic"),
+    ({"algorithm": {"adv_estimator": "remax"}}, "algorithm.adv_estimator", "greedy baseline"),
+    ({"algorithm": {"filter_groups": {"enable": True}}}, "algorithm.filter_groups.enable", "dynamic sampling"),
+    ({"algorithm": {"rollout_correction": {"rollout_is": "token"}}}, "algorithm.rollout_correction.rollout_is",
+     "engine's log-probs"),
+    ({"algorithm": {"rollout_correction": {"bypass_mode": True}}}, "algorithm.rollout_correction.bypass_mode",
+     "engine's log-probs"),
+    ({"actor_rollout_ref": {"rollout": {"calculate_log_probs": True}}},
+     "actor_rollout_ref.rollout.calculate_log_probs", "engine's log-probs"),
+    ({"actor_rollout_ref": {"actor": {"optim": {"lr_warmup_steps_ratio": 0.1}}}},
+     "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", "set actor_rollout_ref.actor.optim.lr_warmup_steps"),
+    ({"trainer": {"critic_warmup": 2}}, "trainer.critic_warmup", "set it to 0"),
+])
+def test_settings_a_fleet_would_ignore_are_refused_by_name(tmp_path, shared, key, why):
+    with pytest.raises(ConfigError) as err:
+        parse_fleet(_write(tmp_path, [_member("add")], shared))
+    msg = str(err.value)
+    assert f"{key}=" in msg and "is not supported in fleet training" in msg and why in msg
+
+
+def test_the_single_update_keys_a_fleet_honours_parse(tmp_path):
+    """KL loss, entropy bonus, any loss_agg_mode, mini-batches, epochs, shuffle and a warmup in steps: the fleet
+    update does them per member (fleet/update_loop.py), so they are accepted; so is a ratio-free warmup of 0."""
+    actor = {"use_kl_loss": True, "kl_loss_coef": 0.1, "entropy_coeff": 0.01, "loss_agg_mode": "seq-mean-token-mean",
+             "ppo_mini_batch_size": 2, "ppo_epochs": 2, "shuffle": True,
+             "optim": {"lr": 1e-4, "lr_warmup_steps": 3, "lr_warmup_steps_ratio": 0.5}}
+    fleet = parse_fleet(_write(tmp_path, [_member("add")], {"actor_rollout_ref": {
+        "model": {"lora_rank": 4, "lora_alpha": 8}, "actor": actor}}))
+    assert fleet.shared.actor_rollout_ref.actor.use_kl_loss and fleet.members[0].cfg.actor_rollout_ref.actor.ppo_epochs == 2
+
+
 def test_a_config_without_members_is_refused(tmp_path):
     path = tmp_path / "plain.yaml"
     path.write_text("trainer: {total_training_steps: 1}\n")
