@@ -1,12 +1,12 @@
 """One actor update for every member at once: per-member losses, per-member optimizer groups.
 
 The promise: a member trained in a fleet gets the update it would get trained alone on the same rows.
-- Loss: each member's policy loss is the token-mean over ITS OWN tokens in the mini-batch (N_m), and the
-  members' losses are summed. Rows never interact in the forward and member m's weights touch only its rows,
-  so d(sum)/d(theta_m) = d(loss_m)/d(theta_m): the gradient a lone run computes. A global token-mean would
-  scale each member's gradient by N_m / N (and its Adam moments with it).
-- Micro-batches: a token of member m weighs 1 / N_m wherever it lands, so the micro-batches' losses sum to
-  the mini-batch's loss however rows are grouped.
+- Loss: each member's loss is aggregated over ITS OWN rows of the mini-batch (token-mean: over its N_m
+  tokens), and the members' losses are summed. Rows never interact in the forward and member m's weights
+  touch only its rows, so d(sum)/d(theta_m) = d(loss_m)/d(theta_m): the gradient a lone run computes. A global
+  token-mean would scale each member's gradient by N_m / N (and its Adam moments with it).
+- Micro-batches: a token of member m carries its weight for the whole mini-batch (1 / N_m for token-mean)
+  wherever it lands, so the micro-batches' losses sum to the mini-batch's loss however rows are grouped.
 - Optimizer: one AdamW with a parameter group per member (its own lr, weight decay, betas); each member's
   gradient is clipped by its own norm. A member without a response token in the mini-batch never gets a
   gradient (its rows are left out of the forward), and AdamW skips a parameter whose grad is None: its
@@ -15,8 +15,8 @@ The promise: a member trained in a fleet gets the update it would get trained al
 Every loss the single path's update adds is here, per member over its own tokens: the policy loss, the
 entropy bonus (actor.entropy_coeff) and the KL loss against the shared reference (actor.use_kl_loss: the
 reference log-probs are the base's, adapters off, computed by the worker), each aggregated with the member's
-weights for any loss_agg_mode (fleet/mini_batches.py). Mini-batches and epochs are the worker's
-(FleetWorker.update); this module is one optimizer step. Rollout correction is refused in a fleet
+weights for any loss_agg_mode (fleet/mini_batches.py). Mini-batches, epochs and warmup are
+fleet/update_loop.py's; this module is one optimizer step. Rollout correction is refused in a fleet
 (fleet/config.py): the fleet's rollout does not keep the engine's log-probs.
 """
 
