@@ -112,6 +112,9 @@ def test_resume_continues_every_member_from_the_last_checkpoint(fleet_run):
     optim = torch.load(out / "checkpoints" / "global_step_3" / "fleet_optimizer.pt", weights_only=True)["state"]
     steps = {name.rsplit(".", 1)[-1]: float(state["step"]) for name, state in optim.items()}
     assert steps == {"0": 3.0, "1": 3.0, "2": 3.0}, steps  # members add, sub, spell; nodata/broken never stepped
+    # each member's update count (its warmup and shuffle seed) continued too: a fresh count would read 1
+    counts = json.loads((out / "checkpoints" / "global_step_3" / "fleet_updates.json").read_text())
+    assert counts == {"add": 3, "sub": 3, "spell": 3, "nodata": 0, "broken": 0}, counts
 
 
 def test_a_checkpointed_folder_is_not_restarted_by_accident(fleet_run):
