@@ -74,6 +74,22 @@ def _use_every_allowed_core() -> None:
     torch.set_num_threads(max(1, threads))
 
 
+def sampling_params(*, n: int, max_tokens: int, temperature: float, top_p: float, top_k: int | None,
+                    greedy: bool = False):
+    """vLLM SamplingParams of a rollout: the sampled token's own log-prob, ids only (no detokenizing)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n,
+        max_tokens=max_tokens,
+        temperature=0.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p,
+        top_k=0 if greedy or top_k is None or top_k < 1 else top_k,
+        logprobs=0,  # the sampled token's own log-prob, nothing else
+        detokenize=False,  # the trainer works on ids; skipping text saves CPU
+    )
+
+
 class RolloutEngine:
     """vLLM `LLM` with the policy's current weights. See the module docstring for the two sync modes.
 
@@ -136,23 +152,19 @@ class RolloutEngine:
 
         `max_tokens` is one budget for all prompts, or one per prompt (multi-turn samples are at different turns).
         """
-        from vllm import SamplingParams
+        def params(budget: int):
+            return sampling_params(n=n, max_tokens=budget, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   greedy=greedy)
+
+        per_prompt = [params(b) for b in max_tokens] if isinstance(max_tokens, list) else params(max_tokens)
+        return self.generate_with(prompts, per_prompt, self._lora_request)
+
+    def generate_with(self, prompts: list[list[int]], params, lora_requests) -> list[list[dict]]:
+        """One vLLM call: `params` and `lora_requests` are one for all prompts or one per prompt."""
         from vllm.inputs import TokensPrompt
 
-        def sampling(budget: int) -> SamplingParams:
-            return SamplingParams(
-                n=n,
-                max_tokens=budget,
-                temperature=0.0 if greedy else temperature,
-                top_p=1.0 if greedy else top_p,
-                top_k=0 if greedy or top_k is None or top_k < 1 else top_k,
-                logprobs=0,  # the sampled token's own log-prob, nothing else
-                detokenize=False,  # the trainer works on ids; skipping text saves CPU
-            )
-
-        params = [sampling(b) for b in max_tokens] if isinstance(max_tokens, list) else sampling(max_tokens)
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                     lora_request=self._lora_request, use_tqdm=False)
+                                     lora_request=lora_requests, use_tqdm=False)
         results = []
         for out in outputs:
             samples = []

@@ -28,6 +28,7 @@ from typing import Any
 
 from ground.errors import ConfigError
 from stages.train.fleet.members import FleetMember, check_members
+from stages.train.fleet.rollout import check_batching
 
 # A member's key (as written under fleet.members[i]) -> the shared config key it replaces for that member.
 MEMBER_KEYS = {
@@ -69,6 +70,7 @@ class FleetConfig:
     path: str
     shared: Any  # config.Config of the top level alone (what is the same for every member)
     members: list[MemberSpec]
+    rollout_batching: str = "auto"  # how a step's members go to the engine (fleet/rollout.py)
 
     @property
     def target_modules(self):
@@ -178,9 +180,11 @@ def parse_fleet(path: str | Path, overrides: list[str] | None = None) -> FleetCo
     if not isinstance(fleet, dict) or not isinstance(fleet.get("members"), list):
         raise ConfigError(f"Fleet config `{path}` has no `fleet.members:` list. Add `fleet: {{members: [...]}}` with "
                           "one entry per adapter (name, data.train_files, data.val_files, reward).")
-    extra = sorted(set(fleet) - {"members"})
+    extra = sorted(set(fleet) - {"members", "rollout_batching"})
     if extra:
-        raise ConfigError(f"Fleet config `{path}`: unknown key fleet.{extra[0]}; `fleet` holds only `members`.")
+        raise ConfigError(f"Fleet config `{path}`: unknown key fleet.{extra[0]}; `fleet` holds `members` and "
+                          "`rollout_batching`.")
+    batching = check_batching(str(fleet.get("rollout_batching", "auto")), f"Fleet config `{path}`: fleet")
     shared = load_config(path, overrides, file_raw=raw)
     refuse_what_a_fleet_ignores(shared, path)  # the same for every member: these keys cannot differ per member
     members = []
@@ -205,4 +209,4 @@ def parse_fleet(path: str | Path, overrides: list[str] | None = None) -> FleetCo
                              weight_decay=float(actor.optim.weight_decay), betas=tuple(actor.optim.betas))
         members.append(MemberSpec(index, name, cfg, member, model.lora_adapter_path))
     check_members([m.member for m in members])
-    return FleetConfig(str(path), shared, members)
+    return FleetConfig(str(path), shared, members, batching)

@@ -3,13 +3,13 @@
     outcome = FleetRun(fleet_cfg, model_dir, out_dir, fail_fast=False).run()
 
 One step: for each member still running, its next batch of prompts -> the engine with that member's adapter
-(one generate call per member) -> its reward -> its advantages (the shared adv_estimator over its own groups);
-then one batch of every member's rows -> old log-probs -> the fleet update (per-member token-mean, a parameter
-group per member) -> each member's adapter written and reloaded in the engine.
+(one call per member, or one mixed multi-LoRA call: fleet/rollout.py) -> its reward -> its advantages (the shared
+adv_estimator over its own groups); then one batch of every member's rows -> old log-probs -> the fleet update
+(per-member token-mean, a parameter group per member) -> each member's adapter written and reloaded in the engine.
 
 A member whose data cannot be read or whose reward raises is marked failed with its error, printed once, and
-left out of later steps; the others go on (fail_fast: the run stops). What is not wired yet (validation,
-MLflow, KL, several ranks) is listed in docs/training.md, "Fleet training".
+left out of later steps; the others go on (fail_fast: the run stops). What is not wired yet (several ranks,
+the GPU path) is listed in docs/training.md, "Fleet training".
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class FleetRun:
                  resume: bool = False, start_folders: dict[int, str] | None = None, parent_run_id: str | None = None):
         """parent_run_id: the pipeline's MLflow parent run, under which the fleet's run nests (fleet/tracking.py)."""
         self.fleet, self.cfg = fleet, fleet.shared
+        from stages.train.fleet.rollout import BatchingChoice
+
+        self.batching = BatchingChoice(fleet.rollout_batching)
         self.model_dir = str(model_dir)
         self.out = Path(out_dir).expanduser().resolve()
         self.fail_fast, self.resume_wanted = fail_fast, resume
@@ -124,6 +127,7 @@ class FleetRun:
         self.resume = checkpoint.step_dir(self.ckpt_root, steps_done[-1]) if steps_done else None
         state = checkpoint.read_trainer_state(self.resume) if self.resume else {}
         self.global_step = int(state.get("global_step", 0))
+        self.batching.load_state_dict(state.get("rollout_batching") or {})
 
         # Each member's data and reward first: a member whose file is missing or bad fails here, alone.
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -211,29 +215,6 @@ class FleetRun:
         ray.get([self.engine.update_member.remote(self.members[i].name, folders[i]) for i in indices])
 
     # ---------------------------------------------------------------------------------------------- loop
-    def _member_rows(self, index: int) -> dict:
-        """One member's rollout of its next batch, scored: prompt/response ids, scores, group ids."""
-        import ray
-
-        from stages.train.batch import flatten_generation
-
-        member = self.members[index]
-        mcfg = member.spec.cfg
-        rollout = mcfg.actor_rollout_ref.rollout
-        items = member.train_iter.next_batch()
-        outputs = ray.get(self.engine.generate_member.remote(
-            member.name, [it["prompt_ids"] for it in items], n=rollout.n,
-            max_tokens=rollout.response_length or mcfg.data.max_response_length, temperature=rollout.temperature,
-            top_p=rollout.top_p, top_k=rollout.top_k))
-        r = flatten_generation(items, outputs)
-        texts = self.tokenizer.batch_decode(r.response_ids, skip_special_tokens=True)
-        results = member.reward_fn([it["data_source"] for it in r.items], texts,
-                                   [it["ground_truth"] for it in r.items], [it["extra_info"] for it in r.items])
-        scores = [float(x["score"]) for x in results]
-        accs = [x.get("acc") for x in results if x.get("acc") is not None]
-        return {"prompts": r.prompt_ids, "responses": r.response_ids, "scores": scores, "index": r.index,
-                "accs": accs}
-
     def step(self) -> dict:
         import ray
         import torch
@@ -241,17 +222,26 @@ class FleetRun:
         from stages.train.batch import build_tensors, outcome_rewards
         from stages.train.core_algos import get_adv_estimator, resolve_adv_estimator_name
 
+        from stages.train.fleet import rollout as fleet_rollout
+
         t0 = time.perf_counter()
+        live = self.live()
+        batches = {index: self.members[index].train_iter.next_batch() for index in live}
+        way = self.batching.next_way(len(live))
+        outputs = fleet_rollout.generate(
+            self.engine, [fleet_rollout.sampling_call(self.members[i], batches[i]) for i in live], way)
+        t_gen = time.perf_counter() - t0
+        tokens = sum(len(s["token_ids"]) for out in outputs for samples in out for s in samples)
+        self.batching.record(way, t_gen, tokens, len(live))
         per_member: dict[int, dict] = {}
-        for index in self.live():
+        for index, out in zip(live, outputs):
             try:
-                per_member[index] = self._member_rows(index)
+                per_member[index] = fleet_rollout.score_rows(self.tokenizer, self.members[index], batches[index], out)
             except Exception as exc:
                 self._fail(self.members[index], exc)
         metrics: dict = {}
         if not per_member:
             return metrics
-        t_gen = time.perf_counter() - t0
         prompts, responses, owner = [], [], []
         for index, rows in per_member.items():
             prompts += rows["prompts"]
@@ -280,12 +270,12 @@ class FleetRun:
             own = {"reward/mean": _mean(rows["scores"]), "rows": float(len(rows["scores"]))}
             if rows["accs"]:
                 own["reward/acc"] = _mean(rows["accs"])
-            for key in ("pg_loss", "grad_norm", "tokens"):
-                if f"fleet/{name}/{key}" in update:
-                    own[f"actor/{key}"] = update[f"fleet/{name}/{key}"]
+            prefix = f"fleet/{name}/"  # the update's figures of this member: pg_loss, kl_loss, entropy, lr, ...
+            own.update({f"actor/{k[len(prefix):]}": v for k, v in update.items() if k.startswith(prefix)})
             self.members[index].last = own
             metrics.update({f"members/{name}/{k}": v for k, v in own.items()})
-        metrics.update({"timing/generate": t_gen, "timing/update": t_update, "timing/sync": t_sync,
+        metrics.update({"timing/generate": t_gen, "timing/generate_mixed": float(way == "mixed"),
+                        "timing/update": t_update, "timing/sync": t_sync,
                         "timing/step": time.perf_counter() - t0, "members/live": float(len(per_member))})
         return metrics
 
@@ -335,6 +325,7 @@ class FleetRun:
         tmp = checkpoint.begin(self.ckpt_root, self.global_step)
         ray.get(self.worker.save_state.remote(str(tmp)))
         state = {"global_step": self.global_step, "mlflow": self.tracking.state(),
+                 "rollout_batching": self.batching.state_dict(),
                  "members": {m.name: {"status": m.status, "error": m.error, "val_before": m.val_before,
                                       "data": m.train_iter.state_dict() if m.train_iter is not None else None}
                              for m in self.members}}

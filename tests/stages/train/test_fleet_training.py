@@ -53,6 +53,9 @@ def test_the_broken_member_fails_alone_with_its_error(fleet_run):
     for h in history:  # the others trained both steps; the broken one has no metrics after failing
         assert all(f"members/{n}/reward/mean" in h and f"members/{n}/actor/grad_norm" in h for n in GOOD)
         assert not any(k.startswith(("members/broken/", "members/nodata/")) for k in h)
+    # rollout_batching=auto: step 1 one call per member, step 2 one mixed multi-LoRA call, then the faster one
+    assert [h["timing/generate_mixed"] for h in history] == [0.0, 1.0]
+    assert "fleet rollout: one call per member" in fleet_run["output"]
     # each member's own rollout.n: sub samples 2 per prompt, the others 4 (4 prompts per step)
     assert [history[0][f"members/{n}/rows"] for n in GOOD] == [16.0, 8.0, 16.0]
     # each member's held-out reward before training (adapters at B = 0: the base) and after the last step
@@ -100,6 +103,12 @@ def test_resume_continues_every_member_from_the_last_checkpoint(fleet_run):
     assert outcome["steps"] == 3
     history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "timing/step" in h] == [1, 2, 3]  # only the third step ran
+    # the third step went the way the first two measured faster (kept in the checkpoint, not measured again)
+    state = json.loads((out / "checkpoints" / "global_step_2" / "trainer_state.json").read_text())
+    chosen = state["rollout_batching"]["chosen"]
+    assert chosen in ("mixed", "per_member") and set(state["rollout_batching"]["trials"]) == {"mixed", "per_member"}
+    assert [h for h in history if "timing/step" in h][-1]["timing/generate_mixed"] == float(chosen == "mixed")
+    assert "fleet rollout: one call per member" not in again.output
     # the resumed run kept the validation before training from the checkpoint (it did not validate again)
     before = {n: m["val_reward_before"] for n, m in fleet_run["outcome"]["members"].items()}
     assert {n: m["val_reward_before"] for n, m in outcome["members"].items()} == before
