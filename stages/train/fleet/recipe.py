@@ -223,6 +223,7 @@ class FleetRun:
         from stages.train.core_algos import get_adv_estimator, resolve_adv_estimator_name
 
         from stages.train.fleet import rollout as fleet_rollout
+        from stages.train.fleet.update_loop import on_policy
 
         t0 = time.perf_counter()
         live = self.live()
@@ -259,7 +260,8 @@ class FleetRun:
             advantages[sel] = adv.float()
         batch["advantages"] = advantages
         t1 = time.perf_counter()
-        batch["old_log_probs"] = ray.get(self.worker.log_probs.remote(batch, member_of_row))
+        if not on_policy(self.cfg):  # else the update's own forward gives the old log-probs (update_loop.on_policy)
+            batch["old_log_probs"] = ray.get(self.worker.log_probs.remote(batch, member_of_row))
         update = ray.get(self.worker.update.remote(batch, member_of_row))
         t_update = time.perf_counter() - t1
         t2 = time.perf_counter()

@@ -83,9 +83,14 @@ def members_on_any_rank(tokens: torch.Tensor) -> list[int]:
 
 def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, member_of_row: torch.Tensor,
                 actor_cfg, *, micro_batch_rows: int, temperature: float = 1.0, trim: bool = True,
-                max_tokens: int | None = None, widths: torch.Tensor | None = None) -> dict:
+                max_tokens: int | None = None, widths: torch.Tensor | None = None,
+                reuse_forward_as_old: bool = False) -> dict:
     """One optimizer step over `mini_batch` (the trainer's tensors + advantages, old_log_probs, and
     ref_log_probs when actor.use_kl_loss), whose row i belongs to member member_of_row[i].
+
+    reuse_forward_as_old: the on-policy shortcut of the single path (one epoch over one mini-batch: the weights
+    have not moved since the rollout), where the old log-probs are this forward's own, detached, and
+    `mini_batch` needs no old_log_probs.
 
     Micro-batches as the single path cuts them (micro_batching.plan_rows: `micro_batch_rows` rows, or a token
     budget `max_tokens` with dynamic batch size; sorted by length when `trim`), each grouped by member inside;
@@ -135,7 +140,8 @@ def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, 
             weights = member_token_weights(mode, member, seg_mask, norm).to(seg_mask.dtype)
             # "seq-mean-token-sum" of the weights, times the segment's rows, is sum(loss * weights): this
             # segment's share of member m's aggregated loss over the mini-batch
-            pg, _ = policy_loss(micro["old_log_probs"][seg], log_prob[seg], micro["advantages"][seg], weights,
+            old = log_prob[seg].detach() if reuse_forward_as_old else micro["old_log_probs"][seg]
+            pg, _ = policy_loss(old, log_prob[seg], micro["advantages"][seg], weights,
                                 "seq-mean-token-sum", actor_cfg)
             pg = pg * len(seg)
             seg_loss = pg

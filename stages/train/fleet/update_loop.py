@@ -62,6 +62,14 @@ def reference_log_probs(model: FleetModel, batch: dict, cfg) -> torch.Tensor:
                                arr.rollout.temperature)
 
 
+def on_policy(cfg) -> bool:
+    """The single path's on-policy shortcut applies (stages/train/trainer.py): one epoch over one mini-batch, so the
+    old log-probs are the update's own forward and the step skips their pass. (A KL penalty in the reward and
+    rollout correction's bypass mode, which turn it off there, are refused in a fleet.)"""
+    actor = cfg.actor_rollout_ref.actor
+    return int(actor.ppo_epochs) == 1 and num_mini_batches(cfg.data.train_batch_size, actor.ppo_mini_batch_size) == 1
+
+
 def update_members(model: FleetModel, optimizer: FleetOptimizer, cfg, batch: dict, member_of_row: torch.Tensor,
                    updates: list[int]) -> dict:
     """All members' actor updates for one RL step. cfg: the fleet's shared Config; updates: each member's update
@@ -73,6 +81,10 @@ def update_members(model: FleetModel, optimizer: FleetOptimizer, cfg, batch: dic
     members = model.members
     n_members = len(members)
     member_of_row = member_of_row.cpu()
+    reuse_forward_as_old = "old_log_probs" not in batch
+    if reuse_forward_as_old and not on_policy(cfg):
+        raise ValueError("the batch has no old_log_probs, but ppo_epochs x mini-batches > 1: the weights move "
+                         "between mini-batches, so the old log-probs must come from the pass before the update")
     if actor.use_kl_loss:
         batch = {**batch, "ref_log_probs": reference_log_probs(model, batch, cfg)}
     widths = member_response_widths(batch, member_of_row, n_members)
@@ -91,7 +103,8 @@ def update_members(model: FleetModel, optimizer: FleetOptimizer, cfg, batch: dic
             steps.append(update_step(model, optimizer, mini_batch, member_of_row[rows], actor,
                                      micro_batch_rows=int(actor.ppo_micro_batch_size_per_gpu),
                                      temperature=arr.rollout.temperature, trim=arr.model.use_remove_padding,
-                                     max_tokens=budget, widths=widths))
+                                     max_tokens=budget, widths=widths,
+                                     reuse_forward_as_old=reuse_forward_as_old))
     for m in stepping:
         updates[m] += 1
     return _member_metrics(optimizer, batch, member_of_row, steps, stepping)

@@ -88,7 +88,7 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def _alone(model_dir, tmp_path, member: FleetMember, start: dict, batch: dict, settings: tuple[str, ...] = (),
-           num_mini_batches: int = 1, rl_steps: int = 1) -> dict:
+           num_mini_batches: int = 1, rl_steps: int = 1, reuse_forward_as_old: bool = False) -> dict:
     """The single-adapter path: an ActorWorker with this member's settings (+ `settings`, config overrides), its
     LoRA set to `start`, `rl_steps` update_actor calls over `batch` (this member's rows only), with the reference
     log-probs of its own reference pass when the KL loss is on; returns its weights and AdamW state as
@@ -119,7 +119,8 @@ def _alone(model_dir, tmp_path, member: FleetMember, start: dict, batch: dict, s
         if cfg.actor_rollout_ref.actor.use_kl_loss:
             batch = {**batch, "ref_log_probs": worker.compute_log_probs(batch, "ref")["log_probs"]}
         for _ in range(rl_steps):
-            metrics = worker.update_actor(batch, num_mini_batches=num_mini_batches, reuse_forward_as_old=False)
+            metrics = worker.update_actor(batch, num_mini_batches=num_mini_batches,
+                                          reuse_forward_as_old=reuse_forward_as_old)
         out = {}
         for n, p in named:
             key = gather.peft_name(n)
@@ -236,6 +237,40 @@ def test_kl_entropy_mini_batches_and_epochs_equal_each_member_trained_alone(tiny
             assert metrics[f"fleet/{member.name}/optimizer_steps"] == 4
             assert metrics[f"fleet/{member.name}/lr"] == pytest.approx(member.lr * 2 / 3)  # warmup: update 2 of 3
             assert metrics[f"fleet/{member.name}/kl_loss"] > 0
+
+
+def test_the_on_policy_shortcut_equals_each_member_trained_alone_with_it(tiny_model_dir, tmp_path):
+    """One epoch over one mini-batch: the fleet step skips the old-log-prob pass (its batch has none) and takes
+    the update's own forward, as the single path's shortcut does; two RL steps (the second off the first's
+    weights) end where each member's own shortcut run ends. Without the shortcut the batch's stale old
+    log-probs (random here) would give other ratios, clipping and weights."""
+    from config import load_config
+    from stages.train.fleet.model import shard_fleet_model
+    from stages.train.fleet.update import FleetOptimizer
+    from stages.train.fleet.update_loop import on_policy, update_members
+
+    settings = ("data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+                "actor_rollout_ref.actor.clip_ratio=0.05")
+    model = _fleet_model(tiny_model_dir)
+    starts = [model.adapter_tensors(m) for m in range(len(MEMBERS))]
+    batch = ragged_batch(seed=9, rows=len(UNEVEN))
+    alone = [_alone(tiny_model_dir, tmp_path, member, starts[m], _own_rows(batch, (UNEVEN == m).nonzero().squeeze(-1)),
+                    settings, rl_steps=2, reuse_forward_as_old=True)
+             for m, member in enumerate(MEMBERS)]
+    cfg = load_config(None, [*settings, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4"])
+    assert on_policy(cfg)
+    without_old = {k: v for k, v in batch.items() if k != "old_log_probs"}
+    with gloo_world_of_one() as mesh:
+        shard_fleet_model(model, mesh=mesh)
+        optimizer = FleetOptimizer(model)
+        for _ in range(2):
+            update_members(model, optimizer, cfg, without_old, UNEVEN, [0, 0, 0])
+        for m, member in enumerate(MEMBERS):
+            _assert_same(_fleet_state(model, optimizer, m), alone[m]["state"], f"member {member.name}", lr=member.lr)
+        two = load_config(None, [*settings, "actor_rollout_ref.actor.ppo_epochs=2"])
+        assert not on_policy(two)
+        with pytest.raises(ValueError, match="no old_log_probs"):
+            update_members(model, optimizer, two, without_old, UNEVEN, [0, 0, 0])
 
 
 def test_a_member_without_rows_keeps_weights_and_optimizer_state_bit_for_bit(tiny_model_dir):
