@@ -4,7 +4,9 @@
 The engine is the fleet's (stages/train/fleet/engine.py): LoRA enabled, a slot per member, each member's adapter
 a rank-r all-linear LoRA with random B (not a no-op), LORA_PIPELINE_CPU_LORA_MERGED_SLOTS = members as the fleet
 run sets it. Each round generates every member's batch (prompts x n, max_tokens) both ways, alternating which
-goes first; prints the median seconds per round of each and writes JSON.
+goes first; prints the median seconds per round of each and writes JSON. Before each round every member's adapter
+is reloaded in place, as each training step's sync does (so one call per member pays its merges again);
+--no-reload keeps them loaded (serving-like).
 
     .venv/bin/python benchmarks/fleet_rollout.py --members 3 --prompts 4 --n 4 --max-tokens 16 \
         --out benchmarks/results/fleet_rollout.json
@@ -38,6 +40,9 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="float32", help="the engine's dtype (the example fleet trains float32)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-reload", action="store_true",
+                        help="keep the adapters loaded between rounds (default: reload every member's adapter in place "
+                             "before each round, as every training step does, so the merged path re-merges)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--force", action="store_true", help="replace --out")
     args = parser.parse_args()
@@ -71,14 +76,28 @@ def main() -> int:
             engine.update_member(name, str(folder))
             del model
 
+        def reload() -> None:  # what a training step's sync does: every member's adapter reloaded in place
+            if not args.no_reload:
+                for name in names:
+                    engine.update_member(name, str(root / name))
+
+        from ground import vllm_cpu_lora_merged as merged
+
         def one_call_each() -> float:
+            reload()
+            before = dict(merged.stats)
             t0 = time.perf_counter()
             for call in calls:
                 engine.generate_member(call["name"], call["prompts"], n=call["n"], max_tokens=call["max_tokens"],
                                        temperature=1.0, top_p=1.0, top_k=-1)
-            return time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            log.info("per-member round %.2f s: merges built %d, merged forwards %d", seconds,
+                     merged.stats["merges"] - before["merges"],
+                     merged.stats["merged_forwards"] - before["merged_forwards"])
+            return seconds
 
         def one_mixed_call() -> float:
+            reload()
             t0 = time.perf_counter()
             engine.generate_members(calls)
             return time.perf_counter() - t0
@@ -93,6 +112,7 @@ def main() -> int:
         remove_sync_root(root)
     result = {"model": model_dir, "members": args.members, "prompts_per_member": args.prompts, "n": args.n,
               "max_tokens": args.max_tokens, "rank": args.rank, "dtype": args.dtype, "rounds": args.rounds,
+              "reload_before_each_round": not args.no_reload,
               "per_member_s": per_member, "mixed_s": mixed,
               "per_member_median_s": statistics.median(per_member), "mixed_median_s": statistics.median(mixed),
               "mixed_over_per_member": statistics.median(mixed) / statistics.median(per_member),

@@ -5,10 +5,9 @@ Two ways to send the members to the engine (`fleet.rollout_batching`):
   on merged weights (ground/vllm_cpu_lora_merged.py), at the base model's speed per row.
 - `mixed`: one call holding every member's rows, each with its own LoRARequest (vLLM's multi-LoRA batch). Fewer,
   larger batches, but every row pays the LoRA path.
-Which is faster depends on the device and the shapes: on this 2-core CPU the mixed call took 0.46x the time of
-three per-member calls at the example fleet's shape (3 members x 4 prompts x 4 samples, 16 tokens;
-benchmarks/fleet_rollout.py), while larger batches can turn it around. `auto` (the default) therefore measures
-instead of guessing: the first step with two or more members goes per member, the next one mixed, and from then
+Which is faster depends on the device and the shapes: on the 2-core CPU the two were within 10% of each other and
+the order flipped with the shape and with whether the adapters had just been reloaded (benchmarks/fleet_rollout.py,
+docs/training.md). `auto` (the default) therefore measures instead of guessing: the first step with two or more members goes per member, the next one mixed, and from then
 on the run keeps the way that took fewer seconds per generated token (printed once, and in each step's metrics
 as `timing/generate_mixed`). Both ways sample from the same adapters; only the batching differs.
 """
