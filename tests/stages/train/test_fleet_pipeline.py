@@ -1,8 +1,9 @@
-"""`pipeline run train-fleet -c fleet.yaml` on the tiny model, one shared run (one step) of four members: stage,
+"""`pipeline run train-fleet -c fleet.yaml` on the tiny model, one shared run (one step) of five members: stage,
 train them in one run, gate each finished member as the single path's evaluate stage does, publish those that
-pass as NAME@V with lineage to the shared run. `add` and `sub` pass (publish.min_improvement=-2: a reward in
-[0, 1] always beats it), `spell` is refused by its own gate (its publish.min_improvement=2 no reward can beat),
-`broken`'s reward raises so it fails alone. MLflow is on: the fleet's run nests under the pipeline's parent run
+pass as NAME@V with lineage to the shared run. `add`, `sub` and `spell` pass (publish.min_improvement=-2: a
+reward in [0, 1] always beats it) and are published as three versions with distinct lineage, `strict` (spell's
+settings) is refused by its own gate (its publish.min_improvement=2 no reward can beat), `broken`'s reward
+raises so it fails alone. MLflow is on: the fleet's run nests under the pipeline's parent run
 and each member has a child run of it. Real Ray, vLLM CPU engine, FSDP2, MLflow (sqlite), local registry."""
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from tests.stages.train.fleet_helpers import write_fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-MEMBERS = ("add", "sub", "spell", "broken")
+MEMBERS = ("add", "sub", "spell", "strict", "broken")
+PUBLISHED = ("add", "sub", "spell")
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,9 @@ def fleet_pipeline_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet-pipeline")
     path = write_fleet(tiny_model_dir, root, steps=1)
     doc = yaml.safe_load(path.read_text())
-    doc["fleet"]["members"] = [m for m in doc["fleet"]["members"] if m["name"] in MEMBERS]
-    next(m for m in doc["fleet"]["members"] if m["name"] == "spell")["publish"] = {"min_improvement": 2.0}
+    members = {m["name"]: m for m in doc["fleet"]["members"]}
+    members["strict"] = {**members["spell"], "name": "strict", "publish": {"min_improvement": 2.0}}
+    doc["fleet"]["members"] = [members[name] for name in MEMBERS]
     path.write_text(yaml.safe_dump(doc))
     store, uri = root / "registry", f"sqlite:///{root}/mlflow.db"
     run_dir = root / "runs" / "fleet-e2e"
@@ -45,23 +48,24 @@ def test_train_fleet_publishes_each_member_its_gate_passes_with_lineage_to_the_s
     assert manifest["status"] == "succeeded"
     assert [s["name"] for s in manifest["stages"]] == ["stage_model", "train_fleet", "publish_fleet"]
     assert {n: m["status"] for n, m in members.items()} == {"add": "published", "sub": "published",
-                                                            "spell": "not_published", "broken": "failed"}
+                                                            "spell": "published", "strict": "not_published",
+                                                            "broken": "failed"}
     assert members["broken"]["error"]["type"] == "RewardError" and members["broken"]["ref"] is None
 
     # the gate: the single path's decision and wording, per member, each against its own min_improvement
-    spell = members["spell"]
-    assert spell["ref"] is None and spell["evaluation"]["publish"] is False
-    assert spell["decision"].startswith("skip: adapter does not beat its start: ")
-    assert spell["decision"].endswith("<= publish.min_improvement=2.0; set publish.force=True to publish anyway")
-    for name in ("add", "sub"):
+    strict = members["strict"]
+    assert strict["ref"] is None and strict["evaluation"]["publish"] is False
+    assert strict["decision"].startswith("skip: adapter does not beat its start: ")
+    assert strict["decision"].endswith("<= publish.min_improvement=2.0; set publish.force=True to publish anyway")
+    for name in PUBLISHED:
         assert members[name]["decision"].startswith("publish: adapter beats its start by ")
         assert members[name]["decision"].endswith("> publish.min_improvement=-2.0")
 
     reg = open_registry(str(fleet_pipeline_run["store"]), mirror_mlflow=False)
-    assert sorted(reg.list_adapters()) == ["add", "sub"]
+    assert sorted(reg.list_adapters()) == sorted(PUBLISHED)
     trained = fleet_pipeline_run["trained"]
     lineages = {}
-    for name in ("add", "sub"):
+    for name in PUBLISHED:
         version = reg.resolve(f"{name}@candidate")
         assert version.ref == members[name]["ref"] == f"{name}@1"
         lineage = version.metadata["lineage"]
@@ -75,8 +79,9 @@ def test_train_fleet_publishes_each_member_its_gate_passes_with_lineage_to_the_s
         lineages[name] = lineage
         # its held-out reward before (the base) and after training, from the fleet's validation
         assert set(version.metadata["metrics"]) >= {"start_reward", "adapter_reward", "improvement"}
-    assert lineages["add"]["config_digest"] != lineages["sub"]["config_digest"]  # each its own config (rank, lr, n)
-    assert lineages["add"]["mlflow_run_id"] != lineages["sub"]["mlflow_run_id"]
+    # three versions with distinct lineage: each its own config (rank, alpha, lr, n) and its own MLflow run
+    assert len({lineages[n]["config_digest"] for n in PUBLISHED}) == 3
+    assert len({lineages[n]["mlflow_run_id"] for n in PUBLISHED}) == 3
     assert (fleet_pipeline_run["run_dir"] / "fleet.yaml").is_file()
 
 
@@ -99,7 +104,7 @@ def test_the_fleet_is_one_mlflow_run_with_a_child_run_per_member(fleet_pipeline_
     runs = {c.data.tags["member"]: c for c in children}
     assert sorted(runs) == sorted(MEMBERS)  # one child run per member
     assert {n: r.info.run_id for n, r in runs.items()} == {n: trained["members"][n]["mlflow_run_id"] for n in MEMBERS}
-    for name in ("add", "sub", "spell"):
+    for name in ("add", "sub", "spell", "strict"):
         run = runs[name]
         assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
         assert "error" not in run.data.tags
@@ -116,8 +121,8 @@ def test_the_fleet_is_one_mlflow_run_with_a_child_run_per_member(fleet_pipeline_
     assert runs["sub"].data.params["actor_rollout_ref.model.lora_rank"] == "4"
     # the gate's decision and reference on each member's run
     assert runs["add"].data.tags["published_ref"] == "add@1"
-    assert runs["spell"].data.tags["published_ref"] == "-"
-    assert runs["spell"].data.tags["decision"].startswith("skip: adapter does not beat its start")
+    assert runs["strict"].data.tags["published_ref"] == "-"
+    assert runs["strict"].data.tags["decision"].startswith("skip: adapter does not beat its start")
     broken = runs["broken"]
     assert broken.info.status == "FAILED" and broken.data.tags["status"] == "failed"
     assert broken.data.tags["error"].startswith("RewardError at step 1: ")
@@ -131,12 +136,12 @@ def test_the_report_has_every_member_on_one_figure_and_a_section_each(fleet_pipe
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (run_dir / "report.md").read_text()
     assert "![fleet_rewards.png](fleet_rewards.png)" in report
-    assert "## Fleet members (4, 1 steps)" in report and "| adapter |" not in report  # no single-run table
+    assert "## Fleet members (5, 1 steps)" in report and "| adapter |" not in report  # no single-run table
     sections = {part.split("\n", 1)[0]: part for part in report.split("\n### ")[1:]}
     assert sorted(sections) == sorted(MEMBERS)
     assert "- published: `add@1`" in sections["add"] and "status: **published**" in sections["add"]
-    assert "status: **not_published**" in sections["spell"] and "- published: nothing" in sections["spell"]
-    assert "- publish decision: skip: adapter does not beat its start" in sections["spell"]
+    assert "status: **not_published**" in sections["strict"] and "- published: nothing" in sections["strict"]
+    assert "- publish decision: skip: adapter does not beat its start" in sections["strict"]
     assert "- error: RewardError at step 1: " in sections["broken"]
     assert "held-out reward: before " in sections["add"]
 
