@@ -156,6 +156,15 @@ def _refused_in_a_fleet(cfg) -> list[tuple[str, Any, str]]:
         found.append(("actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", optim.lr_warmup_steps_ratio,
                       "a ratio of the run's steps, and each member's run length depends on its own data; set "
                       "actor_rollout_ref.actor.optim.lr_warmup_steps (a number of updates, counted per member)"))
+    if arr.rollout.multi_turn.enable:
+        found.append(("actor_rollout_ref.rollout.multi_turn.enable", True, "the fleet's rollout is one generate call "
+                      "per prompt, without the agent loops that call tools; train tool-using adapters one run each"))
+    if arr.rollout.agent.default_agent_loop:
+        found.append(("actor_rollout_ref.rollout.agent.default_agent_loop", arr.rollout.agent.default_agent_loop,
+                      "the fleet's rollout runs no agent loop; leave it unset"))
+    if arr.model.share_prompt_forward:
+        found.append(("actor_rollout_ref.model.share_prompt_forward", True, "the fleet's actor computes each row "
+                      "in full (the same log-probs and gradients, without the speed-up); leave it off"))
     if cfg.trainer.critic_warmup > 0:
         found.append(("trainer.critic_warmup", cfg.trainer.critic_warmup, "the fleet has no critic and updates "
                       "the actor from the first step; set it to 0"))

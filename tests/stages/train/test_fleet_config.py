@@ -91,6 +91,12 @@ def test_bad_members_are_refused(tmp_path, members, words):
     ({"actor_rollout_ref": {"actor": {"optim": {"lr_warmup_steps_ratio": 0.1}}}},
      "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", "set actor_rollout_ref.actor.optim.lr_warmup_steps"),
     ({"trainer": {"critic_warmup": 2}}, "trainer.critic_warmup", "set it to 0"),
+    ({"actor_rollout_ref": {"rollout": {"multi_turn": {"enable": True}}}},
+     "actor_rollout_ref.rollout.multi_turn.enable", "agent loops"),
+    ({"actor_rollout_ref": {"rollout": {"agent": {"default_agent_loop": "tool_agent"}}}},
+     "actor_rollout_ref.rollout.agent.default_agent_loop", "no agent loop"),
+    ({"actor_rollout_ref": {"model": {"share_prompt_forward": True}}},
+     "actor_rollout_ref.model.share_prompt_forward", "leave it off"),
 ])
 def test_settings_a_fleet_would_ignore_are_refused_by_name(tmp_path, shared, key, why):
     with pytest.raises(ConfigError) as err:
