@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.rollout_sync import build_prompts, lora_tensors, make_lora_model  # noqa: E402
-from ground.new_files import write_new_text  # noqa: E402
+from ground.new_files import refuse_existing_out, write_new_text  # noqa: E402
 
 log = logging.getLogger("fleet_rollout")
 
@@ -46,6 +46,8 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--force", action="store_true", help="replace --out")
     args = parser.parse_args()
+    if args.out:
+        refuse_existing_out(parser, [args.out], args.force)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["LORA_PIPELINE_CPU_LORA_MERGED_SLOTS"] = str(args.members)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -18,6 +18,8 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
     ("vs_trl.py", "-o", "result.md"),
     ("generate_floor.py", "-o", "result.json"),
     ("update_profile.py", "-o", "result.json"),
+    ("fleet.py", "--out", "result.json"),
+    ("fleet_rollout.py", "--out", "result.json"),
 ])
 def test_existing_result_is_kept_without_force(tmp_path, script, out_flag, out_name):
     out = tmp_path / out_name
