@@ -52,18 +52,21 @@ class FleetOptimizer:
     def step(self) -> dict[str, float]:
         """Clip each member's gradient by its own norm, then one AdamW step over the members that have one.
         Returns {member name: grad norm before clipping} for the members that were stepped."""
-        norms = {}
+        stepped = []
         for group, member in zip(self.adamw.param_groups, self.members):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             norm = torch.nn.utils.clip_grad_norm_(params, member.grad_clip)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            norm = float(norm)
+            stepped.append((member.name, params, norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+        # the norms cross to the host together: one wait for the GPU, not one per member
+        values = torch.stack([n.reshape(()).float() for _, _, n in stepped]).tolist() if stepped else []
+        norms = {}
+        for (name, params, _), norm in zip(stepped, values):
             if not math.isfinite(norm):  # this member skips the step; the others go on
                 for p in params:
                     p.grad = None
-            norms[member.name] = norm
+            norms[name] = norm
         self.adamw.step()
         return norms
 
@@ -120,6 +123,7 @@ def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, 
     model.train()
     optimizer.zero_grad()
     sums = {key: torch.zeros(n_members, dtype=torch.float64) for key in ("pg_loss", "entropy", "kl_loss")}
+    pending: list[tuple[str, int, torch.Tensor]] = []  # (metric, member, its value on the device)
     for group in groups:
         rows = torch.tensor([kept[j] for j in group], dtype=torch.long)
         rows = rows[group_rows(member_of_row[rows])]
@@ -150,11 +154,15 @@ def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, 
             if use_kl:
                 kl = (kl_penalty(log_prob[seg], micro["ref_log_probs"][seg], actor_cfg.kl_loss_type) * weights).sum()
                 seg_loss = seg_loss + actor_cfg.kl_loss_coef * kl
-                sums["kl_loss"][member] += kl.item()
-            sums["pg_loss"][member] += pg.item()
-            sums["entropy"][member] += float((entropy[seg].detach() * seg_mask).sum()) / float(norm.tokens[member])
+                pending.append(("kl_loss", member, kl.detach()))
+            pending.append(("pg_loss", member, pg.detach()))
+            pending.append(("entropy", member, (entropy[seg].detach() * seg_mask).sum() / float(norm.tokens[member])))
             loss = loss + seg_loss
         loss.backward()
+    # the metrics cross to the host once, not once per member and segment (each crossing waits for the GPU)
+    values = torch.stack([v.reshape(()).float() for _, _, v in pending]).tolist() if pending else []
+    for (key, member, _), value in zip(pending, values):
+        sums[key][member] += value
     norms = optimizer.step()
     metrics = {}
     for m in present:

@@ -45,13 +45,20 @@ def _actor_cfg():
     return load_config(None, []).actor_rollout_ref.actor
 
 
-def _fleet_model(model_dir, members=MEMBERS, gradient_checkpointing: bool = False):
+@pytest.fixture(params=["loop", "stacked"])
+def lora_path(request):
+    """Both ways the fleet's LoRA layers compute (fleet/lora.py): each test's promise holds for either."""
+    return request.param
+
+
+def _fleet_model(model_dir, members=MEMBERS, gradient_checkpointing: bool = False, path: str = "stacked"):
     """The fleet model with B set to small random values (B = 0, PEFT's start, would leave A without gradient)."""
     from stages.train.fleet.lora import fleet_layers
     from stages.train.fleet.model import build_fleet_model
 
     model = build_fleet_model(str(model_dir), members, TARGETS, seed=3, dtype=torch.float32,
                               gradient_checkpointing=gradient_checkpointing)
+    model.routing.path = path
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for _, layer in fleet_layers(model.lm):
@@ -154,11 +161,11 @@ def _assert_same(fleet: dict, alone: dict, what: str, exact: bool = False, lr: f
         torch.testing.assert_close(fleet[key], alone[key], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {key}: {m}")
 
 
-def test_one_mixed_update_equals_each_member_trained_alone(tiny_model_dir, tmp_path):
+def test_one_mixed_update_equals_each_member_trained_alone(tiny_model_dir, tmp_path, lora_path):
     from stages.train.fleet.model import shard_fleet_model
     from stages.train.fleet.update import FleetOptimizer, update_step
 
-    model = _fleet_model(tiny_model_dir)
+    model = _fleet_model(tiny_model_dir, path=lora_path)
     starts = [model.adapter_tensors(m) for m in range(len(MEMBERS))]
     batch, member_of_row = _mixed_batch()
     alone = []
@@ -205,7 +212,7 @@ def _own_rows(batch: dict, rows: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                            "seq-mean-token-sum-norm"])
-def test_kl_entropy_mini_batches_and_epochs_equal_each_member_trained_alone(tiny_model_dir, tmp_path, loss_agg_mode):
+def test_kl_entropy_mini_batches_and_epochs_equal_each_member_trained_alone(tiny_model_dir, tmp_path, lora_path, loss_agg_mode):
     """Two RL steps with the verl keys a single run honours, rows of three members mixed in every micro-batch:
     each member ends with the weights and AdamW state of the single path run on its own rows alone."""
     from config import load_config
@@ -214,7 +221,7 @@ def test_kl_entropy_mini_batches_and_epochs_equal_each_member_trained_alone(tiny
     from stages.train.fleet.update_loop import update_members
 
     settings = (*RL_SETTINGS, f"actor_rollout_ref.actor.loss_agg_mode={loss_agg_mode}")
-    model = _fleet_model(tiny_model_dir)
+    model = _fleet_model(tiny_model_dir, path=lora_path)
     starts = [model.adapter_tensors(m) for m in range(len(MEMBERS))]
     batch = ragged_batch(seed=5, rows=len(UNEVEN))
     alone = [_alone(tiny_model_dir, tmp_path, member, starts[m], _own_rows(batch, (UNEVEN == m).nonzero().squeeze(-1)),
@@ -239,7 +246,7 @@ def test_kl_entropy_mini_batches_and_epochs_equal_each_member_trained_alone(tiny
             assert metrics[f"fleet/{member.name}/kl_loss"] > 0
 
 
-def test_the_on_policy_shortcut_equals_each_member_trained_alone_with_it(tiny_model_dir, tmp_path):
+def test_the_on_policy_shortcut_equals_each_member_trained_alone_with_it(tiny_model_dir, tmp_path, lora_path):
     """One epoch over one mini-batch: the fleet step skips the old-log-prob pass (its batch has none) and takes
     the update's own forward, as the single path's shortcut does; two RL steps (the second off the first's
     weights) end where each member's own shortcut run ends. Without the shortcut the batch's stale old
@@ -251,7 +258,7 @@ def test_the_on_policy_shortcut_equals_each_member_trained_alone_with_it(tiny_mo
 
     settings = ("data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
                 "actor_rollout_ref.actor.clip_ratio=0.05")
-    model = _fleet_model(tiny_model_dir)
+    model = _fleet_model(tiny_model_dir, path=lora_path)
     starts = [model.adapter_tensors(m) for m in range(len(MEMBERS))]
     batch = ragged_batch(seed=9, rows=len(UNEVEN))
     alone = [_alone(tiny_model_dir, tmp_path, member, starts[m], _own_rows(batch, (UNEVEN == m).nonzero().squeeze(-1)),
@@ -273,11 +280,11 @@ def test_the_on_policy_shortcut_equals_each_member_trained_alone_with_it(tiny_mo
             update_members(model, optimizer, two, without_old, UNEVEN, [0, 0, 0])
 
 
-def test_a_member_without_rows_keeps_weights_and_optimizer_state_bit_for_bit(tiny_model_dir):
+def test_a_member_without_rows_keeps_weights_and_optimizer_state_bit_for_bit(tiny_model_dir, lora_path):
     from stages.train.fleet.model import shard_fleet_model
     from stages.train.fleet.update import FleetOptimizer, update_step
 
-    model = _fleet_model(tiny_model_dir)
+    model = _fleet_model(tiny_model_dir, path=lora_path)
     batch, member_of_row = _mixed_batch()
     with gloo_world_of_one() as mesh:
         shard_fleet_model(model, mesh=mesh)
@@ -300,7 +307,7 @@ def test_a_member_without_rows_keeps_weights_and_optimizer_state_bit_for_bit(tin
         assert int(after[m]["base_model.model.lm_head.lora_A.weight/step"]) == 3
 
 
-def test_adapters_off_is_the_base_model_and_rows_of_a_mixed_batch_get_their_own_member(tiny_model_dir):
+def test_adapters_off_is_the_base_model_and_rows_of_a_mixed_batch_get_their_own_member(tiny_model_dir, lora_path):
     from transformers import AutoModelForCausalLM
 
     from stages.train.fleet.model import log_probs, shard_fleet_model
@@ -314,7 +321,7 @@ def test_adapters_off_is_the_base_model_and_rows_of_a_mixed_batch_get_their_own_
     base_lp, _ = response_log_probs(base_logits, batch["responses"])
     mask = batch["response_mask"].bool()
 
-    model = _fleet_model(tiny_model_dir)
+    model = _fleet_model(tiny_model_dir, path=lora_path)
     with gloo_world_of_one() as mesh:
         shard_fleet_model(model, mesh=mesh)
         reference = log_probs(model, batch, torch.full_like(member_of_row, BASE_ONLY))
@@ -331,7 +338,7 @@ def test_adapters_off_is_the_base_model_and_rows_of_a_mixed_batch_get_their_own_
     assert (each_alone[1][mask] - base_lp[mask]).abs().max() > 1e-3
 
 
-def test_gradient_checkpointing_recomputes_each_row_with_its_own_member(tiny_model_dir):
+def test_gradient_checkpointing_recomputes_each_row_with_its_own_member(tiny_model_dir, lora_path):
     """The routing stays set after the forward, so checkpointing's recomputation in backward sees the same
     members per row; the update equals the one without checkpointing."""
     from stages.train.fleet.model import shard_fleet_model
@@ -340,7 +347,7 @@ def test_gradient_checkpointing_recomputes_each_row_with_its_own_member(tiny_mod
     batch, member_of_row = _mixed_batch()
     states = []
     for checkpointing in (False, True):
-        model = _fleet_model(tiny_model_dir, gradient_checkpointing=checkpointing)
+        model = _fleet_model(tiny_model_dir, gradient_checkpointing=checkpointing, path=lora_path)
         with gloo_world_of_one() as mesh:
             shard_fleet_model(model, mesh=mesh)
             optimizer = FleetOptimizer(model)
@@ -349,6 +356,39 @@ def test_gradient_checkpointing_recomputes_each_row_with_its_own_member(tiny_mod
     assert model.lm.is_gradient_checkpointing
     for m, member in enumerate(MEMBERS):
         _assert_same(states[1][m], states[0][m], f"member {member.name} with checkpointing", lr=member.lr)
+
+
+def test_stacked_and_loop_paths_give_the_same_logits_and_gradients_and_leave_absent_members_alone(tiny_model_dir):
+    """Rows of members 0 and 2 and of the base, member 1 touched (rows on another rank), no other member: the
+    stacked matmuls give the loop's logits and gradients; the touched member gets zeros, not None. A mask that
+    let a row reach another member's columns (or a stack in another order than the mask's) changes them."""
+    from stages.train.fleet.lora import fleet_layers
+
+    members = [*MEMBERS, FleetMember("absent", lora_rank=3, lora_alpha=6)]
+    batch, _ = _mixed_batch()
+    member_of_row = torch.tensor([2, 2, 2, 0, 0, BASE_ONLY, BASE_ONLY, 2, 0, 0, 2, BASE_ONLY])
+    order = torch.sort(member_of_row, stable=True).indices
+    rows = {k: batch[k].index_select(0, order) for k in ("input_ids", "attention_mask", "position_ids")}
+    results = {}
+    for path in ("loop", "stacked"):
+        model = _fleet_model(tiny_model_dir, members=members, path=path)
+        logits = model(rows["input_ids"], rows["attention_mask"], rows["position_ids"], member_of_row[order],
+                       touch=[1])
+        (logits.float() ** 2).mean().backward()
+        grads = {(n, kind, m): p.grad for n, layer in fleet_layers(model.lm)
+                 for kind, params in (("A", layer.lora_A), ("B", layer.lora_B)) for m, p in enumerate(params)}
+        results[path] = (logits.detach(), grads)
+    (loop_logits, loop_grads), (stacked_logits, stacked_grads) = results["loop"], results["stacked"]
+    torch.testing.assert_close(stacked_logits, loop_logits, rtol=1e-5, atol=1e-6)
+    for key, grad in loop_grads.items():
+        member = key[2]
+        if member == 3:
+            assert grad is None and stacked_grads[key] is None, key
+        elif member == 1:
+            assert torch.count_nonzero(grad) == 0 and torch.count_nonzero(stacked_grads[key]) == 0, key
+        else:
+            torch.testing.assert_close(stacked_grads[key], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{key}: {m}")
+            assert torch.count_nonzero(grad) > 0, key
 
 
 def test_fleet_members_targets_and_loss_mode_are_checked_by_name():
