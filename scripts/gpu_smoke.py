@@ -10,6 +10,7 @@ of `--rows` x (`--prompt` + `--response`) tokens, and the adapter sync gather. P
     bash scripts/gpu_smoke.sh --cpu --shape tiny       # the same path on CPU over gloo (checks the script)
     bash scripts/gpu_smoke.sh --members 1,4,16         # fleet training: N adapters mixed in one batch, step
                                                        # time per N at --rows-per-member rows each
+    bash scripts/gpu_smoke.sh --members --lora-path loop   # the same with the per-member loop in every layer
 
 Without CUDA (and without --cpu) it says so and exits 0: there is nothing to smoke-test.
 """
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--members", nargs="?", const="1,4,16", default=None,
                     help="fleet update path instead: step time for each member count (default 1,4,16)")
     ap.add_argument("--rows-per-member", type=int, default=8, help="with --members: rows of each member per batch")
+    ap.add_argument("--lora-path", choices=["stacked", "loop"], default="stacked",
+                    help="with --members: how the fleet's LoRA layers compute (stages/train/fleet/lora.py)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as tmp:
             model_dir = build_model_dir(args.shape, Path(tmp) / "model", dtype)
-            print(f"gpu_smoke: fleet device={device} ({_device_name(device)}) shape={args.shape} members={args.members}")
+            print(f"gpu_smoke: fleet device={device} ({_device_name(device)}) shape={args.shape} members={args.members} "
+                  f"lora_path={args.lora_path}")
             return run_fleet_smoke(args, str(model_dir), device, SHAPES[args.shape]["vocab_size"], random_batch, _clock)
 
     with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as tmp:

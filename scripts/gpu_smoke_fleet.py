@@ -36,12 +36,13 @@ def run_fleet_smoke(args, model_dir: str, device: str, vocab: int, random_batch,
     if device == "cuda":
         torch.cuda.set_device(0)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    medians = {}
+    medians, peaks = {}, {}
     try:
         mesh = init_device_mesh(device, (1,))
         for n in counts:
             members = [FleetMember(f"m{i}", lora_rank=16, lora_alpha=32, lr=1e-4) for i in range(n)]
             model = build_fleet_model(model_dir, members, "all-linear", seed=0, dtype=dtype).to(device)
+            model.routing.path = args.lora_path
             shard_fleet_model(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=dtype,
                                                                                reduce_dtype=torch.float32))
             optimizer = FleetOptimizer(model)
@@ -63,13 +64,21 @@ def run_fleet_smoke(args, model_dir: str, device: str, vocab: int, random_batch,
                       f"pg_loss[m0]={losses[0]:.5f} members_stepped={sum(k.endswith('/grad_norm') for k in metrics)}")
             steady = times[1:] or times
             medians[n] = statistics.median(steady)
+            if device == "cuda":
+                peaks[n] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
             del model, optimizer, batch
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
     finally:
         dist.destroy_process_group()
-    base = medians[counts[0]]
-    summary = ", ".join(f"N={n}: {t:.3f} s ({t / base:.2f}x)" for n, t in medians.items())
+    # Against N separate runs, each stepping one member on its own rows: N x the one-member step (when the first
+    # count is 1), so the last ratio is what a fleet step costs as a share of those N steps.
+    base = medians[counts[0]] / counts[0]
+    summary = ", ".join(
+        f"N={n}: {t:.3f} s ({t / medians[counts[0]]:.2f}x the N={counts[0]} step, {t / (n * base):.2f}x N separate"
+        + (f", peak {peaks[n]:.1f} GiB" if n in peaks else "") + ")"
+        for n, t in medians.items())
     print(f"gpu_smoke: OK fleet median step at {args.rows_per_member} rows per member, backend={backend}: {summary}")
     return 0

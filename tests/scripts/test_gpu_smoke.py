@@ -41,7 +41,7 @@ def test_cpu_run_of_the_fleet_path_prints_step_time_per_member_count():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fleet members=3 step 2:" in done.stdout and "members_stepped=3" in done.stdout
     assert "gpu_smoke: OK fleet median step at 1 rows per member, backend=gloo: N=1: " in done.stdout
-    assert ", N=3: " in done.stdout and "Traceback" not in done.stderr
+    assert ", N=3: " in done.stdout and "x N separate" in done.stdout and "Traceback" not in done.stderr
 
 
 @pytest.mark.gpu
