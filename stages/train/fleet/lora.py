@@ -86,11 +86,12 @@ class FleetRouting:
     def base_only(self) -> None:
         self.segments, self.touch, self.present, self._masks = [], [], [], {}
 
-    def column_mask(self, rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """[rows, sum of the present members' ranks]: row i, column j is scaling_m when row i is member m's and
-        column j one of m's rank columns in the stacked A (members in `present` order), else 0. Built once per
-        forward and device, then shared by every layer."""
-        key = (rows, device, dtype)
+    def column_mask(self, rows: int, device: torch.device) -> torch.Tensor:
+        """[rows, sum of the present members' ranks], float32: row i, column j is scaling_m when row i is member
+        m's and column j one of m's rank columns in the stacked A (members in `present` order), else 0. Built
+        once per forward and device, then shared by every layer. Float32 whatever the compute dtype: a scaling
+        such as 0.3 rounded to bf16 would scale a member's whole update by 1.003."""
+        key = (rows, device)
         if key not in self._masks:
             mask = torch.zeros(rows, sum(self.ranks[m] for m in self.present))
             first_column = 0
@@ -101,7 +102,7 @@ class FleetRouting:
             for member, start, end in self.segments:
                 lo, hi = columns[member]
                 mask[start:end, lo:hi] = self.scalings[member]
-            self._masks[key] = mask.to(device=device, dtype=dtype)
+            self._masks[key] = mask.to(device)
         return self._masks[key]
 
 
@@ -161,8 +162,8 @@ class FleetLoRALinear(nn.Module):
         a = torch.cat([self.lora_A[m] for m in present], dim=0)  # [R, in], R = sum of present ranks
         b = torch.cat([self.lora_B[m] for m in present], dim=1)  # [out, R]
         h = F.linear(x.to(a.dtype), a)  # [rows, ..., R]
-        mask = self.routing.column_mask(x.shape[0], h.device, h.dtype)
-        h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+        mask = self.routing.column_mask(x.shape[0], h.device)
+        h = (h.float() * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])).to(h.dtype)
         return F.linear(h, b)
 
 
