@@ -51,8 +51,12 @@ class FleetRouting:
         self.path = path
         self.segments: list[tuple[int, int, int]] = []
         self.touch: list[int] = []
-        self.present: list[int] = []  # members whose weights this forward uses: segments, then touch
         self._masks: dict = {}
+
+    @property
+    def present(self) -> list[int]:
+        """Members whose weights this forward uses: those with rows, in row order, then the touched ones."""
+        return [m for m, _, _ in self.segments] + self.touch
 
     @property
     def path(self) -> str:
@@ -80,30 +84,25 @@ class FleetRouting:
                              "(fleet.model.group_rows)")
         self.segments = segments
         self.touch = [m for m in (touch or []) if m not in members]
-        self.present = members + self.touch
         self._masks = {}
 
     def base_only(self) -> None:
-        self.segments, self.touch, self.present, self._masks = [], [], [], {}
+        self.segments, self.touch, self._masks = [], [], {}
 
     def column_mask(self, rows: int, device: torch.device) -> torch.Tensor:
         """[rows, sum of the present members' ranks], float32: row i, column j is scaling_m when row i is member
         m's and column j one of m's rank columns in the stacked A (members in `present` order), else 0. Built
         once per forward and device, then shared by every layer. Float32 whatever the compute dtype: a scaling
         such as 0.3 rounded to bf16 would scale a member's whole update by 1.003."""
-        key = (rows, device)
-        if key not in self._masks:
+        if device not in self._masks:
             mask = torch.zeros(rows, sum(self.ranks[m] for m in self.present))
+            # segments come first in `present`, so segment k's columns follow the ranks of segments 0..k-1
             first_column = 0
-            columns = {}
-            for m in self.present:
-                columns[m] = (first_column, first_column + self.ranks[m])
-                first_column += self.ranks[m]
             for member, start, end in self.segments:
-                lo, hi = columns[member]
-                mask[start:end, lo:hi] = self.scalings[member]
-            self._masks[key] = mask.to(device)
-        return self._masks[key]
+                mask[start:end, first_column:first_column + self.ranks[member]] = self.scalings[member]
+                first_column += self.ranks[member]
+            self._masks[device] = mask.to(device)
+        return self._masks[device]
 
 
 class FleetLoRALinear(nn.Module):

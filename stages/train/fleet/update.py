@@ -59,16 +59,20 @@ class FleetOptimizer:
                 continue
             norm = torch.nn.utils.clip_grad_norm_(params, member.grad_clip)
             stepped.append((member.name, params, norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
-        # the norms cross to the host together: one wait for the GPU, not one per member
-        values = torch.stack([n.reshape(()).float() for _, _, n in stepped]).tolist() if stepped else []
         norms = {}
-        for (name, params, _), norm in zip(stepped, values):
+        for (name, params, _), norm in zip(stepped, _to_host([n for _, _, n in stepped])):
             if not math.isfinite(norm):  # this member skips the step; the others go on
                 for p in params:
                     p.grad = None
             norms[name] = norm
         self.adamw.step()
         return norms
+
+
+def _to_host(scalars: list[torch.Tensor]) -> list[float]:
+    """One-element tensors as floats in one transfer: on a GPU each `.item()` waits for the queue, so reading
+    them one by one made the wait grow with the number of members."""
+    return torch.stack([t.reshape(()).float() for t in scalars]).tolist() if scalars else []
 
 
 def members_on_any_rank(tokens: torch.Tensor) -> list[int]:
@@ -159,9 +163,7 @@ def update_step(model: FleetModel, optimizer: FleetOptimizer, mini_batch: dict, 
             pending.append(("entropy", member, (entropy[seg].detach() * seg_mask).sum() / float(norm.tokens[member])))
             loss = loss + seg_loss
         loss.backward()
-    # the metrics cross to the host once, not once per member and segment (each crossing waits for the GPU)
-    values = torch.stack([v.reshape(()).float() for _, _, v in pending]).tolist() if pending else []
-    for (key, member, _), value in zip(pending, values):
+    for (key, member, _), value in zip(pending, _to_host([v for _, _, v in pending])):
         sums[key][member] += value
     norms = optimizer.step()
     metrics = {}
